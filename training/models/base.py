@@ -1,0 +1,115 @@
+"""The one small interface every candidate generator implements (fit, score, recommend, save/load).
+
+The hybrid ranker and the service consume this interface and know no model's internals.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k of a dense score matrix, best first: (indices, scores), both (n_rows, k)."""
+    k = min(k, scores.shape[1])
+    if k <= 0:
+        empty = np.empty((scores.shape[0], 0))
+        return empty.astype(np.int64), empty.astype(scores.dtype)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+
+
+def mask_seen(scores: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
+    """Set the scores of items each row already interacted with to -inf, in place."""
+    coo = user_items.tocoo()
+    scores[coo.row, coo.col] = -np.inf
+    return scores
+
+
+class Recommender(ABC):
+    """A candidate generator over a fixed item index.
+
+    `user_items` is always a CSR matrix (rows = users, columns = the model's item index) of
+    interaction confidences. `users` gives, per row, the user's row in the training matrix or -1
+    for a user the model has not seen, who is then folded in from the row's interactions.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def fit(self, user_items: sp.csr_matrix, show_progress: bool = False) -> Self:
+        """Learn from the user x item confidence matrix."""
+
+    @abstractmethod
+    def score(self, user_items: sp.csr_matrix, users: np.ndarray | None = None) -> np.ndarray:
+        """Dense scores, shape (n_rows, n_items), float32; higher is better."""
+
+    @abstractmethod
+    def similar_items(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most similar items to each item index (excluding itself): (indices, scores)."""
+
+    @abstractmethod
+    def _save_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays that make up the fitted model."""
+
+    @abstractmethod
+    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the fitted model from `_save_arrays`' output."""
+
+    @property
+    @abstractmethod
+    def n_items(self) -> int:
+        """Size of the item index the model scores."""
+
+    def params(self) -> dict[str, Any]:
+        """Hyperparameters, as logged to MLflow and written beside the arrays."""
+        return {}
+
+    def recommend(
+        self,
+        user_items: sp.csr_matrix,
+        users: np.ndarray | None = None,
+        k: int = 10,
+        filter_seen: bool = True,
+        batch_size: int = 2048,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item indices and scores per row, best first, in batches of rows."""
+        ids, vals = [], []
+        for start in range(0, user_items.shape[0], batch_size):
+            stop = min(start + batch_size, user_items.shape[0])
+            block = user_items[start:stop]
+            scores = self.score(block, None if users is None else users[start:stop])
+            if filter_seen:
+                mask_seen(scores, block)
+            i, v = top_k(scores, k)
+            ids.append(i)
+            vals.append(v)
+        if not ids:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return np.vstack(ids), np.vstack(vals)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to a folder: `arrays.npz` and `params.json`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        np.savez(path / "arrays.npz", **self._save_arrays())
+        meta = {"name": self.name, "params": self.params()}
+        (path / "params.json").write_text(json.dumps(meta, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Read a model written by `save`."""
+        path = Path(path)
+        meta = json.loads((path / "params.json").read_text())
+        model = cls(**meta["params"])
+        with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
+            model._load_arrays({key: arrays[key] for key in arrays.files})
+        return model
