@@ -170,7 +170,9 @@ def _raise_or_drop(
     return frame.filter(~bad), n_bad
 
 
-def validate_events(raw: pl.DataFrame, source: str = "events", skip_invalid: bool = False) -> LoadResult:
+def validate_events(
+    raw: pl.DataFrame, source: str = "events", skip_invalid: bool = False
+) -> LoadResult:
     """Validate raw string columns against the event contract and cast to EVENT_SCHEMA."""
     missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in raw.columns]
     if missing:
@@ -191,14 +193,23 @@ def validate_events(raw: pl.DataFrame, source: str = "events", skip_invalid: boo
     checks = [
         *_id_reason("user_id"),
         *_id_reason("item_id"),
-        ("event_type", ~etype.is_in(list(EVENT_TYPES)) | etype.is_null(),
-         f"unknown event_type; expected one of {', '.join(EVENT_TYPES)}"),
+        (
+            "event_type",
+            ~etype.is_in(list(EVENT_TYPES)) | etype.is_null(),
+            f"unknown event_type; expected one of {', '.join(EVENT_TYPES)}",
+        ),
         ("timestamp", ts.is_null(), "not epoch seconds or ISO-8601"),
-        ("value", value_text.is_not_null() & (value_text != "") & (value.is_null() | value.is_nan()),
-         "not a number"),
+        (
+            "value",
+            value_text.is_not_null() & (value_text != "") & (value.is_null() | value.is_nan()),
+            "not a number",
+        ),
         ("value", (etype == "rating") & value.is_null(), "a rating event needs a numeric value"),
-        ("event_id", pl.col("event_id").str.len_chars() > MAX_ID_LENGTH,
-         f"longer than {MAX_ID_LENGTH} characters"),
+        (
+            "event_id",
+            pl.col("event_id").str.len_chars() > MAX_ID_LENGTH,
+            f"longer than {MAX_ID_LENGTH} characters",
+        ),
     ]
     bad, problems = _collect_problems(frame, checks)
     frame, skipped = _raise_or_drop(source, frame, bad, problems, skip_invalid)
@@ -236,7 +247,9 @@ def with_event_ids(frame: pl.DataFrame) -> pl.DataFrame:
         ],
         separator="|",
     )
-    return frame.with_columns(pl.coalesce(pl.col("event_id"), pl.lit("h:") + derived).alias("event_id"))
+    return frame.with_columns(
+        pl.coalesce(pl.col("event_id"), pl.lit("h:") + derived).alias("event_id")
+    )
 
 
 def load_events(path: str | Path, skip_invalid: bool = False) -> LoadResult:
@@ -258,7 +271,9 @@ def empty_events() -> pl.DataFrame:
     return pl.DataFrame(schema=EVENT_SCHEMA)
 
 
-def validate_catalog(raw: pl.DataFrame, source: str = "catalog", skip_invalid: bool = False) -> LoadResult:
+def validate_catalog(
+    raw: pl.DataFrame, source: str = "catalog", skip_invalid: bool = False
+) -> LoadResult:
     """Validate raw string columns against the catalog contract and cast to CATALOG_SCHEMA."""
     if "item_id" not in raw.columns:
         raise DataValidationError(
@@ -276,8 +291,11 @@ def validate_catalog(raw: pl.DataFrame, source: str = "catalog", skip_invalid: b
         *_id_reason("item_id"),
         ("price", price_text.is_not_null() & (price_text != "") & price.is_null(), "not a number"),
         ("price", price < 0, "negative"),
-        ("in_stock", stock.is_not_null() & (stock != "") & ~stock.is_in([*_TRUE, *_FALSE]),
-         "not a boolean (true/false, 1/0, yes/no)"),
+        (
+            "in_stock",
+            stock.is_not_null() & (stock != "") & ~stock.is_in([*_TRUE, *_FALSE]),
+            "not a boolean (true/false, 1/0, yes/no)",
+        ),
     ]
     bad, problems = _collect_problems(frame, checks)
     frame, skipped = _raise_or_drop(source, frame, bad, problems, skip_invalid)
@@ -309,9 +327,25 @@ def empty_catalog() -> pl.DataFrame:
 
 
 MOVIELENS_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 
@@ -359,7 +393,9 @@ def read_movielens(folder: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         "item_id",
         "title",
         pl.when(pl.col("_any"))
-        .then(pl.col("_g").replace_strict(list(range(len(MOVIELENS_GENRES))), list(MOVIELENS_GENRES)))
+        .then(
+            pl.col("_g").replace_strict(list(range(len(MOVIELENS_GENRES))), list(MOVIELENS_GENRES))
+        )
         .otherwise(pl.lit("unknown"))
         .alias("category"),
         pl.lit(None, dtype=pl.String).alias("brand"),

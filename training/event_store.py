@@ -101,7 +101,7 @@ class ParquetEventStore(EventStore):
         return final
 
     def compact(self) -> None:
-        """Rewrite all parts as one; readers dedupe by event_id, so a concurrent read stays right."""
+        """Rewrite all parts as one; readers dedupe by event_id, so concurrent reads stay right."""
         parts = self._parts()
         if len(parts) <= 1:
             return

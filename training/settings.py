@@ -13,7 +13,7 @@ DEFAULT_MODEL_NAME = "recsys-hybrid"
 
 
 def recsys_home() -> Path:
-    """The folder holding all local state (`RECSYS_HOME`, default `./.recsys`), created on demand."""
+    """The folder of all local state (`RECSYS_HOME`, default `./.recsys`), created on demand."""
     home = Path(os.environ.get("RECSYS_HOME", ".recsys")).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
@@ -28,7 +28,7 @@ def mlflow_tracking_uri() -> str:
 
 
 def mlflow_artifact_root() -> str:
-    """Where new MLflow experiments keep artifacts: `./mlruns` by default, else under RECSYS_HOME."""
+    """Where MLflow keeps artifacts: `./mlruns` by default, else under RECSYS_HOME."""
     explicit = os.environ.get("RECSYS_MLFLOW_ARTIFACTS")
     if explicit:
         return Path(explicit).expanduser().resolve().as_uri()
@@ -56,7 +56,7 @@ def redis_url() -> str | None:
 
 
 def redis_namespace() -> str:
-    """Prefix of every Redis key (`RECSYS_REDIS_NAMESPACE`), so several deployments share a server."""
+    """Prefix of every Redis key (`RECSYS_REDIS_NAMESPACE`): deployments can share a server."""
     return os.environ.get("RECSYS_REDIS_NAMESPACE", "recsys")
 
 
