@@ -45,6 +45,11 @@ ARCHETYPES: tuple[str, ...] = (
 )
 TRENDS: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
 _TREND_SHARE = np.array([0.4, 0.2, 0.2, 0.2])
+_POP_EXPONENT = 0.8
+_POP_NOISE = 0.3
+# Rising items ramp linearly from 1 - s to 1 + s over the window (falling the reverse).
+_RAMP = (0.7, 0.95)
+_VOLATILE_BASE = 0.3
 N_PRICE_TIERS = 5
 
 # Per archetype, in ARCHETYPES order. Views per session are 1 + Poisson(extra_views).
@@ -148,11 +153,11 @@ def _make_catalog(rng: np.random.Generator, n_items: int, days: int) -> _Catalog
 
     # Power-law popularity by a random rank, with mild noise.
     pop_rank = rng.permutation(n_items) + 1
-    pop = pop_rank**-0.8 * rng.lognormal(0.0, 0.3, n_items)
+    pop = pop_rank**-_POP_EXPONENT * rng.lognormal(0.0, _POP_NOISE, n_items)
 
     trend = rng.choice(len(TRENDS), size=n_items, p=_TREND_SHARE)
     t = np.linspace(0.0, 1.0, days)[None, :]
-    slope = rng.uniform(0.7, 0.95, n_items)[:, None]
+    slope = rng.uniform(*_RAMP, n_items)[:, None]
     multiplier = np.ones((n_items, days))
     rising = trend == TRENDS.index("rising")
     falling = trend == TRENDS.index("falling")
@@ -169,7 +174,7 @@ def _make_catalog(rng: np.random.Generator, n_items: int, days: int) -> _Catalog
         burst_height[:, 0] = np.maximum(burst_height[:, 0], 4.0)
         since = np.arange(days)[None, None, :] - burst_day[:, :, None]
         shape = np.where(since >= 0, np.exp(-np.maximum(since, 0) / 1.2), 0.0)
-        vol = 0.3 + (burst_height[:, :, None] * shape).sum(axis=1)
+        vol = _VOLATILE_BASE + (burst_height[:, :, None] * shape).sum(axis=1)
         multiplier[volatile] = vol / vol.mean(axis=1, keepdims=True)
     # Stable items still wobble a little from day to day.
     stable = trend == TRENDS.index("stable")
@@ -277,7 +282,10 @@ def _simulate(
 ) -> dict[str, np.ndarray]:
     """Simulate sessions and their events; returns per-event arrays grouped by session."""
     n_users = users.archetype.size
-    lam = users.activity / users.activity.sum() * n_sessions_target
+    # Sessions per user in proportion to activity times the length of the user's span, so the
+    # traffic per day is the same across the window.
+    rate = users.activity * (users.span_end - users.span_start)
+    lam = rate / rate.sum() * n_sessions_target
     n_sess_u = rng.poisson(lam) + (lam > 0)
     sess_user = np.repeat(np.arange(n_users), n_sess_u)
     n_sess = sess_user.size

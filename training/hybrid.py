@@ -1,0 +1,362 @@
+"""The hybrid ranker: blends normalised scores of candidate generators with tuned weights.
+
+It is also the bundle that is registered in MLflow and loaded by the service: components,
+weights, id mappings, the training interactions (to exclude seen items) and the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from training.data import empty_catalog
+from training.evaluation import ndcg_at_k
+from training.matrix import _lookup
+from training.models.als import ALSModel
+from training.models.base import Recommender, mask_seen, top_k
+from training.models.item2vec import Item2VecModel
+from training.models.itemknn import EASEModel, ItemKNNModel
+from training.models.popularity import PopularityModel
+
+MODEL_CLASSES: dict[str, type[Recommender]] = {
+    cls.name: cls for cls in (ALSModel, Item2VecModel, EASEModel, ItemKNNModel, PopularityModel)
+}
+# Components whose item-item similarities make the item_neighbors lists, best first.
+ITEM_ITEM_PREFERENCE = ("ease", "itemknn", "item2vec", "als")
+
+
+def normalise(scores: np.ndarray) -> np.ndarray:
+    """Per-row min-max over finite scores to [0, 1]; -inf (masked) stays -inf."""
+    scores = np.asarray(scores, dtype=np.float32)
+    finite = np.isfinite(scores)
+    lo = np.where(finite, scores, np.inf).min(axis=1, keepdims=True)
+    hi = np.where(finite, scores, -np.inf).max(axis=1, keepdims=True)
+    span = hi - lo
+    span[~np.isfinite(span) | (span <= 0)] = 1.0
+    lo[~np.isfinite(lo)] = 0.0
+    out = (scores - lo) / span
+    out[~finite] = -np.inf
+    return out
+
+
+class HybridRecommender:
+    """Weighted blend of per-row normalised component scores over one item index."""
+
+    def __init__(
+        self,
+        components: dict[str, Recommender],
+        weights: dict[str, float],
+        user_ids: np.ndarray,
+        item_ids: np.ndarray,
+        user_items: sp.csr_matrix,
+        catalog: pl.DataFrame | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        unknown = set(weights) - set(components)
+        if unknown:
+            raise ValueError(f"weights for unknown components: {sorted(unknown)}")
+        self.components = components
+        self.weights = {name: float(weights.get(name, 0.0)) for name in components}
+        self.user_ids = np.asarray(user_ids).astype(str)
+        self.item_ids = np.asarray(item_ids).astype(str)
+        self.user_items = user_items.tocsr()
+        self.catalog = _align_catalog(catalog, self.item_ids)
+        self.metadata = metadata or {}
+
+    normalise = staticmethod(normalise)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def user_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Row of each user id in the training matrix, -1 for unknown users."""
+        return _lookup(self.user_ids, ids)
+
+    def item_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Column of each item id, -1 for unknown items."""
+        return _lookup(self.item_ids, ids)
+
+    def component_scores(
+        self, user_items: sp.csr_matrix, users: np.ndarray | None = None, mask: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Normalised scores of every weighted component (seen items -inf when `mask`)."""
+        out = {}
+        for name, model in self.components.items():
+            if self.weights.get(name, 0.0) <= 0.0:
+                continue
+            raw = model.score(user_items, users)
+            if mask:
+                mask_seen(raw, user_items)
+            out[name] = normalise(raw)
+        return out
+
+    def score(self, user_items: sp.csr_matrix, users: np.ndarray | None = None) -> np.ndarray:
+        """Blended scores, seen items at -inf."""
+        parts = self.component_scores(user_items, users)
+        total = np.zeros((user_items.shape[0], self.n_items), dtype=np.float32)
+        for name, values in parts.items():
+            total += self.weights[name] * values
+        if not parts:
+            mask_seen(total, user_items)
+        return total
+
+    def recommend(
+        self,
+        user_items: sp.csr_matrix,
+        users: np.ndarray | None = None,
+        k: int = 10,
+        batch_size: int = 512,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item columns and blended scores per row, seen items excluded."""
+        ids, vals = [], []
+        for start in range(0, user_items.shape[0], batch_size):
+            stop = min(start + batch_size, user_items.shape[0])
+            block_users = None if users is None else users[start:stop]
+            i, v = top_k(self.score(user_items[start:stop], block_users), k)
+            ids.append(i)
+            vals.append(v)
+        if not ids:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return np.vstack(ids), np.vstack(vals)
+
+    def recommend_ids(
+        self, user_ids: Sequence[str] | np.ndarray, k: int = 10, exclude_seen: bool = True
+    ) -> pl.DataFrame:
+        """`user_id,item_id,rank,score` for known users (unknown ones get popular items)."""
+        user_ids = np.asarray(user_ids).astype(str)
+        rows = self.user_index(user_ids)
+        known = rows >= 0
+        user_items = sp.csr_matrix((len(user_ids), self.n_items), dtype=np.float32)
+        if known.any():
+            filler = self.user_items[rows[known]]
+            user_items = sp.vstack(
+                [filler, sp.csr_matrix((int((~known).sum()), self.n_items), dtype=np.float32)]
+            ).tocsr()
+            order = np.concatenate([np.flatnonzero(known), np.flatnonzero(~known)])
+            user_ids = user_ids[order]
+            rows = rows[order]
+        seen = user_items if exclude_seen else sp.csr_matrix(user_items.shape, dtype=np.float32)
+        idx, scores = self._recommend_with_seen(user_items, rows, seen, k)
+        n_rows, width = idx.shape
+        valid = np.isfinite(scores)
+        return pl.DataFrame(
+            {
+                "user_id": np.repeat(user_ids, width)[valid.ravel()],
+                "item_id": self.item_ids[idx.ravel()][valid.ravel()],
+                "rank": np.tile(np.arange(1, width + 1), n_rows)[valid.ravel()],
+                "score": scores.ravel()[valid.ravel()].astype(np.float64),
+            }
+        )
+
+    def _recommend_with_seen(
+        self, user_items: sp.csr_matrix, users: np.ndarray, seen: sp.csr_matrix, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        ids, vals = [], []
+        for start in range(0, user_items.shape[0], 512):
+            stop = min(start + 512, user_items.shape[0])
+            block = user_items[start:stop]
+            parts = {}
+            for name, model in self.components.items():
+                if self.weights.get(name, 0.0) <= 0.0:
+                    continue
+                raw = model.score(block, users[start:stop])
+                mask_seen(raw, seen[start:stop])
+                parts[name] = normalise(raw)
+            total = np.zeros((stop - start, self.n_items), dtype=np.float32)
+            for name, values in parts.items():
+                total += self.weights[name] * values
+            mask_seen(total, seen[start:stop])
+            i, v = top_k(total, k)
+            ids.append(i)
+            vals.append(v)
+        if not ids:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return np.vstack(ids), np.vstack(vals)
+
+    def similar_items(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours from the best item-item component available."""
+        for name in ITEM_ITEM_PREFERENCE:
+            if name in self.components:
+                return self.components[name].similar_items(np.asarray(items), k)
+        return self.components["popularity"].similar_items(np.asarray(items), k)
+
+    def item_neighbors(self, k: int = 100, batch_size: int = 1024) -> pl.DataFrame:
+        """`item_id,neighbor_id,rank,score`: the top-k neighbours of every item."""
+        frames = []
+        for start in range(0, self.n_items, batch_size):
+            items = np.arange(start, min(start + batch_size, self.n_items))
+            idx, scores = self.similar_items(items, k)
+            valid = np.isfinite(scores) & (scores > 0)
+            width = idx.shape[1]
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "item_id": np.repeat(self.item_ids[items], width)[valid.ravel()],
+                        "neighbor_id": self.item_ids[idx.ravel()][valid.ravel()],
+                        "rank": np.tile(np.arange(1, width + 1), len(items))[valid.ravel()],
+                        "score": scores.ravel()[valid.ravel()].astype(np.float64),
+                    }
+                )
+            )
+        if not frames:
+            return pl.DataFrame(
+                schema={
+                    "item_id": pl.String,
+                    "neighbor_id": pl.String,
+                    "rank": pl.Int64,
+                    "score": pl.Float64,
+                }
+            )
+        return pl.concat(frames)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle to a folder (components in sub-folders, ids, interactions, catalog)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, model in self.components.items():
+            model.save(path / "components" / name)
+        np.save(path / "user_ids.npy", self.user_ids.astype(str), allow_pickle=False)
+        np.save(path / "item_ids.npy", self.item_ids.astype(str), allow_pickle=False)
+        sp.save_npz(path / "user_items.npz", self.user_items)
+        self.catalog.write_parquet(path / "catalog.parquet")
+        meta = {
+            "components": list(self.components),
+            "weights": self.weights,
+            "metadata": self.metadata,
+        }
+        (path / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HybridRecommender:
+        """Read a bundle written by `save`."""
+        path = Path(path)
+        meta = json.loads((path / "bundle.json").read_text())
+        components = {
+            name: MODEL_CLASSES[name].load(path / "components" / name)
+            for name in meta["components"]
+        }
+        return cls(
+            components=components,
+            weights=meta["weights"],
+            user_ids=np.load(path / "user_ids.npy", allow_pickle=False),
+            item_ids=np.load(path / "item_ids.npy", allow_pickle=False),
+            user_items=sp.load_npz(path / "user_items.npz").tocsr(),
+            catalog=pl.read_parquet(path / "catalog.parquet"),
+            metadata=meta.get("metadata", {}),
+        )
+
+
+def _align_catalog(catalog: pl.DataFrame | None, item_ids: np.ndarray) -> pl.DataFrame:
+    """The catalog in item-index order, with a row (nulls, in stock) for items it lacks."""
+    base = empty_catalog() if catalog is None else catalog
+    frame = pl.DataFrame({"item_id": item_ids.astype(str)}).join(
+        base.unique("item_id", keep="last"), on="item_id", how="left"
+    )
+    return frame.with_columns(pl.col("in_stock").fill_null(True))
+
+
+def candidate_scores(
+    components: dict[str, Recommender],
+    train: sp.csr_matrix,
+    users: np.ndarray,
+    n_candidates: int = 100,
+    batch_size: int = 512,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per user, the union of each component's top candidates and every component's score on it.
+
+    Returns (candidates (n_users, C) item columns, -1 padded; {name: normalised scores (n_users,
+    C)}). Weight tuning then blends on this small array instead of on full item rows.
+    """
+    names = list(components)
+    n_items = train.shape[1]
+    width = min(n_candidates, n_items) * len(names)
+    cands = np.full((len(users), width), -1, dtype=np.int64)
+    scores = {name: np.full((len(users), width), -np.inf, dtype=np.float32) for name in names}
+    for start in range(0, len(users), batch_size):
+        block_users = users[start : start + batch_size]
+        block = train[block_users]
+        normed = {}
+        for name in names:
+            raw = components[name].score(block, block_users)
+            mask_seen(raw, block)
+            normed[name] = normalise(raw)
+        union = np.zeros((len(block_users), n_items), dtype=bool)
+        for name in names:
+            idx, _ = top_k(normed[name], min(n_candidates, n_items))
+            np.put_along_axis(union, idx, True, axis=1)
+        union &= np.isfinite(normed[names[0]])
+        counts = union.sum(axis=1)
+        # Candidate columns per row, padded with -1 on the right.
+        order = np.argsort(~union, axis=1, kind="stable")[:, :width]
+        valid = np.arange(width)[None, :] < counts[:, None]
+        rows = slice(start, start + len(block_users))
+        cands[rows] = np.where(valid, order, -1)
+        for name in names:
+            gathered = np.take_along_axis(normed[name], order, axis=1)
+            scores[name][rows] = np.where(valid, gathered, -np.inf)
+    return cands, scores
+
+
+def tune_weights(
+    components: dict[str, Recommender],
+    train: sp.csr_matrix,
+    validation: sp.csr_matrix,
+    k: int = 10,
+    n_candidates: int = 100,
+    max_users: int = 3000,
+    n_random: int = 60,
+    seed: int = 0,
+) -> tuple[dict[str, float], float]:
+    """Blend weights that maximise validation nDCG@k: random simplex search, then refinement.
+
+    Uses only the training part and its validation split (never the final test data).
+    """
+    rng = np.random.default_rng(seed)
+    users = np.flatnonzero(np.diff(validation.indptr) > 0)
+    if len(users) > max_users:
+        users = np.sort(rng.choice(users, max_users, replace=False))
+    names = list(components)
+    cands, scores = candidate_scores(components, train, users, n_candidates)
+    held = validation[users]
+    stacked = np.stack([np.where(np.isfinite(scores[n]), scores[n], 0.0) for n in names])
+    invalid = cands < 0
+
+    def evaluate(w: np.ndarray) -> float:
+        blended = np.tensordot(w, stacked, axes=1)
+        blended[invalid] = -np.inf
+        pos, _ = top_k(blended, k)
+        recs = np.take_along_axis(cands, pos, axis=1)
+        return ndcg_at_k(recs, held, k)
+
+    trials = [np.eye(len(names))[i] for i in range(len(names))]
+    trials.append(np.full(len(names), 1.0 / len(names)))
+    trials.extend(rng.dirichlet(np.ones(len(names)), size=n_random))
+    best_w, best = trials[0], -1.0
+    for w in trials:
+        value = evaluate(w)
+        if value > best:
+            best_w, best = w, value
+    step = 0.1
+    while step >= 0.0125:
+        improved = False
+        for i in range(len(names)):
+            for delta in (step, -step):
+                w = best_w.copy()
+                w[i] = max(0.0, w[i] + delta)
+                if w.sum() <= 0:
+                    continue
+                w = w / w.sum()
+                value = evaluate(w)
+                if value > best + 1e-6:
+                    best_w, best, improved = w, value, True
+        if not improved:
+            step /= 2
+    return {name: float(round(w, 4)) for name, w in zip(names, best_w, strict=True)}, best

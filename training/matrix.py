@@ -1,0 +1,151 @@
+"""The sparse user x item interaction matrix (event weights, time decay) and its per-user split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 3.0,
+    "add_to_cart": 5.0,
+    "purchase": 10.0,
+    "like": 4.0,
+    "share": 6.0,
+}
+
+
+@dataclass
+class InteractionMatrix:
+    """Confidences per (user, item), with the id <-> row/column mappings."""
+
+    matrix: sp.csr_matrix
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    _user_pos: dict[str, int] = field(default_factory=dict, repr=False)
+    _item_pos: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    @property
+    def nnz(self) -> int:
+        return int(self.matrix.nnz)
+
+    def user_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Row of each user id, -1 for unknown ids."""
+        return _lookup(self.user_ids, ids)
+
+    def item_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Column of each item id, -1 for unknown ids."""
+        return _lookup(self.item_ids, ids)
+
+    def with_matrix(self, matrix: sp.csr_matrix) -> InteractionMatrix:
+        """The same mappings over another matrix of the same shape (e.g. a split)."""
+        return InteractionMatrix(matrix.tocsr(), self.user_ids, self.item_ids)
+
+
+def _lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Positions of `ids` in the sorted id array, -1 where absent (vectorised binary search)."""
+    query = np.asarray(ids, dtype=object).astype(str)
+    if len(sorted_ids) == 0 or len(query) == 0:
+        return np.full(len(query), -1, dtype=np.int64)
+    pos = np.searchsorted(sorted_ids, query)
+    pos = np.clip(pos, 0, len(sorted_ids) - 1)
+    found = sorted_ids[pos] == query
+    return np.where(found, pos, -1).astype(np.int64)
+
+
+def weighted_events(
+    events: pl.DataFrame,
+    event_weights: dict[str, float] | None = None,
+    half_life_days: float | None = None,
+    now: int | None = None,
+) -> pl.DataFrame:
+    """Per-event confidence: the event type's weight (a rating's value), decayed with age."""
+    weights = {**DEFAULT_EVENT_WEIGHTS, **(event_weights or {})}
+    base = (
+        pl.when(pl.col("event_type") == "rating")
+        .then(pl.col("value").fill_null(1.0))
+        .otherwise(
+            pl.col("event_type")
+            .cast(pl.String)
+            .replace_strict(weights, default=1.0, return_dtype=pl.Float64)
+        )
+    )
+    if half_life_days:
+        reference = now if now is not None else events["timestamp"].max()
+        age_days = ((pl.lit(reference) - pl.col("timestamp")).clip(lower_bound=0)) / 86400.0
+        base = base * (0.5 ** (age_days / half_life_days))
+    return events.select("user_id", "item_id", "timestamp", base.alias("confidence"))
+
+
+def build_interaction_matrix(
+    events: pl.DataFrame,
+    event_weights: dict[str, float] | None = None,
+    half_life_days: float | None = None,
+    now: int | None = None,
+    item_ids: Sequence[str] | None = None,
+) -> InteractionMatrix:
+    """Sum confidences per (user, item) into a CSR matrix with sorted id mappings.
+
+    `item_ids` fixes the item universe (e.g. the catalog) so items with no events still get a
+    column; events on items outside it are kept and extend the universe.
+    """
+    if events.is_empty():
+        raise ValueError("no events: the interaction matrix would be empty")
+    weighted = weighted_events(events, event_weights, half_life_days, now)
+    pairs = weighted.group_by("user_id", "item_id").agg(pl.col("confidence").sum())
+    users = pairs["user_id"].unique().sort()
+    items = pairs["item_id"].unique()
+    if item_ids is not None and len(item_ids):
+        items = pl.concat([items, pl.Series("item_id", list(item_ids), dtype=pl.String)])
+    items = items.unique().sort()
+    user_codes = pl.DataFrame({"user_id": users, "u": np.arange(len(users), dtype=np.int32)})
+    item_codes = pl.DataFrame({"item_id": items, "i": np.arange(len(items), dtype=np.int32)})
+    coded = pairs.join(user_codes, on="user_id").join(item_codes, on="item_id")
+    matrix = sp.csr_matrix(
+        (
+            coded["confidence"].to_numpy().astype(np.float32),
+            (coded["u"].to_numpy(), coded["i"].to_numpy()),
+        ),
+        shape=(len(users), len(items)),
+    )
+    matrix.sum_duplicates()
+    matrix.sort_indices()
+    return InteractionMatrix(
+        matrix, users.to_numpy().astype(object), items.to_numpy().astype(object)
+    )
+
+
+def split_per_user(
+    matrix: sp.csr_matrix, holdout_fraction: float = 0.2, seed: int = 0, min_train: int = 1
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Random per-user split: about `holdout_fraction` of each user's items are held out.
+
+    Every user keeps at least `min_train` interactions in the training part, so a user with a
+    single interaction is never evaluated.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    coo = matrix.tocoo()
+    rng = np.random.default_rng(seed)
+    keys = rng.random(coo.nnz)
+    order = np.lexsort((keys, coo.row))
+    rows = coo.row[order]
+    counts = np.bincount(rows, minlength=matrix.shape[0])
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    position = np.arange(coo.nnz) - starts[rows]
+    n_holdout = np.floor(counts * holdout_fraction + rng.random(len(counts))).astype(np.int64)
+    n_holdout = np.minimum(n_holdout, np.maximum(counts - min_train, 0))
+    held = position < n_holdout[rows]
+    cols, data = coo.col[order], coo.data[order]
+    shape = matrix.shape
+    train = sp.csr_matrix((data[~held], (rows[~held], cols[~held])), shape=shape)
+    test = sp.csr_matrix((data[held], (rows[held], cols[held])), shape=shape)
+    return train, test

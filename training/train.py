@@ -1,0 +1,213 @@
+"""Training steps the assets call: fit a component (with a small tuning grid), blend, evaluate.
+
+Tuning only ever sees the training data: hyperparameters and blend weights are chosen on a
+validation split carved out of it, and the chosen models are then refit on all of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from training.evaluation import evaluate_all, metrics_table, ndcg_at_k
+from training.hybrid import MODEL_CLASSES, HybridRecommender, tune_weights
+from training.matrix import InteractionMatrix, build_interaction_matrix, split_per_user
+from training.models.base import Recommender
+from training.models.item2vec import Item2VecModel, session_sequences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ComponentResult:
+    """A component refit on all training data, with what tuning chose and measured."""
+
+    name: str
+    model: Recommender
+    validation_model: Recommender
+    params: dict[str, Any]
+    validation_ndcg: float
+    tuning: list[dict[str, Any]] = field(default_factory=list)
+    fit_seconds: float = 0.0
+
+
+def grid(
+    params: dict[str, Any], grid_spec: dict[str, Iterable[Any]] | None
+) -> list[dict[str, Any]]:
+    """Every combination of `grid_spec` laid over the base `params` (just `params` if empty)."""
+    if not grid_spec:
+        return [dict(params)]
+    keys = list(grid_spec)
+    return [
+        {**params, **dict(zip(keys, values, strict=True))}
+        for values in itertools.product(*(list(grid_spec[k]) for k in keys))
+    ]
+
+
+def _fit(
+    name: str, params: dict[str, Any], matrix: sp.csr_matrix, sequences: list[list[int]] | None
+) -> Recommender:
+    model = MODEL_CLASSES[name](**params)
+    # implicit warns that a multi-threaded BLAS slows ALS; one BLAS thread is its advice.
+    with threadpool_limits(1, "blas"):
+        if isinstance(model, Item2VecModel) and sequences is not None:
+            return model.fit_sequences(sequences, matrix.shape[1])
+        return model.fit(matrix)
+
+
+def validation_ndcg(
+    model: Recommender, train: sp.csr_matrix, validation: sp.csr_matrix, k: int = 10
+) -> float:
+    """nDCG@k of a model fit on `train` against the held-out `validation` interactions."""
+    users = np.flatnonzero(np.diff(validation.indptr) > 0)
+    recs, _ = model.recommend(train[users], users, k=k)
+    return ndcg_at_k(recs, validation[users], k)
+
+
+def fit_component(
+    name: str,
+    params: dict[str, Any],
+    train: sp.csr_matrix,
+    validation: sp.csr_matrix,
+    full: sp.csr_matrix,
+    grid_spec: dict[str, Iterable[Any]] | None = None,
+    train_sequences: list[list[int]] | None = None,
+    full_sequences: list[list[int]] | None = None,
+) -> ComponentResult:
+    """Pick params on (train, validation) from the grid, then refit the winner on `full`."""
+    trials = []
+    best: tuple[float, dict[str, Any], Recommender] | None = None
+    for candidate in grid(params, grid_spec):
+        model = _fit(name, candidate, train, train_sequences)
+        score = validation_ndcg(model, train, validation)
+        trials.append({**candidate, "validation_ndcg@10": score})
+        log.info("%s %s: validation nDCG@10 %.4f", name, candidate, score)
+        if best is None or score > best[0]:
+            best = (score, candidate, model)
+    assert best is not None
+    started = time.perf_counter()
+    final = _fit(name, best[1], full, full_sequences)
+    return ComponentResult(
+        name=name,
+        model=final,
+        validation_model=best[2],
+        params=best[1],
+        validation_ndcg=best[0],
+        tuning=trials,
+        fit_seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class SplitData:
+    """The training matrix and the train/validation split carved from it."""
+
+    interactions: InteractionMatrix
+    train: sp.csr_matrix
+    validation: sp.csr_matrix
+    train_events: pl.DataFrame
+    events: pl.DataFrame
+
+
+def split_training_data(
+    events: pl.DataFrame, interactions: InteractionMatrix, holdout_fraction: float, seed: int
+) -> SplitData:
+    """Per-user random validation split; `train_events` are the events of the train part."""
+    train, validation = split_per_user(interactions.matrix, holdout_fraction, seed)
+    coo = train.tocoo()
+    pairs = pl.DataFrame(
+        {
+            "user_id": interactions.user_ids[coo.row].astype(str),
+            "item_id": interactions.item_ids[coo.col].astype(str),
+        }
+    )
+    train_events = events.join(pairs, on=["user_id", "item_id"], how="semi")
+    return SplitData(interactions, train, validation, train_events, events)
+
+
+def sequences_for(
+    events: pl.DataFrame, item_ids: np.ndarray, gap_minutes: float
+) -> list[list[int]]:
+    """Item2Vec sequences for a set of events (see `session_sequences`)."""
+    return session_sequences(events, item_ids, gap_minutes)
+
+
+def blend(
+    results: dict[str, ComponentResult],
+    data: SplitData,
+    catalog: pl.DataFrame | None,
+    seed: int = 0,
+    fixed_weights: dict[str, float] | None = None,
+) -> tuple[HybridRecommender, HybridRecommender, float]:
+    """Tune blend weights on validation; return (final hybrid, validation hybrid, val nDCG@10)."""
+    validation_models = {name: r.validation_model for name, r in results.items()}
+    if fixed_weights:
+        weights, score = dict(fixed_weights), float("nan")
+    else:
+        # A generator joins the blend only where it beats popularity on validation: one that
+        # loses to it adds noise that the weight search then overfits to.
+        floor = results["popularity"].validation_ndcg if "popularity" in results else 0.0
+        eligible = {
+            name: model
+            for name, model in validation_models.items()
+            if name == "popularity" or results[name].validation_ndcg > floor
+        }
+        weights, score = tune_weights(eligible, data.train, data.validation, seed=seed)
+    ids = (data.interactions.user_ids, data.interactions.item_ids)
+    metadata = {
+        "params": {name: r.params for name, r in results.items()},
+        "validation_ndcg@10": {name: r.validation_ndcg for name, r in results.items()},
+    }
+    final = HybridRecommender(
+        {name: r.model for name, r in results.items()},
+        weights,
+        *ids,
+        data.interactions.matrix,
+        catalog,
+        metadata=metadata,
+    )
+    on_validation = HybridRecommender(validation_models, weights, *ids, data.train, catalog)
+    return final, on_validation, score
+
+
+def evaluate_models(
+    models: dict[str, Recommender | HybridRecommender],
+    train: sp.csr_matrix,
+    held_out: sp.csr_matrix,
+    k: int = 10,
+) -> pl.DataFrame:
+    """Every metric at k for every model on the same split: one row per model."""
+    users = np.flatnonzero(np.diff(held_out.indptr) > 0)
+    results = {}
+    for name, model in models.items():
+        recs, _ = model.recommend(train[users], users, k=k)
+        results[name] = evaluate_all(recs, held_out[users], train, k)
+    return metrics_table(results)
+
+
+def interactions_from(
+    events: pl.DataFrame,
+    event_weights: dict[str, float] | None = None,
+    half_life_days: float | None = None,
+    binary_ratings: bool = False,
+    catalog: pl.DataFrame | None = None,
+) -> InteractionMatrix:
+    """The interaction matrix with the configured weights (ratings as 1 when `binary_ratings`)."""
+    if binary_ratings:
+        events = events.with_columns(
+            pl.when(pl.col("event_type") == "rating")
+            .then(pl.lit(1.0))
+            .otherwise(pl.col("value"))
+            .alias("value")
+        )
+    item_ids = None if catalog is None or catalog.is_empty() else catalog["item_id"].to_list()
+    return build_interaction_matrix(events, event_weights, half_life_days, item_ids=item_ids)
