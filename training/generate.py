@@ -45,11 +45,11 @@ ARCHETYPES: tuple[str, ...] = (
 )
 TRENDS: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
 _TREND_SHARE = np.array([0.4, 0.2, 0.2, 0.2])
-_POP_EXPONENT = 0.8
-_POP_NOISE = 0.3
+_POP_EXPONENT = 0.7
+_POP_NOISE = 0.2
 # Rising items ramp linearly from 1 - s to 1 + s over the window (falling the reverse).
-_RAMP = (0.7, 0.95)
-_VOLATILE_BASE = 0.3
+_RAMP = (0.8, 0.97)
+_VOLATILE_BASE = 0.15
 N_PRICE_TIERS = 5
 
 # Per archetype, in ARCHETYPES order. Views per session are 1 + Poisson(extra_views).
