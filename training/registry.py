@@ -1,0 +1,229 @@
+"""MLflow tracking and registry: log a training run, register the bundle, gate promotion.
+
+A new version gets alias `challenger`; it becomes `champion` only when its validation nDCG@10
+beats the current champion's by the configured margin. Nothing is registered unless the run
+logged everything it needed, so a failed run leaves the current champion serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from training.hybrid import HybridRecommender
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "recsys"
+GATE_METRIC = "hybrid_validation_ndcg_at_10"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+BUNDLE_ARTIFACT = "bundle"
+
+
+def metric_key(name: str) -> str:
+    """MLflow-safe metric name: `ndcg@10` -> `ndcg_at_10`."""
+    return name.replace("@", "_at_").replace(" ", "_")
+
+
+class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc flavour of the bundle: a frame of user_id in, user_id,item_id,rank,score out."""
+
+    def load_context(self, context: Any) -> None:
+        self.bundle = HybridRecommender.load(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        k = int((params or {}).get("k", 10))
+        users = model_input["user_id"].astype(str).to_numpy()
+        return self.bundle.recommend_ids(users, k=k).to_pandas()
+
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "user_id")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "user_id"),
+            ColSpec("string", "item_id"),
+            ColSpec("long", "rank"),
+            ColSpec("double", "score"),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("k", "long", 10)]),
+)
+PIP_REQUIREMENTS = ["numpy", "scipy", "polars", "pandas", "implicit", "gensim", "mlflow"]
+
+
+@dataclass
+class RegisteredVersion:
+    """One registered model version and the metrics of the run that produced it."""
+
+    version: str
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def gate_value(self) -> float | None:
+        return self.metrics.get(GATE_METRIC)
+
+
+@dataclass
+class GateDecision:
+    """What the evaluation gate decided and why."""
+
+    version: str
+    promoted: bool
+    challenger_value: float
+    champion_version: str | None
+    champion_value: float | None
+    margin: float
+    reason: str
+
+
+class ModelRegistry:
+    """The MLflow registered model that serves, with its champion/challenger aliases."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        model_name: str,
+        artifact_location: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.artifact_location = artifact_location
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(
+                tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+            )
+        return self._client
+
+    def experiment_id(self, name: str = EXPERIMENT) -> str:
+        """The experiment's id, created (with this registry's artifact location) when missing."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self.artifact_location)
+        except MlflowException:
+            # Another process created it between the lookup and the create.
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start_run(self, run_name: str, tags: dict[str, str] | None = None) -> mlflow.ActiveRun:
+        """Start an MLflow run in the platform's experiment (use as a context manager)."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        return mlflow.start_run(
+            experiment_id=self.experiment_id(), run_name=run_name, tags=tags or {}
+        )
+
+    def log_bundle(self, bundle: HybridRecommender) -> str:
+        """Log the bundle as a pyfunc model in the active run and register it; return version."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = bundle.save(Path(tmp) / BUNDLE_ARTIFACT)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=RecommenderPyfunc(),
+                artifacts={BUNDLE_ARTIFACT: str(path)},
+                signature=SIGNATURE,
+                pip_requirements=PIP_REQUIREMENTS,
+                registered_model_name=self.model_name,
+            )
+        version = str(info.registered_model_version)
+        self.client.set_registered_model_alias(self.model_name, CHALLENGER, version)
+        return version
+
+    def get_version(self, alias: str) -> RegisteredVersion | None:
+        """The version behind an alias, or None when there is no such model or alias."""
+        try:
+            mv = self.client.get_model_version_by_alias(self.model_name, alias)
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+                return None
+            raise
+        metrics: dict[str, float] = {}
+        if mv.run_id:
+            metrics = dict(self.client.get_run(mv.run_id).data.metrics)
+        return RegisteredVersion(str(mv.version), mv.run_id or "", metrics, list(mv.aliases))
+
+    def gate(self, version: str, challenger_value: float, margin: float) -> GateDecision:
+        """Promote `version` to champion if it beats the champion by `margin` (or none exists)."""
+        champion = self.get_version(CHAMPION)
+        champ_value = champion.gate_value if champion else None
+        if champion is None or champ_value is None:
+            promoted, reason = True, "no champion yet"
+        elif challenger_value >= champ_value + margin:
+            promoted = True
+            reason = f"{challenger_value:.4f} >= champion {champ_value:.4f} + margin {margin}"
+        else:
+            promoted = False
+            reason = f"{challenger_value:.4f} < champion {champ_value:.4f} + margin {margin}"
+        if promoted:
+            self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        self.client.set_model_version_tag(self.model_name, version, "gate", reason)
+        log.info("gate for version %s: %s", version, reason)
+        return GateDecision(
+            version,
+            promoted,
+            challenger_value,
+            champion.version if champion else None,
+            champ_value,
+            margin,
+            reason,
+        )
+
+    def bundle_path(self, version: str) -> Path:
+        """The bundle folder of a version, downloaded once into the local cache."""
+        base = self.cache_dir or Path(tempfile.gettempdir()) / "recsys-model-cache"
+        target = base / self.model_name / str(version)
+        marker = target / ".complete"
+        if marker.exists():
+            return target / BUNDLE_ARTIFACT
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="download-", dir=base))
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.model_name}/{version}",
+                    dst_path=str(tmp),
+                    tracking_uri=self.tracking_uri,
+                    registry_uri=self.tracking_uri,
+                )
+            )
+            local = local / "artifacts" / BUNDLE_ARTIFACT
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            shutil.move(local, target / BUNDLE_ARTIFACT)
+            marker.touch()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target / BUNDLE_ARTIFACT
+
+    def load_bundle(self, version: str) -> HybridRecommender:
+        """Download (once) and load the bundle of a registered version."""
+        return HybridRecommender.load(self.bundle_path(version))
