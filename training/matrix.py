@@ -26,8 +26,7 @@ class InteractionMatrix:
     matrix: sp.csr_matrix
     user_ids: np.ndarray
     item_ids: np.ndarray
-    _user_pos: dict[str, int] = field(default_factory=dict, repr=False)
-    _item_pos: dict[str, int] = field(default_factory=dict, repr=False)
+    params: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +46,7 @@ class InteractionMatrix:
 
     def with_matrix(self, matrix: sp.csr_matrix) -> InteractionMatrix:
         """The same mappings over another matrix of the same shape (e.g. a split)."""
-        return InteractionMatrix(matrix.tocsr(), self.user_ids, self.item_ids)
+        return InteractionMatrix(matrix.tocsr(), self.user_ids, self.item_ids, self.params)
 
 
 def _lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -118,8 +117,12 @@ def build_interaction_matrix(
     )
     matrix.sum_duplicates()
     matrix.sort_indices()
+    params = {
+        "event_weights": {**DEFAULT_EVENT_WEIGHTS, **(event_weights or {})},
+        "half_life_days": half_life_days,
+    }
     return InteractionMatrix(
-        matrix, users.to_numpy().astype(object), items.to_numpy().astype(object)
+        matrix, users.to_numpy().astype(object), items.to_numpy().astype(object), params
     )
 
 
@@ -149,3 +152,20 @@ def split_per_user(
     train = sp.csr_matrix((data[~held], (rows[~held], cols[~held])), shape=shape)
     test = sp.csr_matrix((data[held], (rows[held], cols[held])), shape=shape)
     return train, test
+
+
+def decayed_popularity(
+    events: pl.DataFrame,
+    half_life_days: float = 7.0,
+    now: int | None = None,
+    event_weights: dict[str, float] | None = None,
+) -> pl.DataFrame:
+    """`item_id, score, events`: weighted event counts decayed by age, most popular first."""
+    if events.is_empty():
+        return pl.DataFrame(schema={"item_id": pl.String, "score": pl.Float64, "events": pl.UInt32})
+    weighted = weighted_events(events, event_weights, half_life_days, now)
+    return (
+        weighted.group_by("item_id")
+        .agg(pl.col("confidence").sum().alias("score"), pl.len().alias("events"))
+        .sort("score", "item_id", descending=[True, False])
+    )

@@ -113,6 +113,11 @@ class ModelRegistry:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
+            if self.tracking_uri.startswith("sqlite:///"):
+                # The embedded store's folder must exist before SQLAlchemy opens the file.
+                Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
+                    parents=True, exist_ok=True
+                )
             self._client = MlflowClient(
                 tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
             )

@@ -12,9 +12,14 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "recsys-hybrid"
 
 
+def recsys_home_path() -> Path:
+    """The folder of all local state (`RECSYS_HOME`, default `./.recsys`), not created."""
+    return Path(os.environ.get("RECSYS_HOME", ".recsys")).expanduser().resolve()
+
+
 def recsys_home() -> Path:
-    """The folder of all local state (`RECSYS_HOME`, default `./.recsys`), created on demand."""
-    home = Path(os.environ.get("RECSYS_HOME", ".recsys")).expanduser().resolve()
+    """The folder of all local state, created on demand."""
+    home = recsys_home_path()
     home.mkdir(parents=True, exist_ok=True)
     return home
 
@@ -24,7 +29,7 @@ def mlflow_tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{recsys_home() / 'mlflow.db'}"
+    return f"sqlite:///{recsys_home_path() / 'mlflow.db'}"
 
 
 def mlflow_artifact_root() -> str:
@@ -33,10 +38,9 @@ def mlflow_artifact_root() -> str:
     if explicit:
         return Path(explicit).expanduser().resolve().as_uri()
     if "RECSYS_HOME" in os.environ:
-        root = recsys_home() / "mlruns"
+        root = recsys_home_path() / "mlruns"
     else:
         root = Path("mlruns").resolve()
-    root.mkdir(parents=True, exist_ok=True)
     return root.as_uri()
 
 
@@ -61,8 +65,6 @@ def redis_namespace() -> str:
 
 
 def dagster_home() -> Path:
-    """`DAGSTER_HOME`, or `$RECSYS_HOME/dagster`, created on demand."""
+    """`DAGSTER_HOME`, or `$RECSYS_HOME/dagster` (not created)."""
     explicit = os.environ.get("DAGSTER_HOME")
-    path = Path(explicit).expanduser().resolve() if explicit else recsys_home() / "dagster"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(explicit).expanduser().resolve() if explicit else recsys_home_path() / "dagster"

@@ -1,0 +1,110 @@
+"""Ingestion assets: the events in the event store and the item catalog."""
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from orchestration.resources import EventStoreResource, LocalStateResource
+from training.data import load_catalog, load_events
+from training.evaluation import to_markdown
+from training.matrix import decayed_popularity
+
+
+class EventImportConfig(dg.Config):
+    """Optionally import a file into the event store before reading it back."""
+
+    events_path: str = Field(default="", description="CSV/Parquet events file to import first.")
+    skip_invalid: bool = Field(default=False, description="Drop malformed rows (and count them).")
+
+
+class CatalogImportConfig(dg.Config):
+    """Optionally replace the stored item catalog with a file."""
+
+    catalog_path: str = Field(default="", description="CSV/Parquet catalog file to import.")
+    skip_invalid: bool = Field(default=False, description="Drop malformed rows (and count them).")
+
+
+def _span(events: pl.DataFrame) -> str:
+    lo, hi = events["timestamp"].min(), events["timestamp"].max()
+    fmt = "%Y-%m-%d %H:%M"
+    start = pl.from_epoch(pl.Series([lo]), time_unit="s").dt.strftime(fmt)[0]
+    end = pl.from_epoch(pl.Series([hi]), time_unit="s").dt.strftime(fmt)[0]
+    return f"{start} .. {end} UTC"
+
+
+@dg.asset(group_name="ingestion", compute_kind="polars")
+def raw_events(
+    context: dg.AssetExecutionContext,
+    config: EventImportConfig,
+    event_store: EventStoreResource,
+) -> dg.Output[pl.DataFrame]:
+    """Every event in the event store (after importing `events_path`, when given)."""
+    imported = skipped = 0
+    with event_store.open() as store:
+        if config.events_path:
+            loaded = load_events(config.events_path, skip_invalid=config.skip_invalid)
+            skipped = loaded.skipped
+            imported = store.append(loaded.frame)
+            context.log.info(
+                f"imported {imported} new events from {config.events_path} "
+                f"({loaded.frame.height - imported} already stored, {skipped} invalid skipped)"
+            )
+        events = store.read()
+    if events.is_empty():
+        raise dg.Failure(
+            "the event store is empty: import events first "
+            "(recsys pipeline --events PATH, or POST /events and recsys consume)"
+        )
+    counts = events.group_by("event_type").len().sort("len", descending=True)
+    return dg.Output(
+        events,
+        metadata={
+            "rows": events.height,
+            "users": events["user_id"].n_unique(),
+            "items": events["item_id"].n_unique(),
+            "span": _span(events),
+            "imported": imported,
+            "skipped_invalid": skipped,
+            "event_types": dg.MetadataValue.md(
+                "\n".join(f"- {r[0]}: {r[1]}" for r in counts.iter_rows())
+            ),
+        },
+    )
+
+
+@dg.asset(group_name="ingestion", compute_kind="polars")
+def item_catalog(
+    context: dg.AssetExecutionContext, config: CatalogImportConfig, state: LocalStateResource
+) -> dg.Output[pl.DataFrame]:
+    """The item catalog (category, brand, price, stock); empty when none was imported."""
+    skipped = 0
+    if config.catalog_path:
+        loaded = load_catalog(config.catalog_path, skip_invalid=config.skip_invalid)
+        skipped = loaded.skipped
+        state.write_catalog(loaded.frame)
+        context.log.info(f"imported {loaded.frame.height} items from {config.catalog_path}")
+    catalog = state.read_catalog()
+    return dg.Output(
+        catalog,
+        metadata={
+            "items": catalog.height,
+            "categories": catalog["category"].n_unique() if catalog.height else 0,
+            "skipped_invalid": skipped,
+        },
+    )
+
+
+class PopularityConfig(dg.Config):
+    half_life_days: float = Field(default=7.0, description="Half-life of an event's weight.")
+
+
+@dg.asset(group_name="ingestion", compute_kind="polars")
+def popularity_snapshot(
+    config: PopularityConfig, raw_events: pl.DataFrame
+) -> dg.Output[pl.DataFrame]:
+    """Time-decayed weighted popularity per item (refreshed hourly), most popular first."""
+    table = decayed_popularity(raw_events, config.half_life_days)
+    return dg.Output(
+        table,
+        metadata={"items": table.height, "top": dg.MetadataValue.md(to_markdown(table.head(10)))},
+    )

@@ -1,0 +1,199 @@
+"""Publishing assets: the MLflow-registered model (through the gate), batch recommendations,
+and item neighbours."""
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from assets.models import TrainedHybrid
+from orchestration.resources import MLflowResource
+from training.evaluation import to_markdown
+from training.matrix import InteractionMatrix
+from training.registry import GATE_METRIC, metric_key
+from training.train import SplitData
+
+GROUP = "publishing"
+
+
+class GateConfig(dg.Config):
+    """The evaluation gate between challenger and champion."""
+
+    margin: float = Field(
+        default=0.0, description="nDCG@10 the challenger must gain over the champion to replace it."
+    )
+
+
+class BatchConfig(dg.Config):
+    k: int = Field(default=20, description="Recommendations per user.")
+    ttl_hours: float = Field(default=24.0, description="How long a batch list stays valid.")
+
+
+class NeighborsConfig(dg.Config):
+    k: int = Field(default=100, description="Neighbours per item.")
+
+
+def _flat_params(prefix: str, params: dict) -> dict[str, str]:
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(_flat_params(f"{prefix}{key}.", value))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def _evaluation_plot(table: pl.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [c for c in ("precision@10", "recall@10", "ndcg@10", "map@10") if c in table.columns]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(metrics), 1)
+    x = np.arange(table.height)
+    for i, metric in enumerate(metrics):
+        ax.bar(x + i * width, table[metric].to_numpy(), width, label=metric)
+    ax.set_xticks(x + width * (len(metrics) - 1) / 2, table["model"].to_list())
+    ax.set_title("Validation metrics per model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@dg.asset(group_name=GROUP, compute_kind="mlflow")
+def registered_model(
+    context: dg.AssetExecutionContext,
+    config: GateConfig,
+    tracking: MLflowResource,
+    interaction_matrix: InteractionMatrix,
+    training_split: SplitData,
+    hybrid_ranker: TrainedHybrid,
+    model_evaluation: pl.DataFrame,
+) -> dg.Output[dict]:
+    """The trained hybrid logged to MLflow, registered as `challenger`, promoted by the gate."""
+    registry = tracking.registry()
+    hybrid_row = model_evaluation.filter(pl.col("model") == "hybrid")
+    gate_value = float(hybrid_row["ndcg@10"][0])
+    tags = {"dagster_run_id": context.run_id, "orchestrator": "dagster"}
+    with registry.start_run(f"hybrid-{context.run_id[:8]}", tags) as run:
+        params = _flat_params("matrix.", interaction_matrix.params)
+        for name, component in hybrid_ranker.components.items():
+            params.update(_flat_params(f"{name}.", component.params))
+        params.update({f"weight.{k}": str(v) for k, v in hybrid_ranker.final.weights.items()})
+        params["users"], params["items"] = (str(v) for v in interaction_matrix.shape)
+        params["interactions"] = str(interaction_matrix.nnz)
+        mlflow.log_params(params)
+        metrics = {
+            f"{row['model']}_validation_{metric_key(col)}": float(row[col])
+            for row in model_evaluation.iter_rows(named=True)
+            for col in model_evaluation.columns
+            if col != "model"
+        }
+        metrics[GATE_METRIC] = gate_value
+        for name, component in hybrid_ranker.components.items():
+            metrics[f"{name}_fit_seconds"] = component.fit_seconds
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "evaluation.md").write_text(to_markdown(model_evaluation) + "\n")
+            model_evaluation.write_csv(folder / "evaluation.csv")
+            _evaluation_plot(model_evaluation, folder / "evaluation.png")
+            tuning = {name: c.tuning for name, c in hybrid_ranker.components.items()}
+            (folder / "tuning.json").write_text(json.dumps(tuning, indent=2, default=str))
+            mlflow.log_artifacts(str(folder), artifact_path="evaluation")
+        version = registry.log_bundle(hybrid_ranker.final)
+        run_id = run.info.run_id
+    decision = registry.gate(version, gate_value, config.margin)
+    context.log.info(f"model version {version}: {decision.reason}")
+    result = {
+        "model_name": registry.model_name,
+        "version": version,
+        "run_id": run_id,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "validation_ndcg@10": gate_value,
+        "champion_before": decision.champion_version,
+    }
+    return dg.Output(
+        result,
+        metadata={
+            "version": version,
+            "promoted": decision.promoted,
+            "gate": decision.reason,
+            "mlflow_run_id": run_id,
+            "tracking_uri": registry.tracking_uri,
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, compute_kind="numpy")
+def batch_recommendations(
+    config: BatchConfig, interaction_matrix: InteractionMatrix, hybrid_ranker: TrainedHybrid
+) -> dg.Output[pl.DataFrame]:
+    """Top-k per user (user_recommendations table): never an item the user interacted with."""
+    bundle = hybrid_ranker.final
+    started = time.perf_counter()
+    recs = bundle.recommend_ids(interaction_matrix.user_ids, k=config.k, exclude_seen=True)
+    now = int(time.time())
+    recs = recs.with_columns(
+        pl.from_epoch(pl.lit(now), time_unit="s").dt.replace_time_zone("UTC").alias("generated_at"),
+        pl.from_epoch(pl.lit(now + int(config.ttl_hours * 3600)), time_unit="s")
+        .dt.replace_time_zone("UTC")
+        .alias("expires_at"),
+    )
+    return dg.Output(
+        recs,
+        metadata={
+            "rows": recs.height,
+            "users": recs["user_id"].n_unique(),
+            "seconds": round(time.perf_counter() - started, 2),
+            "preview": dg.MetadataValue.md(
+                to_markdown(recs.head(10).drop("generated_at", "expires_at"))
+            ),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=batch_recommendations,
+    blocking=True,
+    additional_ins={"interaction_matrix": dg.AssetIn("interaction_matrix")},
+)
+def batch_recommendations_exclude_seen(
+    interaction_matrix: InteractionMatrix, batch_recommendations: pl.DataFrame
+) -> dg.AssetCheckResult:
+    """No user is recommended an item they already interacted with, nor one item twice."""
+    recs = batch_recommendations
+    rows = interaction_matrix.user_index(recs["user_id"].to_numpy())
+    cols = interaction_matrix.item_index(recs["item_id"].to_numpy())
+    seen = np.asarray(interaction_matrix.matrix[rows, cols]).ravel() > 0
+    duplicates = recs.height - recs.select("user_id", "item_id").unique().height
+    return dg.AssetCheckResult(
+        passed=bool(not seen.any() and duplicates == 0),
+        metadata={"seen_items": int(seen.sum()), "duplicates": duplicates},
+    )
+
+
+@dg.asset(group_name=GROUP, compute_kind="numpy")
+def item_neighbors(
+    config: NeighborsConfig, hybrid_ranker: TrainedHybrid
+) -> dg.Output[pl.DataFrame]:
+    """Top-k similar items per item from the item-item model (item_id, neighbor_id, rank, score)."""
+    table = hybrid_ranker.final.item_neighbors(k=config.k)
+    return dg.Output(
+        table,
+        metadata={
+            "rows": table.height,
+            "items": table["item_id"].n_unique() if table.height else 0,
+        },
+    )

@@ -1,0 +1,359 @@
+"""The `recsys` command line: generate data, run the pipeline, evaluate, batch-recommend, serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from training import settings
+from training.data import DataValidationError
+
+OK, FAILED, BAD_INPUT = 0, 1, 2
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _error(text: str) -> None:
+    print(f"error: {text}", file=sys.stderr, flush=True)
+
+
+def _import_config(args: argparse.Namespace) -> dict[str, Any]:
+    ops: dict[str, Any] = {}
+    events = getattr(args, "events", None)
+    catalog = getattr(args, "catalog", None)
+    skip = bool(getattr(args, "skip_invalid", False))
+    if events:
+        ops["raw_events"] = {
+            "config": {"events_path": str(Path(events).resolve()), "skip_invalid": skip}
+        }
+    if catalog:
+        ops["item_catalog"] = {
+            "config": {"catalog_path": str(Path(catalog).resolve()), "skip_invalid": skip}
+        }
+    return ops
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Validate input files up front so a bad file fails fast with the row-level message."""
+    from training.data import load_catalog, load_events, read_movielens
+
+    events = getattr(args, "events", None)
+    if events:
+        path = Path(events)
+        if path.is_dir():
+            read_movielens(path)
+        else:
+            result = load_events(path, skip_invalid=bool(args.skip_invalid))
+            if result.skipped:
+                _print(f"skipping {result.skipped} invalid event rows (--skip-invalid)")
+    catalog = getattr(args, "catalog", None)
+    if catalog:
+        result = load_catalog(catalog, skip_invalid=bool(args.skip_invalid))
+        if result.skipped:
+            _print(f"skipping {result.skipped} invalid catalog rows (--skip-invalid)")
+
+
+def _materialise_movielens(args: argparse.Namespace, scratch: Path) -> None:
+    """A MovieLens folder is converted once to contract CSVs that the ingestion asset imports."""
+    from training.data import read_movielens
+
+    events = getattr(args, "events", None)
+    if events and Path(events).is_dir():
+        ml_events, ml_catalog = read_movielens(events)
+        args.events = str(scratch / "movielens-events.parquet")
+        ml_events.write_parquet(args.events)
+        if not getattr(args, "catalog", None) and ml_catalog.height:
+            args.catalog = str(scratch / "movielens-catalog.parquet")
+            ml_catalog.write_parquet(args.catalog)
+
+
+def _scratch_resources(scratch: Path) -> dict[str, Any]:
+    """The environment's resources, but with events and catalog in a throw-away folder."""
+    from orchestration.environment import resources_for
+    from orchestration.resources import EventStoreResource, LocalStateResource
+
+    resources = resources_for()
+    resources["event_store"] = EventStoreResource(url="", home=str(scratch))
+    resources["state"] = LocalStateResource(home=str(scratch))
+    return resources
+
+
+def _run(job: str, run_config: dict[str, Any], **kwargs: Any) -> Any:
+    from orchestration.runner import failure_message, run_job
+
+    result = run_job(job, run_config, **kwargs)
+    if not result.success:
+        raise RuntimeError(failure_message(result))
+    return result
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.generate import generate, write_generated
+
+    started = time.perf_counter()
+    data = generate(args.users, args.items, args.events, seed=args.seed)
+    paths = write_generated(data, Path(args.out))
+    _print(
+        f"generated {data.events.height} events, {data.catalog.height} items, "
+        f"{data.truth_users.height} users in {time.perf_counter() - started:.1f}s"
+    )
+    for name, path in paths.items():
+        _print(f"  {name}: {path}")
+    return OK
+
+
+def _print_evaluation(table: pl.DataFrame) -> None:
+    from training.evaluation import to_markdown
+
+    _print(to_markdown(table))
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    _check_inputs(args)
+    with tempfile.TemporaryDirectory(prefix="recsys-") as tmp:
+        _materialise_movielens(args, Path(tmp))
+        _print(f"running the training job (RECSYS_HOME={settings.recsys_home()})")
+        result = _run("training_job", {"ops": _import_config(args)})
+    evaluation = result.output_for_node("model_evaluation")
+    registered = result.output_for_node("registered_model")
+    _print("\nvalidation metrics @10:")
+    _print_evaluation(evaluation)
+    verdict = "promoted to champion" if registered["promoted"] else "kept as challenger"
+    _print(
+        f"\nregistered {registered['model_name']} version {registered['version']}: {verdict} "
+        f"({registered['reason']})"
+    )
+    return OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _check_inputs(args)
+    with tempfile.TemporaryDirectory(prefix="recsys-evaluate-") as tmp:
+        _materialise_movielens(args, Path(tmp))
+        result = _run(
+            "offline_job",
+            {"ops": _import_config(args)},
+            resources=_scratch_resources(Path(tmp)),
+            persistent=False,
+        )
+        evaluation = result.output_for_node("model_evaluation")
+    _print_evaluation(evaluation)
+    return OK
+
+
+def cmd_batch_recommend(args: argparse.Namespace) -> int:
+    _check_inputs(args)
+    with tempfile.TemporaryDirectory(prefix="recsys-batch-") as tmp:
+        _materialise_movielens(args, Path(tmp))
+        ops = _import_config(args)
+        ops["batch_recommendations"] = {"config": {"k": args.k}}
+        result = _run(
+            "offline_job", {"ops": ops}, resources=_scratch_resources(Path(tmp)), persistent=False
+        )
+        recs = result.output_for_node("batch_recommendations")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recs.select("user_id", "item_id", "rank", "score").sort("user_id", "rank").write_csv(out)
+    _print(f"wrote {recs.height} recommendations for {recs['user_id'].n_unique()} users to {out}")
+    return OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.launcher import serve
+
+    return serve(port=args.port, host=args.host)
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from serving.consumer import main as consume_main
+
+    return consume_main(args.consumer_args)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Dagster UI and MLflow UI side by side on the embedded storage, until Ctrl-C."""
+    from orchestration.runner import ensure_dagster_home
+
+    ensure_dagster_home()
+    env = dict(os.environ)
+    bin_dir = Path(sys.executable).parent
+    dagster = shutil.which("dagster", path=str(bin_dir)) or "dagster"
+    mlflow = shutil.which("mlflow", path=str(bin_dir)) or "mlflow"
+    artifacts = settings.mlflow_artifact_root()
+    commands = [
+        [
+            dagster,
+            "dev",
+            "-m",
+            "orchestration.definitions",
+            "-h",
+            args.host,
+            "-p",
+            str(args.dagster_port),
+        ],
+        [
+            mlflow,
+            "ui",
+            "--backend-store-uri",
+            settings.mlflow_tracking_uri(),
+            "--default-artifact-root",
+            artifacts,
+            "--host",
+            args.host,
+            "--port",
+            str(args.mlflow_port),
+        ],
+    ]
+    procs = [subprocess.Popen(cmd, env=env) for cmd in commands]
+    _print(f"Dagster UI: http://{args.host}:{args.dagster_port}")
+    _print(f"MLflow UI:  http://{args.host}:{args.mlflow_port}")
+    _print("Ctrl-C stops both.")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a sample shop, run the pipeline, show metrics and recommendations."""
+    from training.registry import CHAMPION, ModelRegistry
+
+    home = settings.recsys_home()
+    data_dir = home / "demo-data"
+    if not (data_dir / "events.csv").exists():
+        cmd_generate(
+            argparse.Namespace(
+                users=args.users, items=args.items, events=args.events, seed=0, out=data_dir
+            )
+        )
+    cmd_pipeline(
+        argparse.Namespace(
+            events=str(data_dir / "events.csv"),
+            catalog=str(data_dir / "catalog.csv"),
+            skip_invalid=False,
+        )
+    )
+    registry = ModelRegistry(
+        settings.mlflow_tracking_uri(), settings.model_name(), cache_dir=home / "model-cache"
+    )
+    champion = registry.get_version(CHAMPION)
+    if champion is not None:
+        bundle = registry.load_bundle(champion.version)
+        sample = bundle.user_ids[:3]
+        recs = bundle.recommend_ids(sample, k=5).join(
+            bundle.catalog.select("item_id", "category", "price"), on="item_id", how="left"
+        )
+        _print(f"\nsample recommendations from champion version {champion.version}:")
+        _print(str(recs))
+    _print(
+        "\nnext:\n"
+        "  make up      # Dagster UI on http://127.0.0.1:3000, MLflow UI on http://127.0.0.1:5000\n"
+        "  make serve   # the recommendation service on http://127.0.0.1:3001\n"
+        f"state lives in {home} (RECSYS_HOME)"
+    )
+    return OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="write a seeded synthetic shop (events, catalog, truth)")
+    p.add_argument("--users", type=int, default=5000)
+    p.add_argument("--items", type=int, default=2000)
+    p.add_argument("--events", type=int, default=300_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_generate)
+
+    def add_inputs(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument(
+            "--events", required=required, help="events CSV/Parquet, or a MovieLens 100k folder"
+        )
+        p.add_argument("--catalog", help="item catalog CSV/Parquet")
+        p.add_argument("--skip-invalid", action="store_true", help="drop malformed rows (counted)")
+
+    p = sub.add_parser("pipeline", help="import events, train, evaluate, register (champion gate)")
+    add_inputs(p, required=False)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("evaluate", help="train on a file and print the evaluation table")
+    add_inputs(p, required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("batch-recommend", help="train on a file, write top-k per user as CSV")
+    add_inputs(p, required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--out", required=True, help="output CSV: user_id,item_id,rank,score")
+    p.set_defaults(func=cmd_batch_recommend)
+
+    p = sub.add_parser("serve", help="start the BentoML recommendation service")
+    p.add_argument("--port", type=int, default=3001)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("consume", help="move events from the Redis stream to the event store")
+    p.add_argument("consumer_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("up", help="Dagster UI and MLflow UI on the embedded storage")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dagster-port", type=int, default=3000)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("demo", help="generate a sample shop, train, show results")
+    p.add_argument("--users", type=int, default=3000)
+    p.add_argument("--items", type=int, default=1000)
+    p.add_argument("--events", type=int, default=150_000)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or OK)
+    except DataValidationError as exc:
+        _error(str(exc))
+        return BAD_INPUT
+    except FileNotFoundError as exc:
+        _error(str(exc))
+        return BAD_INPUT
+    except ConnectionError as exc:
+        _error(str(exc))
+        return FAILED
+    except RuntimeError as exc:
+        _error(str(exc))
+        return FAILED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The one `Definitions` object of the platform (named in pyproject.toml under [tool.dagster])."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets import ingestion, models, publishing
+from orchestration.environment import resources_for
+from orchestration.jobs import (
+    daily_training,
+    hourly_ingest,
+    ingest_job,
+    new_events_sensor,
+    offline_job,
+    record_run_failure,
+    training_job,
+)
+
+ASSET_MODULES = (ingestion, models, publishing)
+
+
+def build_definitions(resources: dict | None = None) -> dg.Definitions:
+    """Definitions with the given resources (the environment's when None)."""
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules(list(ASSET_MODULES)),
+        asset_checks=dg.load_asset_checks_from_modules(list(ASSET_MODULES)),
+        jobs=[training_job, offline_job, ingest_job],
+        schedules=[hourly_ingest, daily_training],
+        sensors=[new_events_sensor, record_run_failure],
+        resources=resources if resources is not None else resources_for(),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,50 @@
+"""The one place that picks resources for an environment: `local` (embedded), `docker`, `prod`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from orchestration.resources import EventStoreResource, LocalStateResource, MLflowResource
+from training import settings
+
+
+def environment_name() -> str:
+    """`RECSYS_ENV` (local, docker or prod); local when unset."""
+    name = os.environ.get("RECSYS_ENV", "local")
+    if name not in ("local", "docker", "prod"):
+        raise ValueError(f"RECSYS_ENV must be local, docker or prod, not {name!r}")
+    return name
+
+
+def resources_for(env: str | None = None) -> dict[str, Any]:
+    """The resource map of an environment.
+
+    `local` resolves the embedded defaults (RECSYS_HOME, sqlite MLflow, Parquet events) now;
+    `docker` and `prod` read URLs from the environment at run time through `EnvVar`, so secrets
+    never land in run configs.
+    """
+    env = env or environment_name()
+    home = str(settings.recsys_home_path())
+    if env == "local":
+        return {
+            "state": LocalStateResource(home=home),
+            "event_store": EventStoreResource(url=settings.postgres_url() or "", home=home),
+            "tracking": MLflowResource(
+                tracking_uri=settings.mlflow_tracking_uri(),
+                model_name=settings.model_name(),
+                artifact_location=settings.mlflow_artifact_root(),
+                cache_dir=str(settings.recsys_home_path() / "model-cache"),
+            ),
+        }
+    return {
+        "state": LocalStateResource(home=home),
+        "event_store": EventStoreResource(url=dg.EnvVar("RECSYS_POSTGRES_URL"), home=home),
+        "tracking": MLflowResource(
+            tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
+            model_name=settings.model_name(),
+            cache_dir=str(settings.recsys_home_path() / "model-cache"),
+        ),
+    }

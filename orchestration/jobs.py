@@ -1,0 +1,79 @@
+"""Jobs, schedules and sensors: hourly ingest, daily retraining, retrain on new events, failures."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration.resources import EventStoreResource, LocalStateResource
+
+TRAINING_GROUPS = ("ingestion", "training", "publishing")
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.groups(*TRAINING_GROUPS),
+    description="Ingest, build the matrix, train and tune every model, evaluate, register, gate.",
+)
+# The same graph without the registry: `recsys evaluate` and `recsys batch-recommend`.
+offline_job = dg.define_asset_job(
+    "offline_job",
+    selection=dg.AssetSelection.groups(*TRAINING_GROUPS)
+    - dg.AssetSelection.assets("registered_model"),
+    description="Train and evaluate on the given events and write batch lists; registers nothing.",
+)
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=dg.AssetSelection.assets("raw_events", "item_catalog", "popularity_snapshot"),
+    description="Read new events from the store and refresh decayed popularity.",
+)
+
+hourly_ingest = dg.ScheduleDefinition(
+    name="hourly_ingest", job=ingest_job, cron_schedule="0 * * * *"
+)
+daily_training = dg.ScheduleDefinition(
+    name="daily_training", job=training_job, cron_schedule="0 3 * * *"
+)
+
+
+def retrain_threshold() -> int:
+    """`RECSYS_RETRAIN_MIN_EVENTS`: new events that trigger retraining (default 10,000)."""
+    return int(os.environ.get("RECSYS_RETRAIN_MIN_EVENTS", "10000"))
+
+
+@dg.sensor(
+    job=training_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def new_events_sensor(
+    context: dg.SensorEvaluationContext, event_store: EventStoreResource
+) -> dg.SensorResult | dg.SkipReason:
+    """Retrain when at least N events reached the event store since the last trigger."""
+    since = float(context.cursor) if context.cursor else 0.0
+    now = time.time()
+    with event_store.open() as store:
+        new_events = store.count_ingested_since(since)
+    threshold = retrain_threshold()
+    if new_events < threshold:
+        return dg.SkipReason(f"{new_events} new events since the last training (< {threshold})")
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(run_key=f"new-events-{int(now)}", tags={"new_events": str(new_events)})
+        ],
+        cursor=str(now),
+    )
+
+
+@dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING)
+def record_run_failure(context: dg.RunFailureSensorContext, state: LocalStateResource) -> None:
+    """Append every failed run to `$RECSYS_HOME/run_failures.jsonl` and log it."""
+    record = {
+        "run_id": context.dagster_run.run_id,
+        "job": context.dagster_run.job_name,
+        "failed_at": time.time(),
+        "message": context.failure_event.message,
+    }
+    path: Path = state.path / "run_failures.jsonl"
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    context.log.error(f"run {record['run_id']} of {record['job']} failed: {record['message']}")

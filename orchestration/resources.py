@@ -1,0 +1,68 @@
+"""Dagster resources: one per external system (event store, MLflow registry, local state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from training.data import empty_catalog
+from training.event_store import EventStore, open_event_store
+from training.registry import ModelRegistry
+
+
+class LocalStateResource(dg.ConfigurableResource):
+    """RECSYS_HOME: the folder of local state (stored catalog, exports, model cache)."""
+
+    home: str = Field(description="Folder of all local state (RECSYS_HOME).")
+
+    @property
+    def path(self) -> Path:
+        path = Path(self.home)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.path / "catalog.parquet"
+
+    def read_catalog(self) -> pl.DataFrame:
+        """The last imported item catalog, or an empty one."""
+        return pl.read_parquet(self.catalog_path) if self.catalog_path.exists() else empty_catalog()
+
+    def write_catalog(self, catalog: pl.DataFrame) -> Path:
+        """Replace the stored catalog (written to a temp file, then renamed)."""
+        tmp = self.catalog_path.with_suffix(".tmp")
+        catalog.write_parquet(tmp)
+        tmp.replace(self.catalog_path)
+        return self.catalog_path
+
+
+class EventStoreResource(dg.ConfigurableResource):
+    """The event store: PostgreSQL when `url` is a postgresql:// URL, else Parquet under home."""
+
+    url: str = Field(default="", description="postgresql://... or empty for the embedded store.")
+    home: str = Field(description="Folder of the embedded store (RECSYS_HOME).")
+
+    def open(self) -> EventStore:
+        """A connected store; close it (or use it as a context manager) when done."""
+        return open_event_store(self.url or None, self.home)
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """MLflow tracking server / registry and the registered model that serves."""
+
+    tracking_uri: str = Field(description="MLflow tracking URI (sqlite:///... or http://...).")
+    model_name: str = Field(description="Registered model name.")
+    artifact_location: str = Field(default="", description="Artifact root for new experiments.")
+    cache_dir: str = Field(default="", description="Where downloaded bundles are cached.")
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(
+            self.tracking_uri,
+            self.model_name,
+            self.artifact_location or None,
+            self.cache_dir or None,
+        )

@@ -1,0 +1,120 @@
+"""Runs the asset graph in-process for the CLI, with the Dagster instance under RECSYS_HOME."""
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from orchestration.definitions import build_definitions
+from training import settings
+
+_PG_DAGSTER_YAML = """\
+# Written by recsys: Dagster run, event-log and schedule storage in PostgreSQL.
+storage:
+  postgres:
+    postgres_url:
+      env: RECSYS_DAGSTER_POSTGRES_URL
+telemetry:
+  enabled: false
+"""
+_SQLITE_DAGSTER_YAML = """\
+# Written by recsys: Dagster storage in SQLite files under this folder (the embedded default).
+telemetry:
+  enabled: false
+"""
+
+
+def ensure_dagster_home() -> Path:
+    """Point DAGSTER_HOME at RECSYS_HOME/dagster (unless set) and write its dagster.yaml.
+
+    With `RECSYS_DAGSTER_POSTGRES_URL` set, Dagster keeps runs in PostgreSQL (dagster-postgres).
+    """
+    home = settings.dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    wanted = (
+        _PG_DAGSTER_YAML if os.environ.get("RECSYS_DAGSTER_POSTGRES_URL") else _SQLITE_DAGSTER_YAML
+    )
+    config = home / "dagster.yaml"
+    if (
+        not config.exists()
+        or config.read_text().startswith("# Written by recsys")
+        and (config.read_text() != wanted)
+    ):
+        config.write_text(wanted)
+    return home
+
+
+class _ProgressHandler(logging.Handler):
+    """Prints one line per finished step, so a person sees the graph advance."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self.started: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        meta = getattr(record, "dagster_meta", None) or {}
+        event = meta.get("dagster_event")
+        if event is None:
+            return
+        step = event.step_key or ""
+        kind = event.event_type_value
+        if kind == "STEP_START":
+            self.started[step] = time.perf_counter()
+            print(f"  ... {step}", file=self.stream, flush=True)
+        elif kind == "STEP_SUCCESS":
+            took = time.perf_counter() - self.started.get(step, time.perf_counter())
+            print(f"  ok  {step} ({took:.1f}s)", file=self.stream, flush=True)
+        elif kind == "STEP_FAILURE":
+            print(f"  FAILED {step}", file=self.stream, flush=True)
+
+
+@dg.logger(description="One line per step for the CLI.")
+def progress_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
+    logger = logging.getLogger("recsys.progress")
+    logger.handlers = [_ProgressHandler(sys.stderr)]
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    return logger
+
+
+def run_job(
+    job_name: str,
+    run_config: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
+    persistent: bool = True,
+    show_progress: bool = True,
+) -> dg.ExecuteInProcessResult:
+    """Execute a job of the platform's Definitions in this process and return its result.
+
+    `persistent` records the run in the Dagster instance under RECSYS_HOME (visible in the UI);
+    otherwise an ephemeral instance is used and nothing is kept.
+    """
+    defs = build_definitions(resources)
+    job = defs.resolve_job_def(job_name)
+    config = dict(run_config or {})
+    if show_progress:
+        job = job.with_logger_defs({**job.loggers, "progress": progress_logger})
+        config.setdefault("loggers", {"progress": {}})
+    if persistent:
+        ensure_dagster_home()
+        instance = dg.DagsterInstance.get()
+    else:
+        instance = dg.DagsterInstance.ephemeral()
+    return job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """The first failed step's error, for a message a user can act on."""
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            data = event.step_failure_data
+            error = data.error if data else None
+            text = error.message.strip() if error else "unknown error"
+            return f"step {event.step_key} failed: {text}"
+    return "the run failed"
