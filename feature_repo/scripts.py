@@ -1,0 +1,169 @@
+"""Lua scripts run inside Redis: the one-round-trip ingest of an event batch and flat reads.
+
+Scripts return flat arrays, so the client does no per-element work beyond the socket read.
+"""
+
+from __future__ import annotations
+
+# Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL), XADD the
+# event to the stream, update the user's recent items and co-view of the items the user touched
+# in the co-view window; per user once: counters, TTLs and the response cache; per item once:
+# decayed popularity, trending and first-seen.
+#
+# KEYS: popularity, trending, decay, first_seen, stats, stream
+# ARGV: namespace, now, config JSON, batch JSON (columns e,u,i,t,ts,w), one stream payload per event
+# Returns {accepted, new_items, duplicate positions (0-based)...}
+#
+# User and item keys are derived from the namespace inside the script, so this script needs a
+# single Redis node; FeatureStore uses the sharded path on Redis Cluster.
+INGEST = r"""
+local ns = ARGV[1]
+local now = tonumber(ARGV[2])
+local cfg = cjson.decode(ARGV[3])
+local b = cjson.decode(ARGV[4])
+local n = #b.e
+
+local function reference(field, rate, key)
+  local t0 = tonumber(redis.call('HGET', KEYS[3], field))
+  if not t0 then
+    t0 = now
+    redis.call('HSET', KEYS[3], field, t0)
+  elseif rate * (now - t0) > 200 then
+    -- Stored scores grow like exp(rate * t); rescale before they overflow a double.
+    local factor = math.exp(-rate * (now - t0))
+    redis.call('ZUNIONSTORE', key, 1, key, 'WEIGHTS', string.format('%.17g', factor))
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '1e-12')
+    t0 = now
+    redis.call('HSET', KEYS[3], field, t0)
+  end
+  return t0
+end
+local t_pop = reference('popularity', cfg.pop_rate, KEYS[1])
+local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
+
+local accepted, new_items = 0, 0
+local out = {0, 0}
+local users, user_order = {}, {}
+local items, item_order = {}, {}
+
+for idx = 1, n do
+  local uid, iid, ts, w = b.u[idx], b.i[idx], b.ts[idx], b.w[idx]
+  local up = ns .. ':{user:' .. uid .. '}:'
+  if redis.call('SET', up .. 'eid:' .. b.e[idx], '1', 'NX', 'EX', cfg.dedupe_ttl) then
+    accepted = accepted + 1
+    redis.call('XADD', KEYS[6], '*', 'e', ARGV[4 + idx])
+    local recent = up .. 'recent'
+    if not redis.call('ZSCORE', recent, iid) then
+      -- A new item in the user's window is co-viewed after each item still in the window.
+      local prev = redis.call('ZREVRANGEBYSCORE', recent, '+inf', ts - cfg.coview_seconds,
+                              'LIMIT', 0, cfg.coview_items)
+      for _, j in ipairs(prev) do
+        local ck = ns .. ':{item:' .. j .. '}:coview'
+        if tonumber(redis.call('ZINCRBY', ck, 1, iid)) == 1 then
+          redis.call('EXPIRE', ck, cfg.coview_ttl)
+        end
+      end
+      local own = ns .. ':{item:' .. iid .. '}:coview'
+      local size = redis.call('ZCARD', own)
+      if size > cfg.coview_cap then
+        redis.call('ZREMRANGEBYRANK', own, 0, size - cfg.coview_cap - 1)
+      end
+      if size > 0 then
+        redis.call('EXPIRE', own, cfg.coview_ttl)
+      end
+    end
+    if redis.call('ZADD', recent, 'GT', ts, iid) == 1 then
+      redis.call('ZREMRANGEBYRANK', recent, 0, -cfg.recent_cap - 1)
+    end
+    local u = users[uid]
+    if not u then
+      u = {prefix = up, counts = {}}
+      users[uid] = u
+      user_order[#user_order + 1] = uid
+    end
+    local et = b.t[idx]
+    u.counts[et] = (u.counts[et] or 0) + 1
+    local it = items[iid]
+    if not it then
+      it = {pop = 0, trend = 0, first = ts}
+      items[iid] = it
+      item_order[#item_order + 1] = iid
+    end
+    it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
+    it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
+    if ts < it.first then it.first = ts end
+  else
+    out[#out + 1] = idx - 1
+  end
+end
+
+for _, uid in ipairs(user_order) do
+  local u = users[uid]
+  local counters = u.prefix .. 'counters'
+  local total = 0
+  for et, c in pairs(u.counts) do
+    redis.call('HINCRBY', counters, et, c)
+    total = total + c
+  end
+  redis.call('HINCRBY', counters, 'events', total)
+  redis.call('HSETNX', counters, 'first_seen', now)
+  redis.call('HSET', counters, 'last_seen', now)
+  redis.call('EXPIRE', counters, cfg.counters_ttl)
+  redis.call('EXPIRE', u.prefix .. 'recent', cfg.recent_ttl)
+  redis.call('DEL', u.prefix .. 'cache')
+end
+for _, iid in ipairs(item_order) do
+  local it = items[iid]
+  if it.pop > 0 then
+    redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
+    redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
+  end
+  new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
+end
+if accepted > 0 then
+  redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
+  redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
+end
+if #out > 2 then
+  redis.call('HINCRBY', KEYS[5], 'duplicates', #out - 2)
+end
+out[1] = accepted
+out[2] = new_items
+return out
+"""
+
+# The per-request read of one user's keys (one slot): the cached response for a signature (and
+# nothing else when there is one), else recent items and batch candidates, flat.
+# KEYS: cache, recent, candidates. ARGV: signature, now, cache ttl, n recent, n candidates.
+USER_READ = r"""
+local hit = redis.call('HGET', KEYS[1], ARGV[1])
+if hit then
+  local sep = string.find(hit, '|', 1, true)
+  if sep and tonumber(string.sub(hit, 1, sep - 1)) + tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
+    return {string.sub(hit, sep + 1)}
+  end
+end
+return {false,
+        redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES'),
+        redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES')}
+"""
+
+# The global lists: decayed popularity and trending with their reference times, and the batch
+# loop's popularity. KEYS: popularity, trending, batch_popularity, decay. ARGV: n.
+GLOBAL_READ = r"""
+local n = tonumber(ARGV[1]) - 1
+return {redis.call('ZREVRANGE', KEYS[1], 0, n, 'WITHSCORES'),
+        redis.call('ZREVRANGE', KEYS[2], 0, n, 'WITHSCORES'),
+        redis.call('ZREVRANGE', KEYS[3], 0, n, 'WITHSCORES'),
+        redis.call('HMGET', KEYS[4], 'popularity', 'trending')}
+"""
+
+# Top entries of several sorted sets at once, flat. KEYS: the sets. ARGV: n.
+MULTI_TOP = r"""
+local n = tonumber(ARGV[1]) - 1
+local out = {}
+for idx = 1, #KEYS do
+  out[idx] = redis.call('ZREVRANGE', KEYS[idx], 0, n, 'WITHSCORES')
+end
+return out
+"""

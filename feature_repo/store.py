@@ -1,0 +1,369 @@
+"""The one implementation of every real-time feature update and read, over Redis.
+
+An event batch updates every feature and is appended to the durable stream in one round trip
+(the `INGEST` Lua script); reads used on the request path are single round trips as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+import redis
+
+from feature_repo import scripts
+from feature_repo.definitions import FeatureConfig, Keys
+
+# Columns of the event contract, in the order the stream payload carries them.
+EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp", "value", "session_id", "event_id")
+_PUSH_CHUNK = 500
+
+
+class ScoredItems(NamedTuple):
+    """Item ids (best first) and their scores, as numpy arrays."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+EMPTY = ScoredItems(np.empty(0, dtype=object), np.empty(0, dtype=np.float64))
+
+
+def _scored(flat: Sequence[str] | None) -> ScoredItems:
+    """A flat [member, score, member, score, ...] reply as arrays."""
+    if not flat:
+        return EMPTY
+    return ScoredItems(np.array(flat[0::2], dtype=object), np.array(flat[1::2], dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What a batch did: how many events were new, which rows were duplicates, new items."""
+
+    accepted: int
+    duplicates: int
+    duplicate_rows: np.ndarray
+    new_items: int
+
+
+@dataclass(frozen=True)
+class UserState:
+    """A user's features for one request: a cached response, or recent items and candidates."""
+
+    cached: str | None
+    recent: ScoredItems
+    candidates: ScoredItems
+
+
+@dataclass(frozen=True)
+class GlobalLists:
+    """Decayed popularity and trending (scores as of `now`), and the batch loop's popularity."""
+
+    popularity: ScoredItems
+    trending: ScoredItems
+    batch_popularity: ScoredItems
+
+
+class FeatureStore:
+    """Real-time features of one namespace on one Redis server."""
+
+    def __init__(
+        self, client: redis.Redis, namespace: str, config: FeatureConfig | None = None
+    ) -> None:
+        self.redis = client
+        self.keys = Keys(namespace)
+        self.config = config or FeatureConfig()
+        self._shas: dict[str, str] = {}
+        cfg = self.config
+        self._cfg_json = json.dumps(
+            {
+                "recent_cap": cfg.recent_cap,
+                "coview_items": cfg.coview_window_items,
+                "coview_seconds": cfg.coview_window_seconds,
+                "coview_cap": cfg.coview_cap,
+                "coview_ttl": cfg.coview_ttl,
+                "counters_ttl": cfg.counters_ttl,
+                "recent_ttl": cfg.recent_ttl,
+                "dedupe_ttl": cfg.dedupe_ttl,
+                "pop_rate": cfg.popularity_rate,
+                "trend_rate": cfg.trending_rate,
+            }
+        )
+        self._weights = {k: float(v) for k, v in cfg.event_weights.items()}
+
+    @property
+    def namespace(self) -> str:
+        return self.keys.namespace
+
+    # -- scripts -------------------------------------------------------------------------------
+
+    def _eval(self, name: str, keys: Sequence[str], args: Sequence[object]) -> object:
+        """EVALSHA a script of `feature_repo.scripts`, loading it first when Redis lacks it."""
+        sha = self._shas.get(name)
+        if sha is not None:
+            try:
+                return self.redis.evalsha(sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                pass  # Redis restarted or SCRIPT FLUSH ran: load it again below.
+        sha = self.redis.script_load(getattr(scripts, name))
+        self._shas[name] = sha
+        return self.redis.evalsha(sha, len(keys), *keys, *args)
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    def event_weights(self, events: pl.DataFrame) -> np.ndarray:
+        """Confidence of each event: its type's weight, a rating's value (never negative)."""
+        etype = pl.col("event_type").cast(pl.String)
+        weight = (
+            pl.when(etype == "rating")
+            .then(pl.col("value").fill_null(1.0).clip(lower_bound=0.0))
+            .otherwise(etype.replace_strict(self._weights, default=1.0, return_dtype=pl.Float64))
+        )
+        return events.select(weight.alias("w"))["w"].to_numpy()
+
+    def ingest(self, events: pl.DataFrame, now: float | None = None) -> IngestResult:
+        """Apply a batch of validated events (the event contract, event_id set) in one round trip.
+
+        New events update every feature and are appended to the stream; events whose event_id
+        was ingested within `dedupe_ttl` are reported as duplicates and change nothing.
+        """
+        if events.is_empty():
+            return IngestResult(0, 0, np.empty(0, dtype=np.int64), 0)
+        if events["event_id"].null_count():
+            raise ValueError("every event needs an event_id; fill them with with_event_ids()")
+        now = time.time() if now is None else now
+        frame = events.select(
+            pl.col("user_id").cast(pl.String),
+            pl.col("item_id").cast(pl.String),
+            pl.col("event_type").cast(pl.String),
+            pl.col("timestamp").cast(pl.Int64),
+            pl.col("value").cast(pl.Float64),
+            pl.col("session_id").cast(pl.String),
+            pl.col("event_id").cast(pl.String),
+        )
+        batch = {
+            "e": frame["event_id"].to_list(),
+            "u": frame["user_id"].to_list(),
+            "i": frame["item_id"].to_list(),
+            "t": frame["event_type"].to_list(),
+            "ts": frame["timestamp"].to_list(),
+            "w": self.event_weights(frame).tolist(),
+        }
+        # One JSON document per event for the stream; JSON escapes newlines inside strings, so
+        # splitting the NDJSON text on "\n" is exact.
+        payloads = frame.write_ndjson().split("\n")[: frame.height]
+        k = self.keys
+        reply = self._eval(
+            "INGEST",
+            [k.popularity, k.trending, k.decay, k.first_seen, k.stats, k.stream],
+            [k.namespace, repr(float(now)), self._cfg_json, json.dumps(batch), *payloads],
+        )
+        accepted, new_items, *dups = reply
+        return IngestResult(
+            int(accepted), len(dups), np.asarray(dups, dtype=np.int64), int(new_items)
+        )
+
+    # -- reads on the request path ---------------------------------------------------------------
+
+    def read_user(
+        self,
+        user_id: str,
+        signature: str,
+        n_recent: int,
+        n_candidates: int,
+        now: float | None = None,
+    ) -> UserState:
+        """The cached response for `signature` if fresh, else recent items and batch candidates."""
+        now = time.time() if now is None else now
+        k = self.keys
+        reply = self._eval(
+            "USER_READ",
+            [k.cache(user_id), k.recent(user_id), k.candidates(user_id)],
+            [signature, repr(float(now)), self.config.cache_ttl, n_recent, n_candidates],
+        )
+        if reply[0] is not None:
+            return UserState(reply[0], EMPTY, EMPTY)
+        return UserState(None, _scored(reply[1]), _scored(reply[2]))
+
+    def cache_response(
+        self, user_id: str, signature: str, body: str, now: float | None = None
+    ) -> None:
+        """Keep a response for `cache_ttl` seconds, until the user's next event deletes it."""
+        now = time.time() if now is None else now
+        key = self.keys.cache(user_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, signature, f"{now!r}|{body}")
+        pipe.expire(key, self.config.cache_ttl)
+        pipe.execute()
+
+    def global_lists(self, n: int, now: float | None = None) -> GlobalLists:
+        """Top-n popular (decayed to `now`), trending and batch-popular items, one round trip."""
+        now = time.time() if now is None else now
+        k = self.keys
+        pop, trend, batch, refs = self._eval(
+            "GLOBAL_READ", [k.popularity, k.trending, k.batch_popularity, k.decay], [n]
+        )
+        popularity, trending = _scored(pop), _scored(trend)
+        cfg = self.config
+        if refs[0] is not None and len(popularity):
+            factor = math.exp(-cfg.popularity_rate * (now - float(refs[0])))
+            popularity = ScoredItems(popularity.ids, popularity.scores * factor)
+        if refs[1] is not None and len(trending):
+            factor = math.exp(-cfg.trending_rate * (now - float(refs[1])))
+            trending = ScoredItems(trending.ids, trending.scores * factor)
+        return GlobalLists(popularity, trending, _scored(batch))
+
+    def popular(self, k: int, now: float | None = None) -> ScoredItems:
+        """The k most popular items by decayed live popularity, else by the batch loop's."""
+        lists = self.global_lists(k, now)
+        return lists.popularity if len(lists.popularity) else lists.batch_popularity
+
+    def trending(self, k: int, now: float | None = None) -> ScoredItems:
+        """The k items with the highest short-half-life score."""
+        return self.global_lists(k, now).trending
+
+    def item_lists(
+        self, item_ids: Sequence[str], names: Sequence[str], k: int
+    ) -> dict[str, list[ScoredItems]]:
+        """Top-k of per-item lists (`coview` or an offline list name) for several items at once."""
+        keys = self.keys
+        names = list(names)
+        all_keys = [
+            keys.coview(item) if name == "coview" else keys.item_list(item, name)
+            for name in names
+            for item in item_ids
+        ]
+        if not all_keys:
+            return {name: [] for name in names}
+        if isinstance(self.redis, redis.RedisCluster):
+            # The keys live in different slots: one script call per key, in one pipeline.
+            script = self.redis.register_script(scripts.MULTI_TOP)
+            pipe = self.redis.pipeline()
+            for key in all_keys:
+                script(keys=[key], args=[k], client=pipe)
+            replies = [r[0] for r in pipe.execute()]
+        else:
+            replies = self._eval("MULTI_TOP", all_keys, [k])
+        n = len(item_ids)
+        return {
+            name: [_scored(replies[j * n + i]) for i in range(n)] for j, name in enumerate(names)
+        }
+
+    def coviewed(self, item_ids: Sequence[str], k: int) -> list[ScoredItems]:
+        """Items most often co-viewed after each of `item_ids`, with counts."""
+        return self.item_lists(item_ids, ["coview"], k)["coview"]
+
+    def recent_items(self, user_id: str, n: int | None = None) -> ScoredItems:
+        """The user's recent items, newest first, scored by the epoch time of the latest event."""
+        stop = (n or self.config.recent_cap) - 1
+        flat = self.redis.zrevrange(self.keys.recent(user_id), 0, stop, withscores=True)
+        if not flat:
+            return EMPTY
+        return ScoredItems(
+            np.array([m for m, _ in flat], dtype=object),
+            np.array([s for _, s in flat], dtype=np.float64),
+        )
+
+    def counters(self, user_id: str) -> dict[str, float]:
+        """Events per event_type, `events`, `first_seen` and `last_seen` of a user ({} if none)."""
+        raw = self.redis.hgetall(self.keys.counters(user_id))
+        return {name: float(value) for name, value in raw.items()}
+
+    def first_seen(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Epoch seconds of each item's first live event, NaN for items never seen live."""
+        if not len(item_ids):
+            return np.empty(0, dtype=np.float64)
+        values = self.redis.hmget(self.keys.first_seen, list(item_ids))
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+    def stats(self) -> dict[str, int]:
+        """Deployment counters: accepted, duplicates, new_items."""
+        return {name: int(value) for name, value in self.redis.hgetall(self.keys.stats).items()}
+
+    # -- offline pushes (the batch loop, after a promotion) ------------------------------------
+
+    def push_item_lists(self, name: str, frame: pl.DataFrame) -> int:
+        """Replace per-item lists `name` from `item_id, neighbor_id, score`; returns items written.
+
+        Each item's list is swapped in atomically (written aside, then RENAMEd); lists of items
+        absent from `frame` expire after `offline_ttl`.
+        """
+        if not name or any(c in name for c in "{}: "):
+            raise ValueError(f"invalid list name {name!r}")
+        self._require(frame, ("item_id", "neighbor_id", "score"))
+        keys = self.keys
+        return self._push_grouped(
+            frame, "item_id", "neighbor_id", lambda item: keys.item_list(item, name)
+        )
+
+    def push_item_neighbors(self, frame: pl.DataFrame) -> int:
+        """Replace the `neighbors` lists (embedding neighbours): `item_id, neighbor_id, score`."""
+        return self.push_item_lists("neighbors", frame)
+
+    def push_batch_candidates(self, frame: pl.DataFrame) -> int:
+        """Replace users' batch candidates from `user_id, item_id, score`; returns users written."""
+        self._require(frame, ("user_id", "item_id", "score"))
+        return self._push_grouped(frame, "user_id", "item_id", self.keys.candidates)
+
+    def push_popularity(self, frame: pl.DataFrame) -> int:
+        """Replace the batch loop's popularity from `item_id, score`; returns items written."""
+        self._require(frame, ("item_id", "score"))
+        target = self.keys.batch_popularity
+        staging = target + ":staging"
+        ids = frame["item_id"].cast(pl.String).to_list()
+        scores = frame["score"].cast(pl.Float64).to_list()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(staging)
+        for start in range(0, len(ids), _PUSH_CHUNK * 10):
+            stop = start + _PUSH_CHUNK * 10
+            pipe.zadd(staging, dict(zip(ids[start:stop], scores[start:stop], strict=True)))
+        if ids:
+            pipe.expire(staging, self.config.offline_ttl)
+            pipe.rename(staging, target)
+        else:
+            pipe.delete(target)
+        pipe.execute()
+        return len(ids)
+
+    def _push_grouped(self, frame: pl.DataFrame, owner: str, member: str, key_of) -> int:
+        grouped = (
+            frame.select(
+                pl.col(owner).cast(pl.String),
+                pl.col(member).cast(pl.String),
+                pl.col("score").cast(pl.Float64),
+            )
+            .group_by(owner, maintain_order=True)
+            .agg(member, "score")
+        )
+        ttl = self.config.offline_ttl
+        owners = grouped[owner].to_list()
+        members = grouped[member].to_list()
+        scores = grouped["score"].to_list()
+        for start in range(0, len(owners), _PUSH_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for i in range(start, min(start + _PUSH_CHUNK, len(owners))):
+                key = key_of(owners[i])
+                staging = key + ":staging"
+                pipe.delete(staging)
+                pipe.zadd(staging, dict(zip(members[i], scores[i], strict=True)))
+                pipe.expire(staging, ttl)
+                pipe.rename(staging, key)
+            pipe.execute()
+        return len(owners)
+
+    @staticmethod
+    def _require(frame: pl.DataFrame, columns: Sequence[str]) -> None:
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(
+                f"frame lacks column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
+            )

@@ -1,0 +1,162 @@
+"""The durable event log: a Redis Stream read through a consumer group, acknowledged per batch.
+
+`FeatureStore.ingest` appends accepted events; `EventStream` is the reading side used by the
+consumer that moves them into the event store.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import polars as pl
+import redis
+
+from feature_repo.definitions import CONSUMER_GROUP, Keys
+
+_PAYLOAD_SCHEMA = {
+    "user_id": pl.String,
+    "item_id": pl.String,
+    "event_type": pl.String,
+    "timestamp": pl.Int64,
+    "value": pl.Float64,
+    "session_id": pl.String,
+    "event_id": pl.String,
+}
+
+
+@dataclass(frozen=True)
+class StreamBatch:
+    """Entries read from the stream: their ids (to acknowledge) and the events they carry."""
+
+    ids: list[str]
+    events: pl.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def decode_payloads(payloads: list[str]) -> pl.DataFrame:
+    """The events of stream payloads (one JSON document each) as a frame, in one parse."""
+    if not payloads:
+        return pl.DataFrame(schema=_PAYLOAD_SCHEMA)
+    text = "\n".join(payloads).encode()
+    return pl.read_ndjson(io.BytesIO(text), schema=_PAYLOAD_SCHEMA)
+
+
+class EventStream:
+    """The stream of one namespace and its consumer group."""
+
+    def __init__(self, client: redis.Redis, namespace: str, group: str = CONSUMER_GROUP) -> None:
+        self.redis = client
+        self.key = Keys(namespace).stream
+        self.group = group
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (from the first entry) and the stream if they do not exist.
+
+        The service calls this at start, so entries written before any consumer ran are kept
+        for the group rather than skipped.
+        """
+        try:
+            self.redis.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, consumer: str, count: int, block_ms: int | None) -> StreamBatch:
+        """New entries for `consumer` (blocking up to block_ms; None returns at once)."""
+        return self._read(consumer, ">", count, block_ms)
+
+    def read_own_pending(self, consumer: str, count: int) -> StreamBatch:
+        """Entries delivered to `consumer` but not acknowledged (its state before a restart)."""
+        return self._read(consumer, "0", count, None)
+
+    def _read(self, consumer: str, start: str, count: int, block_ms: int | None) -> StreamBatch:
+        reply = self.redis.xreadgroup(
+            self.group, consumer, {self.key: start}, count=count, block=block_ms
+        )
+        if not reply:
+            return StreamBatch([], decode_payloads([]))
+        entries = reply[0][1] if isinstance(reply, list) else reply.get(self.key, [[]])[0]
+        return self._batch(entries)
+
+    @staticmethod
+    def _batch(entries: list) -> StreamBatch:
+        # A claimed entry that was trimmed away comes back with no fields; nothing to store.
+        kept = [(entry_id, fields) for entry_id, fields in entries if fields]
+        ids = [entry_id for entry_id, _ in entries]
+        return StreamBatch(ids, decode_payloads([fields["e"] for _, fields in kept]))
+
+    def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> StreamBatch:
+        """Take over entries other (dead) consumers left unacknowledged for min_idle_ms."""
+        reply = self.redis.xautoclaim(
+            self.key, self.group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+        )
+        return self._batch(reply[1])
+
+    def ack(self, ids: list[str]) -> int:
+        """Acknowledge entries once their events are stored; returns how many were pending."""
+        if not ids:
+            return 0
+        return int(self.redis.xack(self.key, self.group, *ids))
+
+    def length(self) -> int:
+        """Entries in the stream (acknowledged ones are trimmed by `trim`)."""
+        return int(self.redis.xlen(self.key))
+
+    def pending(self) -> int:
+        """Entries delivered to the group but not acknowledged yet."""
+        try:
+            return int(self.redis.xpending(self.key, self.group)["pending"])
+        except redis.ResponseError:
+            return 0
+
+    def lag(self) -> int:
+        """Entries not yet delivered to the group plus those delivered but not acknowledged."""
+        return self.undelivered() + self.pending()
+
+    def undelivered(self) -> int:
+        """Entries added after the group's last delivered id."""
+        try:
+            groups = self.redis.xinfo_groups(self.key)
+        except redis.ResponseError:
+            return 0
+        for group in groups:
+            if group["name"] == self.group:
+                lag = group.get("lag")
+                if lag is not None:
+                    return int(lag)
+                last = group["last-delivered-id"]
+                return len(self.redis.xrange(self.key, min="(" + last, max="+"))
+        return self.length()
+
+    def trim(self) -> int:
+        """Delete entries every group has acknowledged; returns how many were deleted.
+
+        Entries are never trimmed by length at write time, so an entry no consumer stored yet
+        cannot be lost however long the consumer is down.
+        """
+        try:
+            groups = self.redis.xinfo_groups(self.key)
+        except redis.ResponseError:
+            return 0
+        if not groups:
+            return 0
+        floor: tuple[int, int] | None = None
+        for group in groups:
+            if int(group["pending"]) > 0:
+                oldest = self.redis.xpending(self.key, group["name"])["min"]
+                bound = _parse_id(oldest)
+            else:
+                ms, seq = _parse_id(group["last-delivered-id"])
+                bound = (ms, seq + 1)
+            floor = bound if floor is None else min(floor, bound)
+        if floor is None or floor == (0, 1):
+            return 0
+        return int(self.redis.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False))
+
+
+def _parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

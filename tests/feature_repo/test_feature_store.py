@@ -1,0 +1,264 @@
+"""FeatureStore against a real Redis: ingest, dedupe, decay, co-view, cache, offline pushes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import redis
+from redis.crc import key_slot
+
+from feature_repo.definitions import FEATURES, FeatureConfig, Keys
+from feature_repo.store import FeatureStore
+from feature_repo.stream import EventStream
+
+NOW = 1_800_000_000.0
+
+
+def events(rows: list[tuple], start_id: int = 0) -> pl.DataFrame:
+    """Events from (user, item, type, seconds before NOW[, value]) tuples."""
+    return pl.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "event_type": [r[2] for r in rows],
+            "timestamp": [int(NOW - r[3]) for r in rows],
+            "value": [r[4] if len(r) > 4 else None for r in rows],
+            "session_id": [None] * len(rows),
+            "event_id": [f"e{start_id + i}" for i in range(len(rows))],
+        },
+        schema_overrides={"value": pl.Float64, "session_id": pl.String},
+    )
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts the commands it sends (a pipeline counts once per command)."""
+
+    sent = 0
+
+    def execute_command(self, *args, **options):
+        CountingRedis.sent += 1
+        return super().execute_command(*args, **options)
+
+
+def test_ingest_updates_every_feature(store: FeatureStore) -> None:
+    batch = events(
+        [
+            ("u1", "a", "view", 50),
+            ("u1", "b", "view", 40),
+            ("u1", "c", "purchase", 30),
+            ("u2", "a", "view", 20),
+            ("u2", "c", "rating", 10, 4.0),
+        ]
+    )
+    result = store.ingest(batch, now=NOW)
+    assert (result.accepted, result.duplicates, result.new_items) == (5, 0, 3)
+
+    recent = store.recent_items("u1")
+    assert list(recent.ids) == ["c", "b", "a"]
+    assert list(recent.scores) == [NOW - 30, NOW - 40, NOW - 50]
+    counters = store.counters("u1")
+    assert counters["view"] == 2 and counters["purchase"] == 1 and counters["events"] == 3
+    assert counters["last_seen"] == pytest.approx(NOW)
+
+    # Co-view is directional: items touched after `a` by the same users.
+    after_a, after_b, after_c = store.coviewed(["a", "b", "c"], 10)
+    assert dict(zip(after_a.ids, after_a.scores, strict=True)) == {"c": 2.0, "b": 1.0}
+    assert dict(zip(after_b.ids, after_b.scores, strict=True)) == {"c": 1.0}
+    assert len(after_c) == 0
+
+    # Popularity weighs purchase 10 and a rating its value, decayed from the event times.
+    pop = store.popular(10, now=NOW)
+    rate = store.config.popularity_rate
+    expected_c = 10 * math.exp(-rate * 30) + 4 * math.exp(-rate * 10)
+    assert pop.ids[0] == "c"
+    assert pop.scores[0] == pytest.approx(expected_c, rel=1e-9)
+    assert store.stats() == {"accepted": 5, "new_items": 3}
+    assert EventStream(store.redis, store.namespace).length() == 5
+
+
+def test_duplicates_change_nothing(store: FeatureStore) -> None:
+    batch = events([("u1", "a", "view", 5), ("u1", "b", "click", 4)])
+    store.ingest(batch, now=NOW)
+    before = (store.counters("u1"), store.popular(5, now=NOW), store.coviewed(["a"], 5))
+    again = store.ingest(batch, now=NOW)
+    assert (again.accepted, again.duplicates) == (0, 2)
+    assert list(again.duplicate_rows) == [0, 1]
+    after = (store.counters("u1"), store.popular(5, now=NOW), store.coviewed(["a"], 5))
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1].scores, after[1].scores)
+    np.testing.assert_array_equal(before[2][0].scores, after[2][0].scores)
+    assert EventStream(store.redis, store.namespace).length() == 2
+
+    # A repeated event_id inside one batch is a duplicate too; the others go through.
+    mixed = pl.concat([events([("u1", "c", "view", 1)], start_id=10)] * 2 + [batch.head(1)])
+    result = store.ingest(mixed, now=NOW)
+    assert (result.accepted, result.duplicates, list(result.duplicate_rows)) == (1, 2, [1, 2])
+
+
+def test_batch_is_one_round_trip(redis_client: redis.Redis, namespace: str) -> None:
+    counting = CountingRedis(connection_pool=redis_client.connection_pool)
+    store = FeatureStore(counting, namespace)
+    store.ingest(events([("u0", "warm", "view", 1)], start_id=999), now=NOW)  # loads the script
+    rows = [(f"u{i % 37}", f"i{i % 101}", "view", 500 - i) for i in range(500)]
+    CountingRedis.sent = 0
+    result = store.ingest(events(rows), now=NOW)
+    assert result.accepted == 500
+    assert CountingRedis.sent == 1
+
+
+def test_recent_items_are_capped_and_newest_first(redis_client, namespace) -> None:
+    store = FeatureStore(redis_client, namespace, FeatureConfig(recent_cap=3))
+    store.ingest(events([("u", f"i{n}", "view", 100 - n) for n in range(6)]), now=NOW)
+    assert list(store.recent_items("u").ids) == ["i5", "i4", "i3"]
+    # An older event of a kept item does not move it back in time.
+    store.ingest(events([("u", "i5", "view", 500)], start_id=50), now=NOW)
+    assert list(store.recent_items("u").ids) == ["i5", "i4", "i3"]
+
+
+def test_coview_window_and_cap(redis_client, namespace) -> None:
+    config = FeatureConfig(coview_window_items=2, coview_window_seconds=100, coview_cap=2)
+    store = FeatureStore(redis_client, namespace, config)
+    # x is older than the 100 s window when z arrives, so only y and w precede z.
+    store.ingest(
+        events([("u", "x", "view", 500), ("u", "y", "view", 90), ("u", "w", "view", 80)]),
+        now=NOW,
+    )
+    store.ingest(events([("u", "z", "view", 70)], start_id=10), now=NOW)
+    after_x, after_y = store.coviewed(["x", "y"], 10)
+    assert set(after_x.ids) == set()
+    assert set(after_y.ids) == {"w", "z"}
+    # Re-touching an item already in the window adds no co-view.
+    store.ingest(events([("u", "y", "click", 60)], start_id=20), now=NOW)
+    assert dict(zip(*store.coviewed(["w"], 10)[0], strict=True)) == {"z": 1.0}
+
+    # The cap keeps the strongest pairs, trimmed when the item itself is touched again.
+    for n, other in enumerate(["p", "p", "q", "r"]):
+        pair = [(f"v{n}", "hub", "view", 50), (f"v{n}", other, "view", 49)]
+        store.ingest(events(pair, start_id=100 + 10 * n), now=NOW)
+    assert len(store.coviewed(["hub"], 10)[0]) == 3
+    store.ingest(events([("late", "hub", "view", 30)], start_id=300), now=NOW)
+    hub = store.coviewed(["hub"], 10)[0]
+    assert list(hub.ids) == ["p", "r"] and list(hub.scores) == [2.0, 1.0]
+
+
+def test_popularity_decays_with_half_life(redis_client, namespace) -> None:
+    config = FeatureConfig(popularity_half_life=100.0, trending_half_life=10.0)
+    store = FeatureStore(redis_client, namespace, config)
+    store.ingest(events([("u1", "new", "view", 0), ("u2", "old", "view", 100)]), now=NOW)
+    pop = store.popular(2, now=NOW)
+    scores = dict(zip(pop.ids, pop.scores, strict=True))
+    assert scores["new"] == pytest.approx(1.0) and scores["old"] == pytest.approx(0.5)
+    later = dict(zip(*store.popular(2, now=NOW + 100), strict=True))
+    assert later["new"] == pytest.approx(0.5) and later["old"] == pytest.approx(0.25)
+    trend = dict(zip(*store.trending(2, now=NOW), strict=True))
+    assert trend["old"] == pytest.approx(2.0**-10)
+
+
+def test_decay_reference_is_rebased_before_overflow(redis_client, namespace) -> None:
+    config = FeatureConfig(popularity_half_life=1.0, trending_half_life=1.0)
+    store = FeatureStore(redis_client, namespace, config)
+    store.ingest(events([("u", "a", "purchase", 0)]), now=NOW)
+    # 1,000 half-lives later exp(rate * dt) would be 2**1000: the script rescales first.
+    later = NOW + 1000
+    batch = events([("u", "b", "view", 0)], start_id=5).with_columns(
+        pl.lit(int(later)).alias("timestamp")
+    )
+    store.ingest(batch, now=later)
+    pop = store.popular(5, now=later)
+    assert pop.ids[0] == "b" and pop.scores[0] == pytest.approx(1.0)
+    stored = store.redis.zrange(store.keys.popularity, 0, -1, withscores=True)
+    assert all(math.isfinite(score) for _, score in stored)
+
+
+def test_cache_is_invalidated_by_the_users_events(store: FeatureStore) -> None:
+    store.cache_response("u1", "sig", '{"items": []}', now=NOW)
+    store.cache_response("u2", "sig", '{"other": 1}', now=NOW)
+    assert store.read_user("u1", "sig", 10, 10, now=NOW + 1).cached == '{"items": []}'
+    assert store.read_user("u1", "other-sig", 10, 10, now=NOW + 1).cached is None
+    # Expired by age even if the hash lives on.
+    ttl = store.config.cache_ttl
+    assert store.read_user("u1", "sig", 10, 10, now=NOW + ttl + 1).cached is None
+
+    store.ingest(events([("u1", "a", "view", 0)]), now=NOW)
+    state = store.read_user("u1", "sig", 10, 10, now=NOW + 1)
+    assert state.cached is None and list(state.recent.ids) == ["a"]
+    assert store.read_user("u2", "sig", 10, 10, now=NOW + 1).cached == '{"other": 1}'
+
+
+def test_keys_have_ttls_and_share_a_slot_per_entity(store: FeatureStore) -> None:
+    store.ingest(events([("u1", "a", "view", 10), ("u1", "b", "view", 5)]), now=NOW)
+    store.cache_response("u1", "sig", "{}", now=NOW)
+    keys = Keys(store.namespace)
+    user_keys = [
+        keys.recent("u1"),
+        keys.counters("u1"),
+        keys.seen_event("u1", "e0"),
+        keys.cache("u1"),
+    ]
+    assert len({key_slot(k.encode()) for k in user_keys}) == 1
+    for key in [*user_keys, keys.coview("a")]:
+        assert store.redis.ttl(key) > 0, key
+    # Every key the script wrote is one Keys spells.
+    spelled = {*user_keys, keys.seen_event("u1", "e1"), keys.coview("a")}
+    spelled |= {
+        keys.popularity,
+        keys.trending,
+        keys.decay,
+        keys.first_seen,
+        keys.stats,
+        keys.stream,
+    }
+    assert set(store.redis.scan_iter(match=keys.pattern())) == spelled
+
+
+def test_feature_definitions_cover_the_key_schema() -> None:
+    names = {f.name for f in FEATURES}
+    assert {"recent_items", "coview", "popularity", "response_cache", "events_stream"} <= names
+    for feature in FEATURES:
+        assert feature.key.startswith("{ns}:{"), feature.name
+    with pytest.raises(ValueError, match="namespace"):
+        Keys("bad{ns}")
+
+
+def test_offline_pushes_replace_lists(store: FeatureStore) -> None:
+    first = pl.DataFrame(
+        {"item_id": ["a", "a", "b"], "neighbor_id": ["b", "c", "a"], "score": [0.9, 0.5, 0.7]}
+    )
+    assert store.push_item_neighbors(first) == 2
+    lists = store.item_lists(["a", "b", "zzz"], ["neighbors"], 10)["neighbors"]
+    assert list(lists[0].ids) == ["b", "c"] and list(lists[1].ids) == ["a"] and len(lists[2]) == 0
+    second = pl.DataFrame({"item_id": ["a"], "neighbor_id": ["d"], "score": [0.3]})
+    store.push_item_lists("neighbors", second)
+    assert list(store.item_lists(["a"], ["neighbors"], 10)["neighbors"][0].ids) == ["d"]
+    assert store.redis.ttl(store.keys.item_list("a", "neighbors")) > 0
+
+    store.push_batch_candidates(
+        pl.DataFrame({"user_id": ["u", "u"], "item_id": ["x", "y"], "score": [1.0, 2.0]})
+    )
+    assert list(store.read_user("u", "s", 5, 5, now=NOW).candidates.ids) == ["y", "x"]
+
+    # Without live events, popularity falls back to the batch loop's.
+    store.push_popularity(pl.DataFrame({"item_id": ["p", "q"], "score": [3.0, 7.0]}))
+    assert list(store.popular(5, now=NOW).ids) == ["q", "p"]
+    store.ingest(events([("u", "live", "view", 0)]), now=NOW)
+    assert list(store.popular(5, now=NOW).ids) == ["live"]
+    with pytest.raises(ValueError, match="neighbor_id"):
+        store.push_item_lists("x", pl.DataFrame({"item_id": ["a"], "score": [1.0]}))
+
+
+def test_ingest_requires_event_ids(store: FeatureStore) -> None:
+    batch = events([("u", "a", "view", 0)]).with_columns(pl.lit(None, pl.String).alias("event_id"))
+    with pytest.raises(ValueError, match="event_id"):
+        store.ingest(batch)
+    assert store.ingest(batch.clear()).accepted == 0
+
+
+def test_script_is_loaded_again_when_redis_lost_it(store: FeatureStore) -> None:
+    store.ingest(events([("u", "a", "view", 0)]), now=NOW)
+    # As after a Redis restart: the cached SHA is unknown to the server (no SCRIPT FLUSH here,
+    # the server may be shared).
+    store._shas["INGEST"] = "0" * 40
+    assert store.ingest(events([("u", "b", "view", 0)], start_id=1), now=NOW).accepted == 1
