@@ -11,6 +11,7 @@ from datetime import datetime
 
 import numpy as np
 import polars as pl
+from scipy.sparse import csr_matrix
 from scipy.special import ndtr
 
 TREND_TYPES: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
@@ -43,14 +44,12 @@ class TrendConfig:
     event_weights: dict[str, float] = field(default_factory=_default_weights)
     trend_threshold: float = 0.7
     """Fitted log-change across the lookback beyond which an item is rising or falling."""
-    min_z: float = 2.0
+    min_z: float = 1.5
     """How many standard errors a slope or an excess variance must clear to count."""
     slope_ridge: float = 1.0
     """Ridge penalty on the slope: shrinks the slopes of items with very few events towards 0."""
     volatility_threshold: float = 0.5
     """Excess squared coefficient of variation of daily counts above which an item is volatile."""
-    smooth_days: int = 15
-    """Width of the moving average that volatility is measured against."""
     burst_z: float = 4.0
     """Robust (median/MAD) z-score of a recent day that flags a burst."""
     burst_min_events: int = 5
@@ -79,16 +78,14 @@ class TrendResult:
     window_days: int
     dropped_future: int = 0
     dropped_old: int = 0
-    unknown_event_types: int = 0
 
 
 @dataclass
 class _Series:
-    """Dense daily and hourly count arrays for a set of series (items or categories)."""
+    """Dense daily count arrays for a set of series (items or categories)."""
 
     unique: np.ndarray  # series x days: distinct users per day
     weighted: np.ndarray  # series x days: event-type-weighted events per day
-    hourly: np.ndarray  # series x hours (last daily_season_days): raw events per hour
     n_events: np.ndarray
 
 
@@ -100,16 +97,6 @@ def _epoch(now: datetime | int | float | None, events: pl.DataFrame) -> int:
     if isinstance(now, datetime):
         return int(now.timestamp())
     return int(now)
-
-
-def _moving_average(x: np.ndarray, width: int) -> np.ndarray:
-    """Centered moving average along axis 1; the window shrinks at the edges."""
-    half = width // 2
-    n = x.shape[1]
-    csum = np.concatenate([np.zeros((x.shape[0], 1)), np.cumsum(x, axis=1)], axis=1)
-    lo = np.clip(np.arange(n) - half, 0, n)
-    hi = np.clip(np.arange(n) + half + 1, 0, n)
-    return (csum[:, hi] - csum[:, lo]) / (hi - lo)
 
 
 def _fit_log_linear(
@@ -244,8 +231,9 @@ def _analyze(series: _Series, cfg: TrendConfig, dow_factor: np.ndarray) -> dict[
     if prior_len == 0:
         velocity[:] = 0.0
 
-    # Forecast: a time-decayed current rate, grown at the fitted daily slope (damped to the
-    # range a week can plausibly move).
+    # Forecast: a time-decayed current rate, grown at the fitted daily slope (clipped to the
+    # range a week can plausibly move). The decayed rate describes the recent past at its mean
+    # age (half-life / ln 2), so the horizon is counted from there.
     age = (n_days - 1 - np.arange(n_days)) + 0.5
     decay = 0.5 ** (age / cfg.half_life_days)
     current_rate = (weighted / dow_factor[None, :]) @ decay / decay.sum()
@@ -259,17 +247,9 @@ def _analyze(series: _Series, cfg: TrendConfig, dow_factor: np.ndarray) -> dict[
     )
 
     weekly, weekly_peak = _season_share(unique, 7)
-    daily, daily_peak = (
-        _season_share(series.hourly, 24)
-        if series.hourly.size
-        else (
-            np.full(n_rows, np.nan),
-            np.full(n_rows, np.nan),
-        )
-    )
     few = series.n_events < cfg.season_min_events
-    for arr in (weekly, weekly_peak, daily, daily_peak):
-        arr[few] = np.nan
+    weekly[few] = np.nan
+    weekly_peak[few] = np.nan
 
     burst_z = _robust_burst(unique, cfg.recent_days)
     burst = (burst_z >= cfg.burst_z) & (
@@ -290,8 +270,6 @@ def _analyze(series: _Series, cfg: TrendConfig, dow_factor: np.ndarray) -> dict[
         "forecast": forecast,
         "weekly_seasonality": weekly,
         "weekly_peak_day": weekly_peak,
-        "daily_seasonality": daily,
-        "daily_peak_hour": daily_peak,
         "burst_z": burst_z,
         "burst": burst,
         "trend_score": forecast,
@@ -299,7 +277,7 @@ def _analyze(series: _Series, cfg: TrendConfig, dow_factor: np.ndarray) -> dict[
 
 
 def _hourly_seasonality(
-    hourly: np.ndarray | None, eligible: np.ndarray, cfg: TrendConfig
+    hourly: csr_matrix | None, eligible: np.ndarray, cfg: TrendConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hour-of-day seasonality of the eligible rows of a sparse (rows x hours) matrix, in blocks."""
     n_rows = eligible.size
@@ -388,7 +366,18 @@ def analyze_trends(
     earliest = now_ts - cfg.lookback_days * DAY
     if frame.height:
         earliest = max(earliest, int(frame["timestamp"].min()))  # type: ignore[arg-type]
-    n_days = max(1, min(cfg.lookback_days, (now_ts - earliest) // DAY))
+    # Day bins end at now. When the data starts inside the window, its first bin is partly
+    # covered: that share enters the exposure (a sliver under 10% is dropped instead).
+    span = now_ts - earliest
+    n_days = max(1, min(cfg.lookback_days, -(-span // DAY)))
+    coverage = np.ones(n_days)
+    if n_days * DAY > span and n_days > 1:
+        first_cover = (span - (n_days - 1) * DAY) / DAY
+        if first_cover < 0.1:
+            n_days -= 1
+            coverage = np.ones(n_days)
+        else:
+            coverage[0] = first_cover
     frame = frame.with_columns(
         (n_days - 1 - (now_ts - pl.col("timestamp")) // DAY).alias("day"),
         (cfg.daily_season_days * 24 - 1 - (now_ts - pl.col("timestamp")) // 3600).alias("hour"),
@@ -444,8 +433,6 @@ def analyze_trends(
     recent_hours = frame.filter(pl.col("hour") >= 0)
     hourly = None
     if n_days >= cfg.daily_season_days:
-        from scipy.sparse import csr_matrix
-
         hourly = csr_matrix(
             (
                 np.ones(recent_hours.height),
@@ -455,15 +442,18 @@ def analyze_trends(
         )
     bin_start = now_ts - (n_days - np.arange(n_days)) * DAY
     bin_dow = (((bin_start + DAY // 2) // DAY) + 3) % 7
-    dow = _dow_factor(unique.sum(axis=0), bin_dow)
+    dow = _dow_factor(unique.sum(axis=0) / coverage, bin_dow) * coverage
 
-    def run(uniq: np.ndarray, wtd: np.ndarray, hrs, counts: np.ndarray) -> dict[str, np.ndarray]:
-        stats = _analyze(_Series(uniq, wtd, np.empty((0, 0)), counts), cfg, dow)
+    def run(
+        uniq: np.ndarray, wtd: np.ndarray, hrs: csr_matrix | None, counts: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        stats = _analyze(_Series(uniq, wtd, counts), cfg, dow)
         eligible = counts >= cfg.season_min_events
         share, peak = _hourly_seasonality(hrs, eligible, cfg)
         hour_start = now_ts - n_hours * 3600
         stats["daily_seasonality"] = share
-        stats["daily_peak_hour"] = (hour_start // 3600 + peak) % 24
+        # Hour bins end at now, not on the clock hour: name each by the hour of its midpoint.
+        stats["daily_peak_hour"] = ((hour_start + peak * 3600 + 1800) // 3600) % 24
         # Peak day as a weekday (0 = Monday), from the day bin the profile phase falls on.
         n_cut = (n_days // 7) * 7
         first = n_days - n_cut
@@ -480,8 +470,6 @@ def analyze_trends(
     # Categories: the same analysis on the sums of their items' series.
     cats = keys.select(pl.col("category").unique().sort()).with_row_index("cidx")
     item_cat = keys.join(cats, on="category", how="left").sort("idx")["cidx"].to_numpy()
-    from scipy.sparse import csr_matrix
-
     member = csr_matrix(
         (np.ones(n_items), (item_cat, np.arange(n_items))), shape=(cats.height, n_items)
     )
