@@ -53,13 +53,12 @@ class _ProgressHandler(logging.Handler):
     """Prints one line per finished step, so a person sees the graph advance."""
 
     def __init__(self, stream: Any) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.stream = stream
         self.started: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        meta = getattr(record, "dagster_meta", None) or {}
-        event = meta.get("dagster_event")
+        event = getattr(record, "dagster_event", None)
         if event is None:
             return
         step = event.step_key or ""

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
+from threadpoolctl import threadpool_limits
 
 from training.models.base import Recommender, top_k
 
@@ -40,6 +41,11 @@ class ALSModel(Recommender):
         self._model = self._new_model()
 
     def _new_model(self) -> AlternatingLeastSquares:
+        # implicit checks the BLAS thread pool on construction; fits run with one BLAS thread.
+        with threadpool_limits(1, "blas"):
+            return self._construct()
+
+    def _construct(self) -> AlternatingLeastSquares:
         return AlternatingLeastSquares(
             factors=self.factors,
             regularization=self.regularization,
