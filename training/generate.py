@@ -284,9 +284,13 @@ def _simulate(
     n_users = users.archetype.size
     # Sessions per user in proportion to activity times the length of the user's span, so the
     # traffic per day is the same across the window.
+    # Everyone gets one session when the budget allows it (else some users stay silent).
     rate = users.activity * (users.span_end - users.span_start)
-    lam = rate / rate.sum() * n_sessions_target
-    n_sess_u = rng.poisson(lam) + (lam > 0)
+    share = rate / rate.sum()
+    if n_sessions_target >= n_users:
+        n_sess_u = 1 + rng.poisson(share * (n_sessions_target - n_users))
+    else:
+        n_sess_u = rng.poisson(share * n_sessions_target)
     sess_user = np.repeat(np.arange(n_users), n_sess_u)
     n_sess = sess_user.size
     arch = users.archetype[sess_user]
@@ -383,10 +387,20 @@ def _simulate(
 
 
 def _trim(rng: np.random.Generator, sim: dict[str, np.ndarray], n_events: int) -> np.ndarray:
-    """Indices of the events kept: whole sessions in random order, the last one cut short."""
+    """Indices of the events kept: whole sessions in random order, the last one cut short.
+
+    Every user's first session goes before all second-and-later ones, so trimming thins heavy
+    users rather than silencing light ones.
+    """
     n_sess = int(sim["n_sessions"][0])
     sizes = np.bincount(sim["session"], minlength=n_sess)
-    perm = rng.permutation(n_sess)
+    sess_user = np.zeros(n_sess, dtype=np.int64)
+    sess_user[sim["session"]] = sim["user"]
+    first = np.ones(n_sess, dtype=bool)
+    first[1:] = sess_user[1:] != sess_user[:-1]
+    perm = np.concatenate(
+        [rng.permutation(np.flatnonzero(first)), rng.permutation(np.flatnonzero(~first))]
+    )
     cum = np.cumsum(sizes[perm])
     n_full = int(np.searchsorted(cum, n_events, side="right"))
     keep_sess = np.zeros(n_sess, dtype=bool)

@@ -5,7 +5,6 @@ Pure functions over the canonical event frame; all items are analysed at once as
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -56,8 +55,6 @@ class TrendConfig:
     """A burst day needs at least this many distinct users."""
     forecast_days: int = 7
     """Horizon of the forecast and of the trend score."""
-    half_life_days: float = 7.0
-    """Half-life of the time decay in the current-rate estimate behind forecast and score."""
     daily_season_days: int = 14
     """Hourly history used for daily (hour-of-day) seasonality."""
     season_min_events: int = 30
@@ -231,15 +228,18 @@ def _analyze(series: _Series, cfg: TrendConfig, dow_factor: np.ndarray) -> dict[
     if prior_len == 0:
         velocity[:] = 0.0
 
-    # Forecast: a time-decayed current rate, grown at the fitted daily slope (clipped to the
-    # range a week can plausibly move). The decayed rate describes the recent past at its mean
-    # age (half-life / ln 2), so the horizon is counted from there.
-    age = (n_days - 1 - np.arange(n_days)) + 0.5
-    decay = 0.5 ** (age / cfg.half_life_days)
-    current_rate = (weighted / dow_factor[None, :]) @ decay / decay.sum()
-    growth = np.clip(np.where(trend == 3, 0.0, b) / max(n_days, 1), -0.15, 0.15)
-    horizon = np.arange(1, cfg.forecast_days + 1) + cfg.half_life_days / math.log(2)
-    forecast = current_rate * np.exp(growth[:, None] * horizon[None, :]).sum(axis=1)
+    # Forecast: for rising and falling items the fitted curve (its level re-fitted to the
+    # weighted events) extrapolated over the horizon, at most 15% up or down a day; for stable
+    # and volatile items the mean weighted rate of the window, the less noisy estimate.
+    trending = (trend == 1) | (trend == 2)
+    slope = np.where(trending, b, 0.0)
+    with np.errstate(over="ignore"):
+        shape = np.exp(slope[:, None] * x[None, :]) * dow_factor[None, :]
+    level_end = weighted.sum(axis=1) / shape.sum(axis=1) * np.exp(slope * x[-1])
+    per_day = np.clip(slope / max(n_days, 1), -0.15, 0.15)
+    ahead = np.arange(1, cfg.forecast_days + 1)
+    forecast = level_end * np.exp(per_day[:, None] * ahead[None, :]).sum(axis=1)
+    forecast *= dow_factor.mean()
     direction = np.where(
         (trend == 1) | ((trend != 2) & (z_slope > cfg.min_z)),
         2,
@@ -489,7 +489,7 @@ def trend_popularity_scores(
     config: TrendConfig | None = None,
 ) -> pl.DataFrame:
     """Trend-aware popularity: the expected weighted events of each item over the forecast
-    horizon (a time-decayed current rate grown at its fitted trend). Highest first."""
+    horizon (rising and falling items extrapolated along their fitted trend). Highest first."""
     result = analyze_trends(events, None, now, config)
     return result.items.select("item_id", pl.col("trend_score").alias("score")).sort(
         "score", "item_id", descending=[True, False]
