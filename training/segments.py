@@ -25,8 +25,11 @@ SEGMENTS: tuple[str, ...] = (
 DAY = 86_400
 
 FEATURE_DOC: dict[str, str] = {
-    "conversion": "log-odds of purchases per viewed item: (purchases + 0.5) / (views + 1)",
-    "cart_rate": "log-odds of add_to_cart per click: (carts + 0.5) / (clicks + 1)",
+    "conversion": (
+        "log-odds of purchases per viewed item, (purchases + 0.5) / (views + purchases + 1); "
+        "all events stand in for views when there are none"
+    ),
+    "cart_rate": "log-odds of add_to_cart per click, (carts + 0.5) / (clicks + carts + 1)",
     "session_length": "log of the mean number of events per session",
     "views_per_session": "log of the mean number of item views per session",
     "session_duration": "log(1 + mean seconds from a session's first to its last event)",
