@@ -36,6 +36,13 @@ def ensure_dagster_home() -> Path:
     home = settings.dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
+    pg_url = os.environ.get("RECSYS_DAGSTER_POSTGRES_URL", "")
+    if pg_url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, whose server-side binding breaks
+        # dagster-postgres' NOTIFY; dagster-postgres is built on psycopg2.
+        os.environ["RECSYS_DAGSTER_POSTGRES_URL"] = (
+            "postgresql+psycopg2://" + pg_url.split("://", 1)[1]
+        )
     wanted = (
         _PG_DAGSTER_YAML if os.environ.get("RECSYS_DAGSTER_POSTGRES_URL") else _SQLITE_DAGSTER_YAML
     )

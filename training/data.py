@@ -99,7 +99,7 @@ def _read_raw(path: Path) -> pl.DataFrame:
         if suffix in (".parquet", ".pq"):
             frame = pl.read_parquet(path)
             return frame.with_columns(pl.all().cast(pl.String))
-        return pl.read_csv(path, infer_schema=False, missing_utf8_is_empty_string=False)
+        return pl.read_csv(path, infer_schema=False)
     except pl.exceptions.PolarsError as exc:
         raise DataValidationError(f"{path}: cannot be parsed as {suffix or 'CSV'}: {exc}") from exc
 

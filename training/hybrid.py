@@ -277,7 +277,7 @@ def candidate_scores(
     """
     names = list(components)
     n_items = train.shape[1]
-    width = min(n_candidates, n_items) * len(names)
+    width = min(min(n_candidates, n_items) * len(names), n_items)
     cands = np.full((len(users), width), -1, dtype=np.int64)
     scores = {name: np.full((len(users), width), -np.inf, dtype=np.float32) for name in names}
     for start in range(0, len(users), batch_size):

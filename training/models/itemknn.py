@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
 from implicit.nearest_neighbours import CosineRecommender
+from implicit.utils import ParameterWarning
 
 from training.models.base import Recommender, top_k
 
@@ -98,7 +100,10 @@ class ItemKNNModel(Recommender):
 
     def fit(self, user_items: sp.csr_matrix, show_progress: bool = False) -> Self:
         model = CosineRecommender(K=self.neighbors + 1, num_threads=self.num_threads)
-        model.fit(self._input(user_items), show_progress=show_progress)
+        with warnings.catch_warnings():
+            # implicit transposes to COO internally and then warns about its own conversion.
+            warnings.simplefilter("ignore", ParameterWarning)
+            model.fit(self._input(user_items), show_progress=show_progress)
         sim = model.similarity.tocsr().astype(np.float32)
         sim.setdiag(0.0)
         sim.eliminate_zeros()

@@ -1,0 +1,165 @@
+"""The asset graph end to end: embedded defaults, PostgreSQL storage, the gate, failures."""
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from orchestration.definitions import build_definitions
+from orchestration.environment import resources_for
+from orchestration.runner import run_job
+from training import settings
+from training.registry import CHAMPION, ModelRegistry
+
+# Small grids keep the tests fast; the defaults are exercised by the benchmarks.
+FAST = {
+    "als_model": {"config": {"factors": 8, "grid_factors": [8], "grid_regularization": [1.0]}},
+    "item_item_model": {"config": {"grid_ease_l2": [10.0]}},
+    "item2vec_model": {"config": {"vector_size": 8, "epochs": 2}},
+}
+
+
+def _config(events: Path | None = None, catalog: Path | None = None, **extra: dict) -> dict:
+    ops: dict = {**FAST, **extra}
+    if events:
+        ops["raw_events"] = {"config": {"events_path": str(events)}}
+    if catalog:
+        ops["item_catalog"] = {"config": {"catalog_path": str(catalog)}}
+    return {"ops": ops}
+
+
+def _registry() -> ModelRegistry:
+    return ModelRegistry(settings.mlflow_tracking_uri(), settings.model_name())
+
+
+def test_definitions_load_with_every_asset_job_schedule_and_sensor() -> None:
+    defs = build_definitions()
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {
+        "raw_events",
+        "item_catalog",
+        "interaction_matrix",
+        "training_split",
+        "als_model",
+        "item2vec_model",
+        "item_item_model",
+        "popularity_model",
+        "hybrid_ranker",
+        "model_evaluation",
+        "registered_model",
+        "batch_recommendations",
+        "item_neighbors",
+        "popularity_snapshot",
+    } <= keys
+    assert defs.resolve_job_def("training_job")
+    assert {s.name for s in defs.schedules} >= {"hourly_ingest", "daily_training"}
+    assert {s.name for s in defs.sensors} >= {"new_events_sensor", "record_run_failure"}
+
+
+def test_training_job_on_embedded_defaults_registers_a_champion(
+    events_csv: Path, catalog_csv: Path, recsys_home: Path
+) -> None:
+    result = run_job("training_job", _config(events_csv, catalog_csv), persistent=False)
+    assert result.success
+    registered = result.output_for_node("registered_model")
+    assert registered["promoted"]
+    champion = _registry().get_version(CHAMPION)
+    assert champion is not None and champion.version == registered["version"]
+    assert champion.metrics["hybrid_validation_ndcg_at_10"] > 0
+    table = result.output_for_node("model_evaluation")
+    assert set(table["model"]) == {"als", "item2vec", "ease", "popularity", "hybrid"}
+    assert {
+        "precision@10",
+        "recall@10",
+        "ndcg@10",
+        "map@10",
+        "hit_rate@10",
+        "coverage@10",
+        "novelty@10",
+    } <= set(table.columns)
+    recs = result.output_for_node("batch_recommendations")
+    assert {"generated_at", "expires_at"} <= set(recs.columns)
+    events = pl.read_csv(events_csv)
+    assert recs["user_id"].n_unique() == events["user_id"].n_unique()
+    checks = result.get_asset_check_evaluations()
+    assert checks and all(c.passed for c in checks)
+    assert (recsys_home / "events").exists(), "events went to the embedded store"
+    # The run is in MLflow with params, metrics and artifacts.
+    run = _registry().client.get_run(registered["run_id"])
+    assert "als.factors" in run.data.params
+    artifacts = {a.path for a in _registry().client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/evaluation.md", "evaluation/evaluation.png"} <= artifacts
+
+
+def test_failed_run_registers_nothing_and_champion_keeps_serving(events_csv: Path) -> None:
+    assert run_job("training_job", _config(events_csv), persistent=False).success
+    champion = _registry().get_version(CHAMPION)
+    broken = _config(item_item_model={"config": {"kind": "bogus"}})
+    result = run_job("training_job", broken, persistent=False)
+    assert not result.success
+    after = _registry().get_version(CHAMPION)
+    assert after.version == champion.version
+    versions = _registry().client.search_model_versions(f"name='{settings.model_name()}'")
+    assert len(versions) == 1
+
+
+def test_empty_event_store_fails_with_a_clear_message() -> None:
+    result = run_job("training_job", _config(), persistent=False)
+    assert not result.success
+    from orchestration.runner import failure_message
+
+    assert "event store is empty" in failure_message(result)
+
+
+def test_new_events_sensor_triggers_at_threshold(
+    events_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestration.jobs import new_events_sensor
+    from training.data import read_events
+
+    resources = resources_for("local")
+    with resources["event_store"].open() as store:
+        store.append(read_events(events_csv))
+    monkeypatch.setenv("RECSYS_RETRAIN_MIN_EVENTS", "100000")
+    ctx = dg.build_sensor_context(resources={"event_store": resources["event_store"]})
+    assert isinstance(new_events_sensor(ctx), dg.SkipReason)
+    monkeypatch.setenv("RECSYS_RETRAIN_MIN_EVENTS", "10")
+    ctx = dg.build_sensor_context(resources={"event_store": resources["event_store"]})
+    result = new_events_sensor(ctx)
+    assert len(result.run_requests) == 1 and result.cursor
+    ctx = dg.build_sensor_context(
+        cursor=result.cursor, resources={"event_store": resources["event_store"]}
+    )
+    assert isinstance(new_events_sensor(ctx), dg.SkipReason), "nothing new since the trigger"
+
+
+@pytest.mark.postgres
+def test_training_job_with_postgres_dagster_storage_event_store_and_mlflow(
+    events_csv: Path,
+    postgres_database,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+    recsys_home: Path,
+) -> None:
+    postgres_url = postgres_database()
+    monkeypatch.setenv("RECSYS_POSTGRES_URL", postgres_url)
+    monkeypatch.setenv("RECSYS_DAGSTER_POSTGRES_URL", postgres_database())
+    # MLflow and Dagster both migrate with alembic: each needs a database of its own.
+    mlflow_url = postgres_database().replace("postgresql://", "postgresql+psycopg://")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    result = run_job("training_job", _config(events_csv), resources=resources_for("local"))
+    assert result.success
+    assert "postgres" in (recsys_home / "dagster" / "dagster.yaml").read_text()
+    instance = dg.DagsterInstance.get()
+    try:
+        assert instance.get_run_by_id(result.run_id) is not None
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    finally:
+        instance.dispose()
+    import psycopg
+
+    with psycopg.connect(postgres_url) as conn:
+        stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert stored == pl.read_csv(events_csv).height
+    assert _registry().get_version(CHAMPION) is not None
+    assert not (recsys_home / "events").exists(), "nothing went to the embedded store"

@@ -1,0 +1,79 @@
+"""The MLflow registry wrapper: challenger alias, the gate, and bundle download."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import make_catalog, make_events
+from training.registry import CHALLENGER, CHAMPION, GATE_METRIC, ModelRegistry
+from training.train import blend, fit_component, interactions_from, split_training_data
+
+
+@pytest.fixture(scope="module")
+def bundle():  # noqa: ANN201
+    events = make_events()
+    interactions = interactions_from(events)
+    data = split_training_data(events, interactions, 0.2, seed=0)
+    results = {
+        name: fit_component(name, params, data.train, data.validation, interactions.matrix)
+        for name, params in {"als": {"factors": 4, "num_threads": 1}, "popularity": {}}.items()
+    }
+    return blend(results, data, make_catalog())[0]
+
+
+def _register(registry: ModelRegistry, bundle, value: float) -> str:  # noqa: ANN001
+    with registry.start_run("test"):
+        mlflow.log_metric(GATE_METRIC, value)
+        return registry.log_bundle(bundle)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "test-model",
+        (tmp_path / "mlruns").as_uri(),
+        cache_dir=tmp_path / "cache",
+    )
+
+
+def test_gate_promotes_only_a_better_challenger(registry: ModelRegistry, bundle) -> None:  # noqa: ANN001
+    assert registry.get_version(CHAMPION) is None
+    v1 = _register(registry, bundle, 0.30)
+    assert registry.get_version(CHALLENGER).version == v1
+    assert registry.gate(v1, 0.30, margin=0.01).promoted
+    assert registry.get_version(CHAMPION).version == v1
+    assert registry.get_version(CHALLENGER) is None
+
+    v2 = _register(registry, bundle, 0.305)
+    decision = registry.gate(v2, 0.305, margin=0.01)
+    assert not decision.promoted and "margin" in decision.reason
+    assert registry.get_version(CHAMPION).version == v1
+    assert registry.get_version(CHALLENGER).version == v2
+
+    v3 = _register(registry, bundle, 0.32)
+    assert registry.gate(v3, 0.32, margin=0.01).promoted
+    assert registry.get_version(CHAMPION).version == v3
+
+
+def test_registered_bundle_loads_and_recommends(registry: ModelRegistry, bundle) -> None:  # noqa: ANN001
+    version = _register(registry, bundle, 0.3)
+    loaded = registry.load_bundle(version)
+    assert loaded.weights == bundle.weights
+    again = registry.load_bundle(version)  # served from the cache
+    assert (
+        again.recommend_ids(["u1"], k=3)["item_id"].to_list()
+        == loaded.recommend_ids(["u1"], k=3)["item_id"].to_list()
+    )
+
+
+def test_pyfunc_flavour_predicts(registry: ModelRegistry, bundle) -> None:  # noqa: ANN001
+    import pandas as pd
+
+    version = _register(registry, bundle, 0.3)
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}/{version}")
+    out = model.predict(pd.DataFrame({"user_id": ["u1", "nobody"]}), params={"k": 4})
+    assert list(out.columns) == ["user_id", "item_id", "rank", "score"]
+    assert len(out) == 8
