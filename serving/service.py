@@ -1,0 +1,427 @@
+"""The BentoML recommendation service: /recommend, /similar_items, /popular, /events and user
+activity, over the registry's champion (and challenger) and the Redis real-time features.
+
+The endpoints are a FastAPI app mounted on the service with `@bentoml.asgi_app` (class views:
+`self` is the service instance). BentoML adds /healthz, /readyz, /metrics and the OpenAPI spec.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Annotated
+
+import anyio
+import bentoml
+import numpy as np
+import redis
+from fastapi import FastAPI, Query
+from fastapi import Path as PathParam
+from starlette.responses import Response
+
+from feature_repo.connection import connect
+from feature_repo.definitions import FeatureConfig
+from feature_repo.store import FeatureStore, GlobalLists
+from feature_repo.stream import EventStream
+from serving.errors import install_error_handlers
+from serving.events import check_events
+from serving.metrics import service_metrics
+from serving.models import ModelManager, ModelSet
+from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel
+from serving.schemas import (
+    ErrorResponse,
+    EventsRequest,
+    EventsResponse,
+    ItemsResponse,
+    PopularRequest,
+    RecommendRequest,
+    RecommendResponse,
+    SimilarItemsRequest,
+    UserActivityResponse,
+)
+from serving.settings import ServingSettings, blend_weights
+from training import settings as env
+
+log = logging.getLogger("recsys.serving")
+
+HOT_PATHS = ["/recommend", "/events", "/similar_items", "/popular", "/users"]
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "Malformed JSON"},
+    413: {"model": ErrorResponse, "description": "Body larger than the limit"},
+    422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
+}
+
+app = FastAPI(
+    title="recsys",
+    description="Real-time recommendations and event ingestion.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+install_error_handlers(app)
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(
+        json.dumps(payload, separators=(",", ":")), status, media_type="application/json"
+    )
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="recsys",
+    workers=1,
+    traffic={"timeout": 30},
+    # Access logs at thousands of requests per second are noise: /metrics counts requests.
+    logging={"access": {"enabled": False}},
+    # Spans on every hot request cost more than the request itself; trace the rest.
+    tracing={"excluded_urls": HOT_PATHS},
+)
+class RecommendationService:
+    """Serves the champion model blended with live features; ingests events durably."""
+
+    def __init__(self) -> None:
+        self.settings = ServingSettings.from_env()
+        self.home = env.recsys_home()
+        self.metrics = service_metrics()
+        self.ranker = Ranker(
+            RankingParams(
+                candidates_per_source=self.settings.candidates_per_source,
+                anchors=self.settings.anchors,
+                recency_half_life=self.settings.recency_half_life,
+                freshness_boost=self.settings.freshness_boost,
+                category_cap=self.settings.category_cap,
+            )
+        )
+        self._weights: dict[str, dict[str, float]] = {}
+        self.models = ModelManager(
+            self._open_registry,
+            state_dir=self.home / "serving",
+            poll_seconds=self.settings.poll_seconds,
+            challenger_share=self.settings.challenger_share,
+            on_change=self._models_changed,
+        )
+        self._models_changed(self.models.current)
+        self.models.load_initial()
+        self._store: FeatureStore | None = None
+        self._store_lock = threading.Lock()
+        self._global: tuple[float, GlobalLists] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _open_registry():
+        from training.registry import ModelRegistry
+
+        # An unreachable MLflow server must fail fast, not retry for minutes on the start path.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        return ModelRegistry(
+            env.mlflow_tracking_uri(),
+            env.model_name(),
+            cache_dir=env.recsys_home() / "model-cache",
+        )
+
+    @bentoml.on_startup
+    def start(self) -> None:
+        """Open Redis, make sure the stream's consumer group exists, start the registry poller."""
+        EventStream(self.store.redis, self.store.namespace).ensure_group()
+        self.models.start()
+
+    @bentoml.on_shutdown
+    def stop(self) -> None:
+        self.models.stop()
+
+    def __is_ready__(self) -> bool:
+        try:
+            return bool(self.store.redis.ping())
+        except (redis.RedisError, ConnectionError):
+            return False
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    client = connect(env.redis_url(), self.home)
+                    config = FeatureConfig(cache_ttl=self.settings.cache_ttl)
+                    self._store = FeatureStore(client, env.redis_namespace(), config)
+        return self._store
+
+    def _models_changed(self, models: ModelSet) -> None:
+        weights = {"popularity": blend_weights(self.settings, None)}
+        for model in (models.champion, models.challenger):
+            if model is not None:
+                weights[model.variant] = blend_weights(self.settings, model.weights)
+        self._weights = weights
+        shown = {
+            m.variant: m.version for m in (models.champion, models.challenger) if m is not None
+        }
+        self.metrics.show_models(shown or {"popularity": "live"})
+
+    def _global_lists(self, now: float) -> GlobalLists:
+        """Popularity and trending, shared by every request of this worker for a few ms."""
+        cached = self._global
+        if cached is not None and now - cached[0] < self.settings.global_lists_ttl:
+            return cached[1]
+        lists = self.store.global_lists(self.settings.candidates_per_source, now)
+        self._global = (now, lists)
+        return lists
+
+    # -- /recommend ----------------------------------------------------------------------------
+
+    @app.post(
+        "/recommend",
+        response_model=RecommendResponse,
+        responses=ERRORS,
+        summary="Top-k items for a user, with per-source scores and a reason per item",
+    )
+    async def recommend(self, body: RecommendRequest) -> Response:
+        return Response(self.recommend_json(body), media_type="application/json")
+
+    def recommend_json(self, body: RecommendRequest) -> str:
+        """The /recommend response body for a validated request."""
+        started = time.perf_counter()
+        now = time.time()
+        request_id = uuid.uuid4().hex
+        model = self.models.current.for_user(body.user_id)
+        variant = model.variant if model is not None else "popularity"
+        version = model.version if model is not None else None
+        filters = body.filters.model_dump_json() if body.filters else ""
+        signature = f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}"
+        live, cacheable = LiveFeatures(), True
+        try:
+            state = self.store.read_user(
+                body.user_id, signature, self.store.config.recent_cap, self.settings.anchors * 10
+            )
+            if state.cached is not None:
+                self.metrics.cache.labels("hit").inc()
+                self.metrics.variant.labels(variant).inc()
+                return _envelope(state.cached, request_id, started, cached=True)
+            self.metrics.cache.labels("miss").inc()
+            live = self._live_features(state, model, now)
+        except (redis.RedisError, ConnectionError) as exc:
+            # Without Redis the model still answers; the response just lacks live signals.
+            log.warning("feature store unavailable, serving without live features: %s", exc)
+            self.metrics.degraded.inc()
+            cacheable = False
+        features_done = time.perf_counter()
+        ranked = self.ranker.recommend(
+            model,
+            self._weights.get(variant) or blend_weights(self.settings, None),
+            body.user_id,
+            body.k,
+            body.filters,
+            body.exclude_seen,
+            live,
+            now,
+        )
+        items = [
+            {"item_id": i, "score": s, "sources": src, "reason": r}
+            for i, s, src, r in zip(
+                ranked.item_ids, ranked.scores, ranked.sources, ranked.reasons, strict=True
+            )
+        ]
+        payload = json.dumps(
+            {"items": items, "model_version": version, "variant": variant},
+            separators=(",", ":"),
+        )
+        if cacheable:
+            try:
+                self.store.cache_response(body.user_id, signature, payload, now)
+            except (redis.RedisError, ConnectionError) as exc:
+                log.warning("cannot cache a response: %s", exc)
+        done = time.perf_counter()
+        self.metrics.stage_latency.labels("features").observe(features_done - started)
+        self.metrics.stage_latency.labels("ranking").observe(done - features_done)
+        self.metrics.variant.labels(variant).inc()
+        return _envelope(payload, request_id, started, cached=False)
+
+    def _live_features(self, state, model: ServingModel | None, now: float) -> LiveFeatures:
+        anchors = list(state.recent.ids[: self.settings.anchors])
+        names = ["coview"]
+        if model is None or "item2vec" not in model.components:
+            names.append("neighbors")
+        lists = self.store.item_lists(anchors, names, 50) if anchors else {}
+        glob = self._global_lists(now)
+        popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
+        return LiveFeatures(
+            recent=state.recent,
+            candidates=state.candidates,
+            popularity=popularity,
+            trending=glob.trending,
+            coview=lists.get("coview", []),
+            neighbors=lists.get("neighbors", []),
+        )
+
+    # -- /similar_items and /popular -----------------------------------------------------------
+
+    @app.post("/similar_items", response_model=ItemsResponse, responses=ERRORS)
+    async def similar_items(self, body: SimilarItemsRequest) -> Response:
+        """Items like `item_id`: the model's item-item neighbours, else live co-view, else
+        pushed neighbours, else popular items (the reason says which)."""
+        model = self.models.current.champion
+        items: list[dict] = []
+        if model is not None:
+            idx = model.item_index(np.array([body.item_id]))[0]
+            if idx >= 0:
+                found, scores = model.bundle.similar_items(np.array([idx]), body.k)
+                valid = np.isfinite(scores[0])
+                items = [
+                    {"item_id": model.item_ids[j], "score": round(float(s), 6), "reason": "similar"}
+                    for j, s in zip(found[0][valid], scores[0][valid], strict=True)
+                ]
+        if not items:
+            lists = self.store.item_lists([body.item_id], ["coview", "neighbors"], body.k)
+            for name, reason in (("coview", "viewed together"), ("neighbors", "similar")):
+                scored = lists[name][0]
+                if len(scored):
+                    items = _scored_items(scored, reason, body.k)
+                    break
+        if not items:
+            items = _scored_items(self._popular(body.k, None), "popular right now", body.k)
+            items = [i for i in items if i["item_id"] != body.item_id]
+        return _json(
+            {
+                "items": items,
+                "model_version": model.version if model else None,
+                "request_id": uuid.uuid4().hex,
+            }
+        )
+
+    @app.post("/popular", response_model=ItemsResponse, responses=ERRORS)
+    async def popular(self, body: PopularRequest) -> Response:
+        """Most popular items now (decayed live popularity), optionally of one category."""
+        model = self.models.current.champion
+        items = _scored_items(self._popular(body.k, body.category), "popular right now", body.k)
+        return _json(
+            {
+                "items": items,
+                "model_version": model.version if model else None,
+                "request_id": uuid.uuid4().hex,
+            }
+        )
+
+    def _popular(self, k: int, category: str | None):
+        from feature_repo.store import ScoredItems
+
+        glob = self._global_lists(time.time())
+        live = glob.popularity if len(glob.popularity) else glob.batch_popularity
+        model = self.models.current.champion
+        ids = np.asarray(live.ids, dtype=object)
+        scores = live.scores
+        if category is not None:
+            if model is None:
+                return ScoredItems(ids[:0], scores[:0])
+            idx = model.item_index(ids) if len(ids) else np.empty(0, dtype=int)
+            keep = (idx >= 0) & (model.category[np.maximum(idx, 0)] == category)
+            ids, scores = ids[keep], scores[keep]
+        if len(ids) < k and model is not None:
+            # Top up from the training-time popularity, e.g. right after a Redis flush.
+            extra = model.popularity.copy()
+            if category is not None:
+                extra[model.category != category] = -np.inf
+            extra[model.item_index(ids)] = -np.inf if len(ids) else extra[:0]
+            order = np.argsort(-extra, kind="stable")[: k - len(ids)]
+            order = order[np.isfinite(extra[order]) & (extra[order] > 0)]
+            top = scores.max() if len(scores) else 1.0
+            fill = extra[order] / max(extra[order].max() if len(order) else 1.0, 1e-12) * top * 0.5
+            ids = np.concatenate([ids, model.item_ids[order].astype(object)])
+            scores = np.concatenate([scores, fill])
+        return ScoredItems(ids[:k], scores[:k])
+
+    # -- /events -------------------------------------------------------------------------------
+
+    @app.post(
+        "/events",
+        response_model=EventsResponse,
+        responses=ERRORS,
+        summary="Ingest 1 to 1,000 events; each accepted one is in the durable stream",
+    )
+    async def events(self, body: EventsRequest) -> Response:
+        # Validation and the Redis script take milliseconds: off the event loop.
+        return await anyio.to_thread.run_sync(self.ingest_events, body)
+
+    def ingest_events(self, body: EventsRequest) -> Response:
+        checked = check_events(body.events, time.time(), self.settings.max_future_seconds)
+        rejected = checked.rejected
+        self.metrics.events.labels("rejected").inc(len(rejected))
+        if checked.events.is_empty():
+            first = rejected[0]
+            return _json(
+                {
+                    "error": f"no valid event in the batch; events[{first['index']}]: "
+                    f"{first['reason']}",
+                    "field": f"events[{first['index']}].{str(first['reason']).split(':')[0]}",
+                    "rejected": rejected,
+                },
+                422,
+            )
+        try:
+            result = self.store.ingest(checked.events)
+        except (redis.RedisError, ConnectionError) as exc:
+            log.error("cannot ingest events: %s", exc)
+            return _json({"error": "the event store is unavailable; retry the batch"}, 503)
+        unknown = 0
+        model = self.models.current.champion
+        if model is not None and result.accepted:
+            new = np.ones(checked.events.height, dtype=bool)
+            new[result.duplicate_rows] = False
+            unknown = int((model.item_index(checked.events["item_id"].to_numpy()[new]) < 0).sum())
+        self.metrics.events.labels("accepted").inc(result.accepted)
+        self.metrics.events.labels("duplicate").inc(result.duplicates)
+        self.metrics.unknown_items.inc(unknown)
+        return _json(
+            {
+                "accepted": result.accepted,
+                "duplicates": result.duplicates,
+                "rejected": rejected,
+                "unknown_items": unknown,
+            }
+        )
+
+    # -- user activity -------------------------------------------------------------------------
+
+    @app.get("/users/{user_id}/activity", response_model=UserActivityResponse, responses=ERRORS)
+    async def user_activity(
+        self,
+        user_id: Annotated[
+            str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+        ],
+        n: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> Response:
+        """The user's recent items (newest first) and event counters."""
+        recent = self.store.recent_items(user_id, n)
+        counters = self.store.counters(user_id)
+        model = self.models.current.champion
+        return _json(
+            {
+                "user_id": user_id,
+                "recent": [
+                    {"item_id": i, "timestamp": int(t)}
+                    for i, t in zip(recent.ids.tolist(), recent.scores.tolist(), strict=True)
+                ],
+                "counters": counters,
+                "known_to_model": bool(model is not None and model.user_index(user_id) >= 0),
+            }
+        )
+
+
+def _scored_items(scored, reason: str, k: int) -> list[dict]:
+    return [
+        {"item_id": i, "score": round(float(s), 6), "reason": reason}
+        for i, s in zip(scored.ids[:k].tolist(), scored.scores[:k].tolist(), strict=True)
+    ]
+
+
+def _envelope(payload: str, request_id: str, started: float, cached: bool) -> str:
+    """Wrap a cached-or-fresh `{items, model_version, variant}` JSON object with request fields."""
+    latency = (time.perf_counter() - started) * 1000.0
+    return (
+        f'{payload[:-1]},"request_id":"{request_id}","latency_ms":{latency:.3f},'
+        f'"cached":{"true" if cached else "false"}}}'
+    )
