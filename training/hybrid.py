@@ -45,6 +45,62 @@ def normalise(scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def blend_candidates(
+    components: dict[str, Recommender],
+    block: sp.csr_matrix,
+    users: np.ndarray | None,
+    seen: sp.csr_matrix,
+    n_candidates: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each component's top unseen candidates for a batch of rows, and every component's score.
+
+    Returns (candidates (n_rows, W) item columns with -1 padding, {name: (n_rows, W) scores
+    normalised per row to [0, 1], -inf on padding}). A row's scores are min-max normalised with
+    the row's minimum over all items and its maximum over unseen items, so the ranker, the
+    weight tuning and the service all blend the same numbers. Candidate generation keeps the
+    cost at a few passes over each dense score row: nothing else is done on full rows.
+    """
+    n_rows = block.shape[0]
+    n_items = next(iter(components.values())).n_items
+    n_cand = max(1, min(n_candidates, n_items))
+    seen_mask = np.zeros((n_rows, n_items), dtype=bool)
+    coo = seen.tocoo()
+    seen_mask[coo.row, coo.col] = True
+    gathers = {}
+    pools = []
+    for name, model in components.items():
+        if isinstance(model, PopularityModel):
+            pop = model.popularity.astype(np.float32)
+            lo, hi = float(pop.min()), float(pop.max())
+            span = hi - lo if hi > lo else 1.0
+            top = np.argsort(-pop, kind="stable")[:n_cand]
+            pools.append(np.broadcast_to(top, (n_rows, len(top))))
+            gathers[name] = lambda cols, pop=pop, lo=lo, span=span: (pop[cols] - lo) / span
+            continue
+        raw = np.asarray(model.score(block, users), dtype=np.float32)
+        lo = raw.min(axis=1)
+        raw[seen_mask] = -np.inf
+        hi = raw.max(axis=1)
+        span = hi - lo
+        span[~np.isfinite(span) | (span <= 0)] = 1.0
+        lo[~np.isfinite(lo)] = 0.0
+        pools.append(np.argpartition(-raw, n_cand - 1, axis=1)[:, :n_cand])
+        gathers[name] = lambda cols, raw=raw, lo=lo, span=span: (
+            (np.take_along_axis(raw, cols, axis=1) - lo[:, None]) / span[:, None]
+        )
+    cands = np.sort(np.concatenate(pools, axis=1), axis=1)
+    duplicate = np.zeros(cands.shape, dtype=bool)
+    duplicate[:, 1:] = cands[:, 1:] == cands[:, :-1]
+    invalid = duplicate | np.take_along_axis(seen_mask, cands, axis=1)
+    parts = {}
+    for name, gather in gathers.items():
+        values = np.asarray(gather(cands), dtype=np.float32)
+        values[invalid | ~np.isfinite(values)] = -np.inf
+        parts[name] = values
+    cands = np.where(invalid, -1, cands)
+    return cands, parts
+
+
 class HybridRecommender:
     """Weighted blend of per-row normalised component scores over one item index."""
 
@@ -107,6 +163,52 @@ class HybridRecommender:
             mask_seen(total, user_items)
         return total
 
+    def _active(self) -> dict[str, Recommender]:
+        active = {n: m for n, m in self.components.items() if self.weights.get(n, 0.0) > 0.0}
+        if not active:
+            # Without any positive weight the ranking falls back to popularity alone.
+            fallback = self.components.get("popularity") or next(iter(self.components.values()))
+            active = {fallback.name: fallback}
+        return active
+
+    def recommend_rows(
+        self,
+        user_items: sp.csr_matrix,
+        users: np.ndarray | None,
+        seen: sp.csr_matrix,
+        k: int = 10,
+        n_candidates: int = 100,
+        batch_size: int = 512,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item columns and blended scores per row (-1 / -inf pad), `seen` excluded."""
+        active = self._active()
+        weights = {n: self.weights.get(n, 0.0) or 1.0 for n in active}
+        ids, vals = [], []
+        for start in range(0, user_items.shape[0], batch_size):
+            stop = min(start + batch_size, user_items.shape[0])
+            block_users = None if users is None else users[start:stop]
+            cands, parts = blend_candidates(
+                active,
+                user_items[start:stop],
+                block_users,
+                seen[start:stop],
+                max(n_candidates, k),
+            )
+            total = np.zeros(cands.shape, dtype=np.float32)
+            for name, values in parts.items():
+                total += weights[name] * values
+            pos, best = top_k(total, k)
+            picked = np.take_along_axis(cands, pos, axis=1)
+            picked[~np.isfinite(best)] = -1
+            ids.append(picked)
+            vals.append(best)
+        if not ids:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        width = max(i.shape[1] for i in ids)
+        ids = [np.pad(i, ((0, 0), (0, width - i.shape[1])), constant_values=-1) for i in ids]
+        vals = [np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=-np.inf) for v in vals]
+        return np.vstack(ids), np.vstack(vals)
+
     def recommend(
         self,
         user_items: sp.csr_matrix,
@@ -115,16 +217,7 @@ class HybridRecommender:
         batch_size: int = 512,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item columns and blended scores per row, seen items excluded."""
-        ids, vals = [], []
-        for start in range(0, user_items.shape[0], batch_size):
-            stop = min(start + batch_size, user_items.shape[0])
-            block_users = None if users is None else users[start:stop]
-            i, v = top_k(self.score(user_items[start:stop], block_users), k)
-            ids.append(i)
-            vals.append(v)
-        if not ids:
-            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
-        return np.vstack(ids), np.vstack(vals)
+        return self.recommend_rows(user_items, users, user_items, k, batch_size=batch_size)
 
     def recommend_ids(
         self, user_ids: Sequence[str] | np.ndarray, k: int = 10, exclude_seen: bool = True
@@ -133,52 +226,24 @@ class HybridRecommender:
         user_ids = np.asarray(user_ids).astype(str)
         rows = self.user_index(user_ids)
         known = rows >= 0
-        user_items = sp.csr_matrix((len(user_ids), self.n_items), dtype=np.float32)
-        if known.any():
-            filler = self.user_items[rows[known]]
-            user_items = sp.vstack(
-                [filler, sp.csr_matrix((int((~known).sum()), self.n_items), dtype=np.float32)]
-            ).tocsr()
-            order = np.concatenate([np.flatnonzero(known), np.flatnonzero(~known)])
-            user_ids = user_ids[order]
-            rows = rows[order]
+        user_items = self.user_items[np.where(known, rows, 0)]
+        if not known.all():
+            # Unknown users have no history: zero their rows (vstack keeps the order).
+            keep = sp.diags(known.astype(np.float32))
+            user_items = (keep @ user_items).tocsr()
+            user_items.eliminate_zeros()
         seen = user_items if exclude_seen else sp.csr_matrix(user_items.shape, dtype=np.float32)
-        idx, scores = self._recommend_with_seen(user_items, rows, seen, k)
+        idx, scores = self.recommend_rows(user_items, rows, seen, k)
         n_rows, width = idx.shape
-        valid = np.isfinite(scores)
+        valid = (idx >= 0).ravel()
         return pl.DataFrame(
             {
-                "user_id": np.repeat(user_ids, width)[valid.ravel()],
-                "item_id": self.item_ids[idx.ravel()][valid.ravel()],
-                "rank": np.tile(np.arange(1, width + 1), n_rows)[valid.ravel()],
-                "score": scores.ravel()[valid.ravel()].astype(np.float64),
+                "user_id": np.repeat(user_ids, width)[valid],
+                "item_id": self.item_ids[np.where(idx >= 0, idx, 0).ravel()][valid],
+                "rank": np.tile(np.arange(1, width + 1), n_rows)[valid],
+                "score": scores.ravel()[valid].astype(np.float64),
             }
         )
-
-    def _recommend_with_seen(
-        self, user_items: sp.csr_matrix, users: np.ndarray, seen: sp.csr_matrix, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        ids, vals = [], []
-        for start in range(0, user_items.shape[0], 512):
-            stop = min(start + 512, user_items.shape[0])
-            block = user_items[start:stop]
-            parts = {}
-            for name, model in self.components.items():
-                if self.weights.get(name, 0.0) <= 0.0:
-                    continue
-                raw = model.score(block, users[start:stop])
-                mask_seen(raw, seen[start:stop])
-                parts[name] = normalise(raw)
-            total = np.zeros((stop - start, self.n_items), dtype=np.float32)
-            for name, values in parts.items():
-                total += self.weights[name] * values
-            mask_seen(total, seen[start:stop])
-            i, v = top_k(total, k)
-            ids.append(i)
-            vals.append(v)
-        if not ids:
-            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
-        return np.vstack(ids), np.vstack(vals)
 
     def similar_items(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Neighbours from the best item-item component available."""
@@ -270,39 +335,16 @@ def candidate_scores(
     n_candidates: int = 100,
     batch_size: int = 512,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per user, the union of each component's top candidates and every component's score on it.
-
-    Returns (candidates (n_users, C) item columns, -1 padded; {name: normalised scores (n_users,
-    C)}). Weight tuning then blends on this small array instead of on full item rows.
-    """
-    names = list(components)
-    n_items = train.shape[1]
-    width = min(min(n_candidates, n_items) * len(names), n_items)
-    cands = np.full((len(users), width), -1, dtype=np.int64)
-    scores = {name: np.full((len(users), width), -np.inf, dtype=np.float32) for name in names}
+    """`blend_candidates` over the given users' training rows, stacked (for weight tuning)."""
+    cands, parts = [], {name: [] for name in components}
     for start in range(0, len(users), batch_size):
         block_users = users[start : start + batch_size]
         block = train[block_users]
-        normed = {}
-        for name in names:
-            raw = components[name].score(block, block_users)
-            mask_seen(raw, block)
-            normed[name] = normalise(raw)
-        union = np.zeros((len(block_users), n_items), dtype=bool)
-        for name in names:
-            idx, _ = top_k(normed[name], min(n_candidates, n_items))
-            np.put_along_axis(union, idx, True, axis=1)
-        union &= np.isfinite(normed[names[0]])
-        counts = union.sum(axis=1)
-        # Candidate columns per row, padded with -1 on the right.
-        order = np.argsort(~union, axis=1, kind="stable")[:, :width]
-        valid = np.arange(width)[None, :] < counts[:, None]
-        rows = slice(start, start + len(block_users))
-        cands[rows] = np.where(valid, order, -1)
-        for name in names:
-            gathered = np.take_along_axis(normed[name], order, axis=1)
-            scores[name][rows] = np.where(valid, gathered, -np.inf)
-    return cands, scores
+        c, p = blend_candidates(components, block, block_users, block, n_candidates)
+        cands.append(c)
+        for name in components:
+            parts[name].append(p[name])
+    return np.vstack(cands), {name: np.vstack(v) for name, v in parts.items()}
 
 
 def tune_weights(

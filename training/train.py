@@ -64,11 +64,27 @@ def _fit(
         return model.fit(matrix)
 
 
+def evaluation_users(held_out: sp.csr_matrix, max_users: int | None, seed: int = 0) -> np.ndarray:
+    """Users with held-out items; a fixed seeded sample of them above `max_users`.
+
+    Every model is scored on the same users, so a sample keeps comparisons fair while bounding
+    the cost on large data.
+    """
+    users = np.flatnonzero(np.diff(held_out.indptr) > 0)
+    if max_users and len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return users
+
+
 def validation_ndcg(
-    model: Recommender, train: sp.csr_matrix, validation: sp.csr_matrix, k: int = 10
+    model: Recommender,
+    train: sp.csr_matrix,
+    validation: sp.csr_matrix,
+    k: int = 10,
+    max_users: int | None = 20_000,
 ) -> float:
     """nDCG@k of a model fit on `train` against the held-out `validation` interactions."""
-    users = np.flatnonzero(np.diff(validation.indptr) > 0)
+    users = evaluation_users(validation, max_users)
     recs, _ = model.recommend(train[users], users, k=k)
     return ndcg_at_k(recs, validation[users], k)
 
@@ -184,9 +200,10 @@ def evaluate_models(
     train: sp.csr_matrix,
     held_out: sp.csr_matrix,
     k: int = 10,
+    max_users: int | None = 20_000,
 ) -> pl.DataFrame:
-    """Every metric at k for every model on the same split: one row per model."""
-    users = np.flatnonzero(np.diff(held_out.indptr) > 0)
+    """Every metric at k for every model on the same split (and users): one row per model."""
+    users = evaluation_users(held_out, max_users)
     results = {}
     for name, model in models.items():
         recs, _ = model.recommend(train[users], users, k=k)
