@@ -100,9 +100,8 @@ def main() -> int:
         f"{csr.nnz} interactions; median of {args.repeats} interleaved runs\n"
     )
     print(to_markdown(table, digits=3))
-    print(
-        f"\nitem2vec sequences: {len(sequences)}, tokens: {int(np.sum([len(s) for s in sequences]))}"
-    )
+    tokens = int(np.sum([len(s) for s in sequences]))
+    print(f"\nitem2vec sequences: {len(sequences)}, tokens: {tokens}")
     return 0
 
 
