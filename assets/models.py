@@ -75,6 +75,9 @@ class Item2VecConfig(dg.Config):
     sample: float = Field(default=1e-3, description="Down-sampling threshold of frequent items.")
     session_gap_minutes: float = Field(default=30.0, description="A longer gap starts a session.")
     seed: int = Field(default=0, description="Random seed.")
+    max_token_passes: int = Field(
+        default=20_000_000, description="Epochs are cut so epochs x tokens stays within this."
+    )
 
 
 class ItemItemConfig(TuningConfig):

@@ -60,6 +60,7 @@ class Item2VecModel(Recommender):
         session_gap_minutes: float = 30.0,
         workers: int = 2,
         seed: int = 0,
+        max_token_passes: int = 20_000_000,
     ) -> None:
         self.vector_size = vector_size
         self.window = window
@@ -71,6 +72,7 @@ class Item2VecModel(Recommender):
         self.session_gap_minutes = session_gap_minutes
         self.workers = workers
         self.seed = seed
+        self.max_token_passes = max_token_passes
         self.vectors = np.zeros((0, vector_size), dtype=np.float32)
 
     def params(self) -> dict[str, Any]:
@@ -85,7 +87,17 @@ class Item2VecModel(Recommender):
             "session_gap_minutes": self.session_gap_minutes,
             "workers": self.workers,
             "seed": self.seed,
+            "max_token_passes": self.max_token_passes,
         }
+
+    def effective_epochs(self, n_tokens: int) -> int:
+        """`epochs`, reduced so epochs x tokens stays within `max_token_passes` (at least 1).
+
+        A large corpus needs fewer passes to converge; a small one keeps every epoch asked for.
+        """
+        if not self.max_token_passes or n_tokens <= 0:
+            return self.epochs
+        return max(1, min(self.epochs, self.max_token_passes // n_tokens))
 
     def word2vec_kwargs(self) -> dict[str, Any]:
         """The gensim Word2Vec arguments this model trains with."""
@@ -114,8 +126,9 @@ class Item2VecModel(Recommender):
         self.vectors = np.zeros((n_items, self.vector_size), dtype=np.float32)
         if not sequences:
             return self
-        # Window wide enough to cover a whole session: order inside short sessions is noise.
-        model = Word2Vec(sentences=sequences, **self.word2vec_kwargs())
+        kwargs = self.word2vec_kwargs()
+        kwargs["epochs"] = self.effective_epochs(sum(len(s) for s in sequences))
+        model = Word2Vec(sentences=sequences, **kwargs)
         keys = np.asarray(model.wv.index_to_key, dtype=np.int64)
         self.vectors[keys] = model.wv.vectors
         return self
