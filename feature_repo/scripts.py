@@ -148,6 +148,35 @@ return {false,
         redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES')}
 """
 
+# Everything one recommendation request reads, in one round trip: the cached response for a
+# signature (and nothing else when there is one), else recent items, batch candidates and, for
+# each of the newest n_anchors recent items, the top-k of each named per-item list.
+# KEYS: cache, recent, candidates.
+# ARGV: signature, now, cache ttl, n recent, n candidates, n anchors, k, item key prefix head
+#       (`<ns>:{item:`), item key prefix tail (`}:`), list key suffixes...
+# Like INGEST, it derives item keys, so it needs a single Redis node.
+REQUEST_READ = r"""
+local hit = redis.call('HGET', KEYS[1], ARGV[1])
+if hit then
+  local sep = string.find(hit, '|', 1, true)
+  if sep and tonumber(string.sub(hit, 1, sep - 1)) + tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
+    return {string.sub(hit, sep + 1)}
+  end
+end
+local recent = redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
+local out = {false, recent,
+             redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES')}
+local anchors = math.min(tonumber(ARGV[6]), #recent / 2)
+local last = tonumber(ARGV[7]) - 1
+for j = 1, anchors do
+  local prefix = ARGV[8] .. recent[2 * j - 1] .. ARGV[9]
+  for idx = 10, #ARGV do
+    out[#out + 1] = redis.call('ZREVRANGE', prefix .. ARGV[idx], 0, last, 'WITHSCORES')
+  end
+end
+return out
+"""
+
 # The global lists: decayed popularity and trending with their reference times, and the batch
 # loop's popularity. KEYS: popularity, trending, batch_popularity, decay. ARGV: n.
 GLOBAL_READ = r"""

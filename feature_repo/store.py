@@ -65,6 +65,16 @@ class UserState:
 
 
 @dataclass(frozen=True)
+class RequestFeatures:
+    """A user's features for one request, and the per-item lists of the newest recent items."""
+
+    cached: str | None
+    recent: ScoredItems
+    candidates: ScoredItems
+    lists: dict[str, list[ScoredItems]]
+
+
+@dataclass(frozen=True)
 class GlobalLists:
     """Decayed popularity and trending (scores as of `now`), and the batch loop's popularity."""
 
@@ -193,6 +203,64 @@ class FeatureStore:
         if reply[0] is not None:
             return UserState(reply[0], EMPTY, EMPTY)
         return UserState(None, _scored(reply[1]), _scored(reply[2]))
+
+    def read_request(
+        self,
+        user_id: str,
+        signature: str,
+        n_recent: int,
+        n_candidates: int,
+        n_anchors: int,
+        list_names: Sequence[str],
+        k: int,
+        now: float | None = None,
+    ) -> RequestFeatures:
+        """`read_user` plus the top-k of each list (`coview` or an offline list name) of the
+        user's newest `n_anchors` recent items: one round trip on a single Redis node."""
+        names = list(list_names)
+        if isinstance(self.redis, redis.RedisCluster):
+            state = self.read_user(user_id, signature, n_recent, n_candidates, now)
+            if state.cached is not None:
+                return RequestFeatures(state.cached, EMPTY, EMPTY, {})
+            anchors = list(state.recent.ids[:n_anchors])
+            lists = self.item_lists(anchors, names, k) if anchors else {n: [] for n in names}
+            return RequestFeatures(None, state.recent, state.candidates, lists)
+        now = time.time() if now is None else now
+        keys = self.keys
+        head = keys.item_prefix("\0")
+        head, tail = head.split("\0")
+        suffixes = [
+            (keys.coview("\0") if name == "coview" else keys.item_list("\0", name))[
+                len(keys.item_prefix("\0")) :
+            ]
+            for name in names
+        ]
+        reply = self._eval(
+            "REQUEST_READ",
+            [keys.cache(user_id), keys.recent(user_id), keys.candidates(user_id)],
+            [
+                signature,
+                repr(float(now)),
+                self.config.cache_ttl,
+                n_recent,
+                n_candidates,
+                n_anchors,
+                k,
+                head,
+                tail,
+                *suffixes,
+            ],
+        )
+        if reply[0] is not None:
+            return RequestFeatures(reply[0], EMPTY, EMPTY, {})
+        flat = reply[3:]
+        per = len(names)
+        anchors = len(flat) // per if per else 0
+        lists = {
+            name: [_scored(flat[a * per + j]) for a in range(anchors)]
+            for j, name in enumerate(names)
+        }
+        return RequestFeatures(None, _scored(reply[1]), _scored(reply[2]), lists)
 
     def cache_response(
         self, user_id: str, signature: str, body: str, now: float | None = None

