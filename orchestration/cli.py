@@ -47,23 +47,11 @@ def _import_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
-    """Validate input files up front so a bad file fails fast with the row-level message."""
-    from training.data import load_catalog, load_events, read_movielens
-
-    events = getattr(args, "events", None)
-    if events:
-        path = Path(events)
-        if path.is_dir():
-            read_movielens(path)
-        else:
-            result = load_events(path, skip_invalid=bool(args.skip_invalid))
-            if result.skipped:
-                _print(f"skipping {result.skipped} invalid event rows (--skip-invalid)")
-    catalog = getattr(args, "catalog", None)
-    if catalog:
-        result = load_catalog(catalog, skip_invalid=bool(args.skip_invalid))
-        if result.skipped:
-            _print(f"skipping {result.skipped} invalid catalog rows (--skip-invalid)")
+    """Fail fast on paths that do not exist; row-level validation happens in the assets."""
+    for name in ("events", "catalog"):
+        value = getattr(args, name, None)
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"{value}: no such file or folder (--{name})")
 
 
 def _materialise_movielens(args: argparse.Namespace, scratch: Path) -> None:
@@ -92,10 +80,16 @@ def _scratch_resources(scratch: Path) -> dict[str, Any]:
 
 
 def _run(job: str, run_config: dict[str, Any], **kwargs: Any) -> Any:
-    from orchestration.runner import failure_message, run_job
+    from orchestration.runner import error_text, failure_message, first_failure, run_job
 
     result = run_job(job, run_config, **kwargs)
     if not result.success:
+        failure = first_failure(result)
+        if failure is not None and failure[1] is not None:
+            if failure[1].cls_name == "DataValidationError":
+                raise DataValidationError(error_text(failure[1]))
+            if failure[1].cls_name in ("FileNotFoundError", "ConnectionError"):
+                raise RuntimeError(error_text(failure[1]))
         raise RuntimeError(failure_message(result))
     return result
 

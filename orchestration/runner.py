@@ -115,12 +115,35 @@ def run_job(
     return job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
 
 
+def _user_error(error: Any) -> Any:
+    """The innermost error of a step failure (Dagster wraps the user's exception)."""
+    while error is not None and getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
+
+
+def error_text(error: Any) -> str:
+    """An error's message without the `module.ClassName: ` prefix Dagster records."""
+    if error is None:
+        return "unknown error"
+    text = error.message.strip()
+    head, sep, rest = text.partition(": ")
+    return rest if sep and head.endswith(error.cls_name) else text
+
+
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
     """The first failed step's error, for a message a user can act on."""
+    failure = first_failure(result)
+    if failure is None:
+        return "the run failed"
+    step, error = failure
+    return f"step {step} failed: {error_text(error)}"
+
+
+def first_failure(result: dg.ExecuteInProcessResult) -> tuple[str, Any] | None:
+    """(step key, innermost error) of the first failed step, if any."""
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             data = event.step_failure_data
-            error = data.error if data else None
-            text = error.message.strip() if error else "unknown error"
-            return f"step {event.step_key} failed: {text}"
-    return "the run failed"
+            return event.step_key or "", _user_error(data.error if data else None)
+    return None

@@ -1,0 +1,114 @@
+"""The `recsys` command line, run in-process through its `main`."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from orchestration.cli import main
+
+
+def test_generate_writes_data_and_truth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "gen"
+    code = main(
+        [
+            "generate",
+            "--users",
+            "200",
+            "--items",
+            "80",
+            "--events",
+            "4000",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    for name in ("events.csv", "catalog.csv", "truth_users.csv", "truth_items.csv"):
+        assert (out / name).exists()
+    events = pl.read_csv(out / "events.csv")
+    assert {"user_id", "item_id", "event_type", "timestamp"} <= set(events.columns)
+    assert "generated" in capsys.readouterr().out
+
+
+def test_pipeline_registers_a_champion_and_prints_metrics(
+    events_csv: Path, catalog_csv: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["pipeline", "--events", str(events_csv), "--catalog", str(catalog_csv)]) == 0
+    out = capsys.readouterr().out
+    assert "| hybrid |" in out and "ndcg@10" in out
+    assert "promoted to champion" in out
+    # A second run on the same events stores nothing new and goes through the gate again.
+    assert main(["pipeline"]) == 0
+    assert "version 2" in capsys.readouterr().out
+
+
+def test_batch_recommend_writes_k_unseen_items_for_every_user(
+    events_csv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "recs.csv"
+    assert (
+        main(["batch-recommend", "--events", str(events_csv), "--k", "5", "--out", str(out)]) == 0
+    )
+    recs = pl.read_csv(out, schema_overrides={"user_id": pl.String, "item_id": pl.String})
+    events = pl.read_csv(events_csv)
+    assert recs.columns == ["user_id", "item_id", "rank", "score"]
+    assert recs["user_id"].n_unique() == events["user_id"].n_unique()
+    assert recs.group_by("user_id").len()["len"].max() == 5
+    seen = events.select("user_id", "item_id").unique()
+    assert recs.join(seen, on=["user_id", "item_id"], how="semi").is_empty()
+    first = recs.filter(pl.col("rank") == 1).height
+    assert first == events["user_id"].n_unique()
+
+
+def test_evaluate_prints_table_without_touching_the_registry(
+    events_csv: Path, recsys_home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["evaluate", "--events", str(events_csv)]) == 0
+    assert "| popularity |" in capsys.readouterr().out
+    assert not (recsys_home / "events").exists(), "evaluate uses a throw-away store"
+
+
+def test_malformed_file_exits_2_naming_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,event_type,timestamp\nu1,i1,view,1\nu2,i2,teleport,2\n")
+    assert main(["evaluate", "--events", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "line 3, column event_type" in err and "--skip-invalid" in err
+
+
+def test_skip_invalid_drops_bad_rows(events_csv: Path, tmp_path: Path) -> None:
+    text = events_csv.read_text() + "u1,i1,teleport,1700000000\n"
+    bad = tmp_path / "with-bad-row.csv"
+    bad.write_text(text)
+    out = tmp_path / "recs.csv"
+    args = ["batch-recommend", "--events", str(bad), "--k", "3", "--out", str(out)]
+    assert main(args) == 2
+    assert main([*args, "--skip-invalid"]) == 0
+    assert out.exists()
+
+
+def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--events", str(tmp_path / "nope.csv")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batch_recommend_on_movielens(movielens_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recs.csv"
+    assert (
+        main(["batch-recommend", "--events", str(movielens_dir), "--k", "10", "--out", str(out)])
+        == 0
+    )
+    recs = pl.read_csv(out, schema_overrides={"user_id": pl.String, "item_id": pl.String})
+    assert recs.height == 943 * 10
+    ratings = pl.read_csv(
+        movielens_dir / "u.data",
+        separator="\t",
+        has_header=False,
+        new_columns=["user_id", "item_id", "rating", "ts"],
+        schema_overrides={"user_id": pl.String, "item_id": pl.String},
+    )
+    assert recs.join(ratings, on=["user_id", "item_id"], how="semi").is_empty()
