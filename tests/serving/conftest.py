@@ -142,20 +142,45 @@ def trained_bundle() -> HybridRecommender:
     return train_hybrid()
 
 
+def _registry(root: Path, bundle: HybridRecommender) -> Registered:
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    name = "test-hybrid"
+    registry = ModelRegistry(uri, name, (root / "mlruns").as_uri(), cache_dir=root / "cache")
+    registered = Registered(uri, name, bundle, registry)
+    registered.register(bundle, 0.3, promote=True)
+    return registered
+
+
+def _serve_from(registered: Registered, monkeypatch: pytest.MonkeyPatch) -> Registered:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.tracking_uri)
+    monkeypatch.setenv("RECSYS_MODEL_NAME", registered.model_name)
+    return registered
+
+
+@pytest.fixture(scope="session")
+def shared_registry(
+    trained_bundle: HybridRecommender, tmp_path_factory: pytest.TempPathFactory
+) -> Registered:
+    return _registry(tmp_path_factory.mktemp("registry"), trained_bundle)
+
+
+@pytest.fixture
+def served_champion(
+    shared_registry: Registered, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> Registered:
+    """The service serves `trained_bundle` as champion version 1 (tests must not register)."""
+    return _serve_from(shared_registry, monkeypatch)
+
+
 @pytest.fixture
 def champion(
-    trained_bundle: HybridRecommender, tmp_path: Path, namespace: str, monkeypatch
+    trained_bundle: HybridRecommender,
+    tmp_path: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Registered:
-    """A fresh MLflow store with `trained_bundle` as version 1, champion; the service uses it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    name = "test-hybrid"
-    registry = ModelRegistry(uri, name, (tmp_path / "mlruns").as_uri(), cache_dir=tmp_path / "c")
-    registered = Registered(uri, name, trained_bundle, registry)
-    registered.register(trained_bundle, 0.3, promote=True)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("RECSYS_MLFLOW_ARTIFACTS", str(tmp_path / "mlruns"))
-    monkeypatch.setenv("RECSYS_MODEL_NAME", name)
-    return registered
+    """A registry of this test's own with `trained_bundle` as champion version 1."""
+    return _serve_from(_registry(tmp_path / "registry", trained_bundle), monkeypatch)
 
 
 def seen_items(bundle: HybridRecommender, user_id: str) -> set[str]:
