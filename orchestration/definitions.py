@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import ingestion, models, publishing
+from assets import ingestion, models, online, publishing
 from orchestration.environment import resources_for
 from orchestration.jobs import (
     daily_training,
@@ -16,7 +16,7 @@ from orchestration.jobs import (
     training_job,
 )
 
-ASSET_MODULES = (ingestion, models, publishing)
+ASSET_MODULES = (ingestion, models, publishing, online)
 
 
 def build_definitions(resources: dict | None = None) -> dg.Definitions:

@@ -7,7 +7,12 @@ from typing import Any
 
 import dagster as dg
 
-from orchestration.resources import EventStoreResource, LocalStateResource, MLflowResource
+from orchestration.resources import (
+    EventStoreResource,
+    LocalStateResource,
+    MLflowResource,
+    RedisFeaturesResource,
+)
 from training import settings
 
 
@@ -38,6 +43,9 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
                 artifact_location=settings.mlflow_artifact_root(),
                 cache_dir=str(settings.recsys_home_path() / "model-cache"),
             ),
+            "redis": RedisFeaturesResource(
+                url=settings.redis_url() or "", home=home, namespace=settings.redis_namespace()
+            ),
         }
     return {
         "state": LocalStateResource(home=home),
@@ -46,5 +54,8 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
             tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
             model_name=settings.model_name(),
             cache_dir=str(settings.recsys_home_path() / "model-cache"),
+        ),
+        "redis": RedisFeaturesResource(
+            url=dg.EnvVar("REDIS_URL"), home=home, namespace=settings.redis_namespace()
         ),
     }

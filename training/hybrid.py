@@ -252,12 +252,18 @@ class HybridRecommender:
                 return self.components[name].similar_items(np.asarray(items), k)
         return self.components["popularity"].similar_items(np.asarray(items), k)
 
-    def item_neighbors(self, k: int = 100, batch_size: int = 1024) -> pl.DataFrame:
-        """`item_id,neighbor_id,rank,score`: the top-k neighbours of every item."""
+    def item_neighbors(
+        self, k: int = 100, batch_size: int = 1024, component: str | None = None
+    ) -> pl.DataFrame:
+        """`item_id,neighbor_id,rank,score`: the top-k neighbours of every item.
+
+        From the best item-item component, or from `component` when named.
+        """
+        similar = self.components[component].similar_items if component else self.similar_items
         frames = []
         for start in range(0, self.n_items, batch_size):
             items = np.arange(start, min(start + batch_size, self.n_items))
-            idx, scores = self.similar_items(items, k)
+            idx, scores = similar(items, k)
             valid = np.isfinite(scores) & (scores > 0)
             width = idx.shape[1]
             frames.append(

@@ -51,6 +51,8 @@ def test_definitions_load_with_every_asset_job_schedule_and_sensor() -> None:
         "batch_recommendations",
         "item_neighbors",
         "popularity_snapshot",
+        "online_features",
+        "online_popularity",
     } <= keys
     assert defs.resolve_job_def("training_job")
     assert {s.name for s in defs.schedules} >= {"hourly_ingest", "daily_training"}
@@ -58,7 +60,7 @@ def test_definitions_load_with_every_asset_job_schedule_and_sensor() -> None:
 
 
 def test_training_job_on_embedded_defaults_registers_a_champion(
-    events_csv: Path, catalog_csv: Path, recsys_home: Path
+    events_csv: Path, catalog_csv: Path, recsys_home: Path, redis_env: str
 ) -> None:
     result = run_job("training_job", _config(events_csv, catalog_csv), persistent=False)
     assert result.success
@@ -90,9 +92,17 @@ def test_training_job_on_embedded_defaults_registers_a_champion(
     assert "als.factors" in run.data.params
     artifacts = {a.path for a in _registry().client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/evaluation.md", "evaluation/evaluation.png"} <= artifacts
+    # The promoted model's offline features reached Redis for the service.
+    store = resources_for("local")["redis"].store()
+    assert store.namespace == redis_env
+    lists = store.item_lists(["i1"], ["itemitem", "neighbors"], k=5)
+    assert len(lists["itemitem"][0]) > 0 and len(lists["neighbors"][0]) > 0
+    assert len(store.popular(5)) == 5
 
 
-def test_failed_run_registers_nothing_and_champion_keeps_serving(events_csv: Path) -> None:
+def test_failed_run_registers_nothing_and_champion_keeps_serving(
+    events_csv: Path, redis_env: str
+) -> None:
     assert run_job("training_job", _config(events_csv), persistent=False).success
     champion = _registry().get_version(CHAMPION)
     broken = _config(item_item_model={"config": {"kind": "bogus"}})

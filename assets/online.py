@@ -1,0 +1,57 @@
+"""Online assets: push what the batch loop computed to the Redis features the service reads."""
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from assets.models import TrainedHybrid
+from orchestration.resources import RedisFeaturesResource
+
+GROUP = "online"
+
+
+class OnlineConfig(dg.Config):
+    embedding_neighbors: int = Field(default=50, description="Item2Vec neighbours per item.")
+    push_when_not_promoted: bool = Field(
+        default=False, description="Push even when the gate kept the old champion."
+    )
+
+
+@dg.asset(group_name=GROUP, compute_kind="redis")
+def online_features(
+    context: dg.AssetExecutionContext,
+    config: OnlineConfig,
+    redis: RedisFeaturesResource,
+    registered_model: dict,
+    hybrid_ranker: TrainedHybrid,
+    item_neighbors: pl.DataFrame,
+    batch_recommendations: pl.DataFrame,
+) -> dg.MaterializeResult:
+    """After a promotion: item-item lists, embedding neighbours and batch candidates to Redis.
+
+    When the gate kept the old champion, nothing is pushed: Redis keeps matching what serves.
+    """
+    if not registered_model["promoted"] and not config.push_when_not_promoted:
+        context.log.info(f"version {registered_model['version']} was not promoted: nothing pushed")
+        return dg.MaterializeResult(
+            metadata={"pushed": False, "version": registered_model["version"]}
+        )
+    store = redis.store()
+    counts = {"item_item_lists": store.push_item_lists("itemitem", item_neighbors)}
+    bundle = hybrid_ranker.final
+    if "item2vec" in bundle.components:
+        embedding = bundle.item_neighbors(k=config.embedding_neighbors, component="item2vec")
+        counts["embedding_lists"] = store.push_item_neighbors(embedding)
+    counts["batch_candidate_users"] = store.push_batch_candidates(batch_recommendations)
+    return dg.MaterializeResult(
+        metadata={"pushed": True, "version": registered_model["version"], **counts}
+    )
+
+
+@dg.asset(group_name=GROUP, compute_kind="redis")
+def online_popularity(
+    redis: RedisFeaturesResource, popularity_snapshot: pl.DataFrame
+) -> dg.MaterializeResult:
+    """The hourly decayed popularity, pushed for the service's cold-start and trending lists."""
+    written = redis.store().push_popularity(popularity_snapshot.select("item_id", "score"))
+    return dg.MaterializeResult(metadata={"items": written})
