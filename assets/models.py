@@ -69,14 +69,14 @@ class ALSConfig(TuningConfig):
 class Item2VecConfig(dg.Config):
     vector_size: int = Field(default=64, description="Embedding dimensions.")
     window: int = Field(default=5, description="Skip-gram context window.")
-    negative: int = Field(default=10, description="Negative samples per positive.")
+    negative: int = Field(default=5, description="Negative samples per positive.")
     epochs: int = Field(default=10, description="Passes over the sequences.")
     min_count: int = Field(default=1, description="Items seen fewer times get no vector.")
     sample: float = Field(default=1e-3, description="Down-sampling threshold of frequent items.")
     session_gap_minutes: float = Field(default=30.0, description="A longer gap starts a session.")
     seed: int = Field(default=0, description="Random seed.")
     max_token_passes: int = Field(
-        default=20_000_000, description="Epochs are cut so epochs x tokens stays within this."
+        default=10_000_000, description="Epochs are cut so epochs x tokens stays within this."
     )
 
 

@@ -30,7 +30,7 @@ from training.train import interactions_from  # noqa: E402
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
 ALS_PARAMS = {"factors": 64, "regularization": 20.0, "alpha": 1.0, "iterations": 15}
-I2V_PARAMS = {"vector_size": 64, "window": 5, "negative": 10, "epochs": 10, "min_count": 1}
+I2V_PARAMS = {"vector_size": 64, "window": 5, "negative": 5, "epochs": 10, "min_count": 1}
 
 
 def load(data: str) -> pl.DataFrame:

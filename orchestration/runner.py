@@ -107,6 +107,8 @@ def run_job(
     if show_progress:
         job = job.with_logger_defs({**job.loggers, "progress": progress_logger})
         config.setdefault("loggers", {"progress": {}})
+    else:
+        config.setdefault("loggers", {"console": {"config": {"log_level": "WARNING"}}})
     if persistent:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()

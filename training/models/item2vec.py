@@ -52,7 +52,7 @@ class Item2VecModel(Recommender):
         self,
         vector_size: int = 64,
         window: int = 10,
-        negative: int = 10,
+        negative: int = 5,
         epochs: int = 10,
         min_count: int = 1,
         sample: float = 1e-3,
@@ -60,7 +60,7 @@ class Item2VecModel(Recommender):
         session_gap_minutes: float = 30.0,
         workers: int = 2,
         seed: int = 0,
-        max_token_passes: int = 20_000_000,
+        max_token_passes: int = 10_000_000,
     ) -> None:
         self.vector_size = vector_size
         self.window = window
