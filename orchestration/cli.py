@@ -325,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--events", type=int, default=150_000)
     p.set_defaults(func=cmd_demo)
+
+    from orchestration.analytics_cli import add_parsers as add_analytics_parsers
+
+    add_analytics_parsers(sub)
     return parser
 
 

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import ingestion, models, online, publishing
+from assets import analytics, ingestion, models, online, publishing
 from orchestration.environment import resources_for
 from orchestration.jobs import (
+    daily_segments,
     daily_training,
     hourly_ingest,
+    hourly_trends,
     ingest_job,
     new_events_sensor,
     offline_job,
     record_run_failure,
+    segments_job,
     training_job,
+    trends_job,
 )
 
-ASSET_MODULES = (ingestion, models, publishing, online)
+ASSET_MODULES = (ingestion, models, publishing, online, analytics)
 
 
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
@@ -24,8 +28,8 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules(list(ASSET_MODULES)),
         asset_checks=dg.load_asset_checks_from_modules(list(ASSET_MODULES)),
-        jobs=[training_job, offline_job, ingest_job],
-        schedules=[hourly_ingest, daily_training],
+        jobs=[training_job, offline_job, ingest_job, trends_job, segments_job],
+        schedules=[hourly_ingest, daily_training, hourly_trends, daily_segments],
         sensors=[new_events_sensor, record_run_failure],
         resources=resources if resources is not None else resources_for(),
     )

@@ -32,6 +32,23 @@ ingest_job = dg.define_asset_job(
     description="Read new events from the store and refresh decayed popularity.",
 )
 
+trends_job = dg.define_asset_job(
+    "trends_job",
+    selection=dg.AssetSelection.assets("trend_analysis").upstream(),
+    description="Trend type, strength, seasonality and bursts per item and category.",
+)
+segments_job = dg.define_asset_job(
+    "segments_job",
+    selection=dg.AssetSelection.assets("user_segments").upstream(),
+    description="Behavioural segments, RFM, engagement, churn risk and value per user.",
+)
+
+hourly_trends = dg.ScheduleDefinition(
+    name="hourly_trends", job=trends_job, cron_schedule="15 * * * *"
+)
+daily_segments = dg.ScheduleDefinition(
+    name="daily_segments", job=segments_job, cron_schedule="30 4 * * *"
+)
 hourly_ingest = dg.ScheduleDefinition(
     name="hourly_ingest", job=ingest_job, cron_schedule="0 * * * *"
 )
