@@ -55,7 +55,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 
 def _materialise_movielens(args: argparse.Namespace, scratch: Path) -> None:
-    """A MovieLens folder is converted once to contract CSVs that the ingestion asset imports."""
+    """A MovieLens folder is converted once to contract Parquet files the ingestion imports."""
     from training.data import read_movielens
 
     events = getattr(args, "events", None)
@@ -91,7 +91,23 @@ def _run(job: str, run_config: dict[str, Any], **kwargs: Any) -> Any:
             if failure[1].cls_name in ("FileNotFoundError", "ConnectionError"):
                 raise RuntimeError(error_text(failure[1]))
         raise RuntimeError(failure_message(result))
+    _report_skipped(result)
     return result
+
+
+def _report_skipped(result: Any) -> None:
+    """Say how many malformed rows `--skip-invalid` dropped (never silently)."""
+    for node in ("raw_events", "item_catalog"):
+        try:
+            materializations = result.asset_materializations_for_node(node)
+        except Exception:  # noqa: BLE001 - the node is not part of this job
+            continue
+        for materialization in materializations:
+            entry = materialization.metadata.get("skipped_invalid")
+            skipped = int(entry.value) if entry is not None else 0
+            if skipped:
+                kind = "event" if node == "raw_events" else "catalog"
+                _print(f"skipped {skipped} invalid {kind} rows (--skip-invalid)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

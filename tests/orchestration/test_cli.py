@@ -79,7 +79,9 @@ def test_malformed_file_exits_2_naming_rows(tmp_path: Path, capsys: pytest.Captu
     assert "line 3, column event_type" in err and "--skip-invalid" in err
 
 
-def test_skip_invalid_drops_bad_rows(events_csv: Path, tmp_path: Path) -> None:
+def test_skip_invalid_drops_bad_rows(
+    events_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     text = events_csv.read_text() + "u1,i1,teleport,1700000000\n"
     bad = tmp_path / "with-bad-row.csv"
     bad.write_text(text)
@@ -88,6 +90,7 @@ def test_skip_invalid_drops_bad_rows(events_csv: Path, tmp_path: Path) -> None:
     assert main(args) == 2
     assert main([*args, "--skip-invalid"]) == 0
     assert out.exists()
+    assert "skipped 1 invalid event rows" in capsys.readouterr().out
 
 
 def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
