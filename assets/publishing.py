@@ -138,12 +138,25 @@ def registered_model(
 
 @dg.asset(group_name=GROUP, compute_kind="numpy")
 def batch_recommendations(
-    config: BatchConfig, interaction_matrix: InteractionMatrix, hybrid_ranker: TrainedHybrid
+    context: dg.AssetExecutionContext,
+    config: BatchConfig,
+    interaction_matrix: InteractionMatrix,
+    hybrid_ranker: TrainedHybrid,
 ) -> dg.Output[pl.DataFrame]:
     """Top-k per user (user_recommendations table): never an item the user interacted with."""
     bundle = hybrid_ranker.final
     started = time.perf_counter()
-    recs = bundle.recommend_ids(interaction_matrix.user_ids, k=config.k, exclude_seen=True)
+    next_report = [0.1]
+
+    def report(done: int, total: int) -> None:
+        if done / total >= next_report[0] or done == total:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            context.log.info(f"batch lists: {done}/{total} users ({rate:.0f} users/s)")
+            next_report[0] = done / total + 0.1
+
+    recs = bundle.recommend_ids(
+        interaction_matrix.user_ids, k=config.k, exclude_seen=True, progress=report
+    )
     now = int(time.time())
     recs = recs.with_columns(
         pl.from_epoch(pl.lit(now), time_unit="s").dt.replace_time_zone("UTC").alias("generated_at"),

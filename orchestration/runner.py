@@ -67,6 +67,11 @@ class _ProgressHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "dagster_event", None)
         if event is None:
+            # The assets' own progress and decisions (context.log.info and above).
+            if record.levelno >= logging.INFO:
+                meta = getattr(record, "dagster_meta", None) or {}
+                message = meta.get("orig_message") or record.getMessage()
+                print(f"      {message}", file=self.stream, flush=True)
             return
         step = event.step_key or ""
         kind = event.event_type_value

@@ -7,7 +7,7 @@ weights, id mappings, the training interactions (to exclude seen items) and the 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +179,12 @@ class HybridRecommender:
         k: int = 10,
         n_candidates: int = 100,
         batch_size: int = 512,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k item columns and blended scores per row (-1 / -inf pad), `seen` excluded."""
+        """Top-k item columns and blended scores per row (-1 / -inf pad), `seen` excluded.
+
+        `progress(rows_done, rows_total)` is called after every batch.
+        """
         active = self._active()
         weights = {n: self.weights.get(n, 0.0) or 1.0 for n in active}
         ids, vals = [], []
@@ -202,6 +206,8 @@ class HybridRecommender:
             picked[~np.isfinite(best)] = -1
             ids.append(picked)
             vals.append(best)
+            if progress is not None:
+                progress(stop, user_items.shape[0])
         if not ids:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         width = max(i.shape[1] for i in ids)
@@ -220,7 +226,11 @@ class HybridRecommender:
         return self.recommend_rows(user_items, users, user_items, k, batch_size=batch_size)
 
     def recommend_ids(
-        self, user_ids: Sequence[str] | np.ndarray, k: int = 10, exclude_seen: bool = True
+        self,
+        user_ids: Sequence[str] | np.ndarray,
+        k: int = 10,
+        exclude_seen: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> pl.DataFrame:
         """`user_id,item_id,rank,score` for known users (unknown ones get popular items)."""
         user_ids = np.asarray(user_ids).astype(str)
@@ -233,7 +243,7 @@ class HybridRecommender:
             user_items = (keep @ user_items).tocsr()
             user_items.eliminate_zeros()
         seen = user_items if exclude_seen else sp.csr_matrix(user_items.shape, dtype=np.float32)
-        idx, scores = self.recommend_rows(user_items, rows, seen, k)
+        idx, scores = self.recommend_rows(user_items, rows, seen, k, progress=progress)
         n_rows, width = idx.shape
         valid = (idx >= 0).ravel()
         return pl.DataFrame(
