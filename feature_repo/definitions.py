@@ -99,7 +99,7 @@ FEATURES: tuple[Feature, ...] = (
         USER,
         "{ns}:{user:<user_id>}:counters",
         "hash",
-        "events per event_type, `events` in total, `first_seen` and `last_seen` (epoch s)",
+        "events per event_type and `last_seen` (epoch s); readers add up `events`",
         ttl_seconds=FeatureConfig.counters_ttl,
     ),
     Feature(

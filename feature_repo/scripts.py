@@ -8,7 +8,7 @@ from __future__ import annotations
 # Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL), XADD the
 # event to the stream, update the user's recent items and co-view of the items the user touched
 # in the co-view window; per user once: counters, TTLs and the response cache; per item once:
-# decayed popularity, trending and first-seen.
+# decayed popularity, trending, first-seen and the TTL of its co-view list.
 #
 # KEYS: popularity, trending, decay, first_seen, stats, stream
 # ARGV: namespace, now, config JSON, batch JSON (columns e,u,i,t,ts,w), one stream payload per event
@@ -53,27 +53,28 @@ for idx = 1, n do
     accepted = accepted + 1
     redis.call('XADD', KEYS[6], '*', 'e', ARGV[4 + idx])
     local recent = up .. 'recent'
-    if not redis.call('ZSCORE', recent, iid) then
+    if redis.call('ZADD', recent, 'NX', ts, iid) == 1 then
       -- A new item in the user's window is co-viewed after each item still in the window.
       local prev = redis.call('ZREVRANGEBYSCORE', recent, '+inf', ts - cfg.coview_seconds,
-                              'LIMIT', 0, cfg.coview_items)
+                              'LIMIT', 0, cfg.coview_items + 1)
+      local done = 0
       for _, j in ipairs(prev) do
-        local ck = ns .. ':{item:' .. j .. '}:coview'
-        if tonumber(redis.call('ZINCRBY', ck, 1, iid)) == 1 then
-          redis.call('EXPIRE', ck, cfg.coview_ttl)
+        if j ~= iid and done < cfg.coview_items then
+          done = done + 1
+          local ck = ns .. ':{item:' .. j .. '}:coview'
+          if tonumber(redis.call('ZINCRBY', ck, 1, iid)) == 1 then
+            -- A new member: the key may be new (give it a TTL) and may be over its cap.
+            redis.call('EXPIRE', ck, cfg.coview_ttl)
+            local size = redis.call('ZCARD', ck)
+            if size > cfg.coview_cap then
+              redis.call('ZREMRANGEBYRANK', ck, 0, size - cfg.coview_cap - 1)
+            end
+          end
         end
       end
-      local own = ns .. ':{item:' .. iid .. '}:coview'
-      local size = redis.call('ZCARD', own)
-      if size > cfg.coview_cap then
-        redis.call('ZREMRANGEBYRANK', own, 0, size - cfg.coview_cap - 1)
-      end
-      if size > 0 then
-        redis.call('EXPIRE', own, cfg.coview_ttl)
-      end
-    end
-    if redis.call('ZADD', recent, 'GT', ts, iid) == 1 then
       redis.call('ZREMRANGEBYRANK', recent, 0, -cfg.recent_cap - 1)
+    else
+      redis.call('ZADD', recent, 'GT', ts, iid)
     end
     local u = users[uid]
     if not u then
@@ -100,13 +101,9 @@ end
 for _, uid in ipairs(user_order) do
   local u = users[uid]
   local counters = u.prefix .. 'counters'
-  local total = 0
   for et, c in pairs(u.counts) do
     redis.call('HINCRBY', counters, et, c)
-    total = total + c
   end
-  redis.call('HINCRBY', counters, 'events', total)
-  redis.call('HSETNX', counters, 'first_seen', now)
   redis.call('HSET', counters, 'last_seen', now)
   redis.call('EXPIRE', counters, cfg.counters_ttl)
   redis.call('EXPIRE', u.prefix .. 'recent', cfg.recent_ttl)
@@ -114,6 +111,8 @@ for _, uid in ipairs(user_order) do
 end
 for _, iid in ipairs(item_order) do
   local it = items[iid]
+  -- An item's own events keep its co-view list alive.
+  redis.call('EXPIRE', ns .. ':{item:' .. iid .. '}:coview', cfg.coview_ttl)
   if it.pop > 0 then
     redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
     redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)

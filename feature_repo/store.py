@@ -342,9 +342,14 @@ class FeatureStore:
         )
 
     def counters(self, user_id: str) -> dict[str, float]:
-        """Events per event_type, `events`, `first_seen` and `last_seen` of a user ({} if none)."""
-        raw = self.redis.hgetall(self.keys.counters(user_id))
-        return {name: float(value) for name, value in raw.items()}
+        """Events per event_type, `events` in total and `last_seen` of a user ({} if none)."""
+        raw = {
+            name: float(value)
+            for name, value in self.redis.hgetall(self.keys.counters(user_id)).items()
+        }
+        if raw:
+            raw["events"] = sum(v for k, v in raw.items() if k != "last_seen")
+        return raw
 
     def first_seen(self, item_ids: Sequence[str]) -> np.ndarray:
         """Epoch seconds of each item's first live event, NaN for items never seen live."""

@@ -1,8 +1,8 @@
 """The BentoML recommendation service: /recommend, /similar_items, /popular, /events and user
 activity, over the registry's champion (and challenger) and the Redis real-time features.
 
-The endpoints are a FastAPI app mounted on the service with `@bentoml.asgi_app` (class views:
-`self` is the service instance). BentoML adds /healthz, /readyz, /metrics and the OpenAPI spec.
+The endpoints are a FastAPI app mounted on the service with `@bentoml.asgi_app`; each route calls
+the worker's service instance. BentoML adds /healthz, /readyz, /metrics and the OpenAPI spec.
 """
 
 from __future__ import annotations
@@ -174,18 +174,6 @@ class RecommendationService:
 
     # -- /recommend ----------------------------------------------------------------------------
 
-    @app.post(
-        "/recommend",
-        response_model=RecommendResponse,
-        responses=ERRORS,
-        summary="Top-k items for a user, with per-source scores and a reason per item",
-    )
-    async def recommend(self, body: RecommendRequest) -> Response:
-        # In a worker thread: Redis round trips of concurrent requests overlap, numpy and the
-        # socket waits release the GIL.
-        payload = await anyio.to_thread.run_sync(self.recommend_json, body)
-        return Response(payload, media_type="application/json")
-
     def recommend_json(self, body: RecommendRequest) -> str:
         """The /recommend response body for a validated request."""
         started = time.perf_counter()
@@ -264,8 +252,7 @@ class RecommendationService:
 
     # -- /similar_items and /popular -----------------------------------------------------------
 
-    @app.post("/similar_items", response_model=ItemsResponse, responses=ERRORS)
-    async def similar_items(self, body: SimilarItemsRequest) -> Response:
+    def similar_items(self, body: SimilarItemsRequest) -> Response:
         """Items like `item_id`: the model's item-item neighbours, else live co-view, else
         pushed neighbours, else popular items (the reason says which)."""
         model = self.models.current.champion
@@ -297,8 +284,7 @@ class RecommendationService:
             }
         )
 
-    @app.post("/popular", response_model=ItemsResponse, responses=ERRORS)
-    async def popular(self, body: PopularRequest) -> Response:
+    def popular(self, body: PopularRequest) -> Response:
         """Most popular items now (decayed live popularity), optionally of one category."""
         model = self.models.current.champion
         items = _scored_items(self._popular(body.k, body.category), "popular right now", body.k)
@@ -340,16 +326,6 @@ class RecommendationService:
 
     # -- /events -------------------------------------------------------------------------------
 
-    @app.post(
-        "/events",
-        response_model=EventsResponse,
-        responses=ERRORS,
-        summary="Ingest 1 to 1,000 events; each accepted one is in the durable stream",
-    )
-    async def events(self, body: EventsRequest) -> Response:
-        # Validation and the Redis script take milliseconds: off the event loop.
-        return await anyio.to_thread.run_sync(self.ingest_events, body)
-
     def ingest_events(self, body: EventsRequest) -> Response:
         checked = check_events(body.events, time.time(), self.settings.max_future_seconds)
         rejected = checked.rejected
@@ -390,14 +366,7 @@ class RecommendationService:
 
     # -- user activity -------------------------------------------------------------------------
 
-    @app.get("/users/{user_id}/activity", response_model=UserActivityResponse, responses=ERRORS)
-    async def user_activity(
-        self,
-        user_id: Annotated[
-            str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
-        ],
-        n: Annotated[int, Query(ge=1, le=100)] = 20,
-    ) -> Response:
+    def user_activity(self, user_id: str, n: int) -> Response:
         """The user's recent items (newest first) and event counters."""
         recent = self.store.recent_items(user_id, n)
         counters = self.store.counters(user_id)
@@ -413,6 +382,72 @@ class RecommendationService:
                 "known_to_model": bool(model is not None and model.user_index(user_id) >= 0),
             }
         )
+
+
+# -- HTTP routes: module-level functions (no per-request dependency injection) over the one
+# service instance of this worker --------------------------------------------------------------
+
+
+def _service() -> RecommendationService:
+    return bentoml.get_current_service()
+
+
+@app.post(
+    "/recommend",
+    response_model=RecommendResponse,
+    responses=ERRORS,
+    summary="Top-k items for a user, with per-source scores and a reason per item",
+)
+async def recommend(body: RecommendRequest) -> Response:
+    # On the event loop: a request takes about a millisecond, mostly numpy with short Redis
+    # round trips; in worker threads it would queue on the GIL for longer than that.
+    return Response(_service().recommend_json(body), media_type="application/json")
+
+
+@app.post(
+    "/similar_items",
+    response_model=ItemsResponse,
+    responses=ERRORS,
+    summary="Items similar to one item",
+)
+async def similar_items(body: SimilarItemsRequest) -> Response:
+    return _service().similar_items(body)
+
+
+@app.post(
+    "/popular",
+    response_model=ItemsResponse,
+    responses=ERRORS,
+    summary="The most popular items now, optionally of one category",
+)
+async def popular(body: PopularRequest) -> Response:
+    return _service().popular(body)
+
+
+@app.post(
+    "/events",
+    response_model=EventsResponse,
+    responses=ERRORS,
+    summary="Ingest 1 to 1,000 events; each accepted one is in the durable stream",
+)
+async def events(body: EventsRequest) -> Response:
+    # Validation and the Redis script take milliseconds: off the event loop.
+    return await anyio.to_thread.run_sync(_service().ingest_events, body)
+
+
+@app.get(
+    "/users/{user_id}/activity",
+    response_model=UserActivityResponse,
+    responses=ERRORS,
+    summary="A user's recent items and event counters",
+)
+async def user_activity(
+    user_id: Annotated[
+        str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ],
+    n: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Response:
+    return _service().user_activity(user_id, n)
 
 
 def _scored_items(scored, reason: str, k: int) -> list[dict]:
