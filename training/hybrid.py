@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,38 @@ def normalise(scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def _sparse_candidates(
+    scores: sp.csr_matrix, seen: sp.csr_matrix, n_cand: int
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Top candidates and a normalised-score gather for sparse scores (implicit zeros).
+
+    A row's minimum is 0 (items outside every neighbourhood), its maximum is over unseen items.
+    """
+    scores = scores.tocsr()
+    hits = scores.multiply(seen.astype(bool)).tocsr()
+    if hits.nnz:
+        scores = (scores - hits).tocsr()
+        scores.eliminate_zeros()
+    n_rows = scores.shape[0]
+    row_of = np.repeat(np.arange(n_rows), np.diff(scores.indptr))
+    order = np.lexsort((-scores.data, row_of))
+    position = np.arange(len(order)) - scores.indptr[row_of[order]]
+    pick = position < n_cand
+    pool = np.full((n_rows, n_cand), -1, dtype=np.int64)
+    pool[row_of[order][pick], position[pick]] = scores.indices[order][pick]
+    hi = np.zeros(n_rows, dtype=np.float32)
+    if scores.nnz:
+        hi = np.asarray(scores.max(axis=1).toarray()).ravel().astype(np.float32)
+    span = np.where(hi > 0, hi, 1.0).astype(np.float32)
+
+    def gather(cols: np.ndarray) -> np.ndarray:
+        rows = np.repeat(np.arange(n_rows), cols.shape[1])
+        values = np.asarray(scores[rows, np.maximum(cols, 0).ravel()]).reshape(cols.shape)
+        return values.astype(np.float32) / span[:, None]
+
+    return pool, gather
+
+
 def blend_candidates(
     components: dict[str, Recommender],
     block: sp.csr_matrix,
@@ -71,11 +104,21 @@ def blend_candidates(
     for name, model in components.items():
         if isinstance(model, PopularityModel):
             pop = model.popularity.astype(np.float32)
-            lo, hi = float(pop.min()), float(pop.max())
-            span = hi - lo if hi > lo else 1.0
-            top = np.argsort(-pop, kind="stable")[:n_cand]
+            lo = float(pop.min())
+            order = np.argsort(-pop, kind="stable")
+            top = order[:n_cand]
+            # Each row's maximum over unseen items: the first unseen item in popularity order.
+            probe = order[: n_cand + 64]
+            unseen = ~seen_mask[:, probe]
+            first = np.where(unseen.any(axis=1), unseen.argmax(axis=1), 0)
+            hi = pop[probe][first]
+            span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
             pools.append(np.broadcast_to(top, (n_rows, len(top))))
-            gathers[name] = lambda cols, pop=pop, lo=lo, span=span: (pop[cols] - lo) / span
+            gathers[name] = lambda cols, pop=pop, lo=lo, span=span: (pop[cols] - lo) / span[:, None]
+            continue
+        if isinstance(model, ItemKNNModel):
+            pool, gathers[name] = _sparse_candidates(model.score_sparse(block), seen, n_cand)
+            pools.append(pool)
             continue
         raw = np.asarray(model.score(block, users), dtype=np.float32)
         lo = raw.min(axis=1)
@@ -84,14 +127,16 @@ def blend_candidates(
         span = hi - lo
         span[~np.isfinite(span) | (span <= 0)] = 1.0
         lo[~np.isfinite(lo)] = 0.0
-        pools.append(np.argpartition(-raw, n_cand - 1, axis=1)[:, :n_cand])
+        pools.append(top_k(raw, n_cand)[0])
         gathers[name] = lambda cols, raw=raw, lo=lo, span=span: (
             (np.take_along_axis(raw, cols, axis=1) - lo[:, None]) / span[:, None]
         )
     cands = np.sort(np.concatenate(pools, axis=1), axis=1)
     duplicate = np.zeros(cands.shape, dtype=bool)
     duplicate[:, 1:] = cands[:, 1:] == cands[:, :-1]
-    invalid = duplicate | np.take_along_axis(seen_mask, cands, axis=1)
+    padding = cands < 0
+    cands = np.maximum(cands, 0)
+    invalid = duplicate | padding | np.take_along_axis(seen_mask, cands, axis=1)
     parts = {}
     for name, gather in gathers.items():
         values = np.asarray(gather(cands), dtype=np.float32)
@@ -187,9 +232,10 @@ class HybridRecommender:
         """
         active = self._active()
         weights = {n: self.weights.get(n, 0.0) or 1.0 for n in active}
-        ids, vals = [], []
-        for start in range(0, user_items.shape[0], batch_size):
-            stop = min(start + batch_size, user_items.shape[0])
+        n_rows = user_items.shape[0]
+
+        def one_batch(start: int) -> tuple[np.ndarray, np.ndarray]:
+            stop = min(start + batch_size, n_rows)
             block_users = None if users is None else users[start:stop]
             cands, parts = blend_candidates(
                 active,
@@ -204,10 +250,19 @@ class HybridRecommender:
             pos, best = top_k(total, k)
             picked = np.take_along_axis(cands, pos, axis=1)
             picked[~np.isfinite(best)] = -1
-            ids.append(picked)
-            vals.append(best)
-            if progress is not None:
-                progress(stop, user_items.shape[0])
+            return picked, best
+
+        ids, vals = [], []
+        starts = range(0, n_rows, batch_size)
+        # NumPy and SciPy release the GIL in the heavy kernels: two batches at a time keep both
+        # cores busy; map() keeps the batches in order.
+        workers = 2 if len(starts) > 1 else 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start, (picked, best) in zip(starts, pool.map(one_batch, starts), strict=True):
+                ids.append(picked)
+                vals.append(best)
+                if progress is not None:
+                    progress(min(start + batch_size, n_rows), n_rows)
         if not ids:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         width = max(i.shape[1] for i in ids)

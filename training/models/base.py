@@ -14,16 +14,51 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top-k of a dense score matrix, best first: (indices, scores), both (n_rows, k)."""
-    k = min(k, scores.shape[1])
-    if k <= 0:
-        empty = np.empty((scores.shape[0], 0))
-        return empty.astype(np.int64), empty.astype(scores.dtype)
+def _top_k_partition(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k of a dense score matrix, best first: (indices, scores), both (n_rows, k).
+
+    Exact. On wide rows a threshold from a strided sample of each row keeps only the few values
+    that can be in the top k (one comparison pass), which is several times faster than a full
+    argpartition; rows where the threshold keeps fewer than k values (or far too many, as with
+    ties) fall back to argpartition.
+    """
+    n_rows, n_cols = scores.shape
+    k = min(k, n_cols)
+    if k <= 0:
+        empty = np.empty((n_rows, 0))
+        return empty.astype(np.int64), empty.astype(scores.dtype)
+    if n_cols < 8192 or k * 64 > n_cols or n_rows == 0:
+        return _top_k_partition(scores, k)
+    stride = n_cols // 2048
+    sample = scores[:, ::stride]
+    rank = min(sample.shape[1] - 1, (2 * k) // stride + 2)
+    threshold = -np.partition(-sample, rank, axis=1)[:, rank]
+    keep = scores >= threshold[:, None]
+    counts = keep.sum(axis=1)
+    fine = (counts >= k) & (counts <= 64 * k)
+    out_idx = np.empty((n_rows, k), dtype=np.int64)
+    out_val = np.empty((n_rows, k), dtype=scores.dtype)
+    if (~fine).any():
+        rows = np.flatnonzero(~fine)
+        out_idx[rows], out_val[rows] = _top_k_partition(scores[rows], k)
+    if fine.any():
+        rows = np.flatnonzero(fine)
+        r, c = np.nonzero(keep if len(rows) == n_rows else keep[rows])
+        v = scores[rows[r], c]
+        order = np.lexsort((-v, r))
+        r, c, v = r[order], c[order], v[order]
+        starts = np.concatenate(([0], np.cumsum(counts[rows])[:-1]))
+        take = (starts[:, None] + np.arange(k)[None, :]).ravel()
+        out_idx[rows] = c[take].reshape(len(rows), k)
+        out_val[rows] = v[take].reshape(len(rows), k)
+    return out_idx, out_val
 
 
 def mask_seen(scores: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:

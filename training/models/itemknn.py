@@ -114,8 +114,12 @@ class ItemKNNModel(Recommender):
     def n_items(self) -> int:
         return self.similarity.shape[0]
 
+    def score_sparse(self, user_items: sp.csr_matrix) -> sp.csr_matrix:
+        """Scores as a sparse matrix: only items in the neighbourhoods of the user's items."""
+        return (self._input(user_items) @ self.similarity).tocsr().astype(np.float32)
+
     def score(self, user_items: sp.csr_matrix, users: np.ndarray | None = None) -> np.ndarray:
-        return np.asarray((self._input(user_items) @ self.similarity).toarray(), dtype=np.float32)
+        return np.asarray(self.score_sparse(user_items).toarray(), dtype=np.float32)
 
     def similar_items(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         rows = self.similarity[np.asarray(items)].toarray()
