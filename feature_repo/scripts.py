@@ -131,6 +131,63 @@ out[2] = new_items
 return out
 """
 
+# The {global} part of an ingest for the sharded (Redis Cluster) path, where every other update
+# is a plain command in a pipeline: decayed popularity, trending, first-seen and stats.
+# KEYS: popularity, trending, decay, first_seen, stats
+# ARGV: now, config JSON, accepted events JSON (columns i, ts, w), accepted, duplicates
+INGEST_GLOBAL = r"""
+local now = tonumber(ARGV[1])
+local cfg = cjson.decode(ARGV[2])
+local b = cjson.decode(ARGV[3])
+local function reference(field, rate, key)
+  local t0 = tonumber(redis.call('HGET', KEYS[3], field))
+  if not t0 then
+    t0 = now
+    redis.call('HSET', KEYS[3], field, t0)
+  elseif rate * (now - t0) > 200 then
+    local factor = math.exp(-rate * (now - t0))
+    redis.call('ZUNIONSTORE', key, 1, key, 'WEIGHTS', string.format('%.17g', factor))
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '1e-12')
+    t0 = now
+    redis.call('HSET', KEYS[3], field, t0)
+  end
+  return t0
+end
+local t_pop = reference('popularity', cfg.pop_rate, KEYS[1])
+local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
+local items, order = {}, {}
+for idx = 1, #b.i do
+  local iid, ts, w = b.i[idx], b.ts[idx], b.w[idx]
+  local it = items[iid]
+  if not it then
+    it = {pop = 0, trend = 0, first = ts}
+    items[iid] = it
+    order[#order + 1] = iid
+  end
+  it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
+  it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
+  if ts < it.first then it.first = ts end
+end
+local new_items = 0
+for _, iid in ipairs(order) do
+  local it = items[iid]
+  if it.pop > 0 then
+    redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
+    redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
+  end
+  new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
+end
+local accepted, dups = tonumber(ARGV[4]), tonumber(ARGV[5])
+if accepted > 0 then
+  redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
+  redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
+end
+if dups > 0 then
+  redis.call('HINCRBY', KEYS[5], 'duplicates', dups)
+end
+return new_items
+"""
+
 # The per-request read of one user's keys (one slot): the cached response for a signature (and
 # nothing else when there is one), else recent items and batch candidates, flat.
 # KEYS: cache, recent, candidates. ARGV: signature, now, cache ttl, n recent, n candidates.

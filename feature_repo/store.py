@@ -84,14 +84,24 @@ class GlobalLists:
 
 
 class FeatureStore:
-    """Real-time features of one namespace on one Redis server."""
+    """Real-time features of one namespace on one Redis server or a Redis Cluster.
+
+    On one server, an ingest or a request read is one Lua script (one round trip, atomic). On
+    a cluster (`sharded`, the default for a RedisCluster client) the same updates are plain
+    commands grouped per slot by the pipeline, in three round trips.
+    """
 
     def __init__(
-        self, client: redis.Redis, namespace: str, config: FeatureConfig | None = None
+        self,
+        client: redis.Redis,
+        namespace: str,
+        config: FeatureConfig | None = None,
+        sharded: bool | None = None,
     ) -> None:
         self.redis = client
         self.keys = Keys(namespace)
         self.config = config or FeatureConfig()
+        self.sharded = isinstance(client, redis.RedisCluster) if sharded is None else sharded
         self._shas: dict[str, str] = {}
         cfg = self.config
         self._cfg_json = json.dumps(
@@ -171,6 +181,8 @@ class FeatureStore:
         # One JSON document per event for the stream; JSON escapes newlines inside strings, so
         # splitting the NDJSON text on "\n" is exact.
         payloads = frame.write_ndjson().split("\n")[: frame.height]
+        if self.sharded:
+            return self._ingest_sharded(frame, batch, payloads, now)
         k = self.keys
         reply = self._eval(
             "INGEST",
@@ -181,6 +193,99 @@ class FeatureStore:
         return IngestResult(
             int(accepted), len(dups), np.asarray(dups, dtype=np.int64), int(new_items)
         )
+
+    def _ingest_sharded(
+        self, frame: pl.DataFrame, batch: dict[str, list], payloads: list[str], now: float
+    ) -> IngestResult:
+        """The ingest as plain commands, for Redis Cluster, where a script may touch one slot.
+
+        Round trip 1 appends every event to the stream (so an event is durable before it is
+        marked seen; the event store drops the duplicates this lets through). Round trip 2 marks
+        event ids seen (SET NX) and reads the users' recent items. Round trip 3 writes the user
+        and co-view updates, worked out here exactly as the INGEST script does them; the
+        {global} updates are one script in their slot.
+        """
+        k, cfg = self.keys, self.config
+        users, items, types, stamps = batch["u"], batch["i"], batch["t"], batch["ts"]
+        pipe = self.redis.pipeline(transaction=False)
+        for payload in payloads:
+            pipe.xadd(k.stream, {"e": payload})
+        pipe.execute()
+
+        distinct = list(dict.fromkeys(users))
+        pipe = self.redis.pipeline(transaction=False)
+        for user, event_id in zip(users, batch["e"], strict=True):
+            pipe.set(k.seen_event(user, event_id), "1", nx=True, ex=cfg.dedupe_ttl)
+        for user in distinct:
+            pipe.zrange(k.recent(user), 0, -1, withscores=True)
+        replies = pipe.execute()
+        new = np.array([bool(r) for r in replies[: len(users)]], dtype=bool)
+        recent = {u: dict(pairs) for u, pairs in zip(distinct, replies[len(users) :], strict=True)}
+
+        coview: dict[str, list[str]] = {}
+        counts: dict[str, dict[str, int]] = {}
+        touched: dict[str, dict[str, int]] = {}
+        for row in np.flatnonzero(new).tolist():
+            user, item, ts = users[row], items[row], stamps[row]
+            state = recent[user]
+            if item not in state:
+                window = sorted(
+                    (
+                        (score, member)
+                        for member, score in state.items()
+                        if score >= ts - cfg.coview_window_seconds
+                    ),
+                    reverse=True,
+                )[: cfg.coview_window_items]
+                for _, earlier in window:
+                    coview.setdefault(earlier, []).append(item)
+                state[item] = ts
+                if len(state) > cfg.recent_cap:
+                    del state[min(state.items(), key=lambda p: (p[1], p[0]))[0]]
+            else:
+                state[item] = max(state[item], ts)
+            latest = touched.setdefault(user, {})
+            latest[item] = max(latest.get(item, ts), ts)
+            per_type = counts.setdefault(user, {})
+            per_type[types[row]] = per_type.get(types[row], 0) + 1
+
+        pipe = self.redis.pipeline(transaction=False)
+        for user, per_type in counts.items():
+            key = k.recent(user)
+            pipe.zadd(key, touched[user], gt=True)
+            pipe.zremrangebyrank(key, 0, -cfg.recent_cap - 1)
+            pipe.expire(key, cfg.recent_ttl)
+            counters = k.counters(user)
+            for event_type, count in per_type.items():
+                pipe.hincrby(counters, event_type, count)
+            pipe.hset(counters, "last_seen", repr(float(now)))
+            pipe.expire(counters, cfg.counters_ttl)
+            pipe.delete(k.cache(user))
+        for earlier, later in coview.items():
+            key = k.coview(earlier)
+            for item in later:
+                pipe.zincrby(key, 1, item)
+            pipe.zremrangebyrank(key, 0, -cfg.coview_cap - 1)
+            pipe.expire(key, cfg.coview_ttl)
+        accepted_rows = np.flatnonzero(new).tolist()
+        for item in dict.fromkeys(items[r] for r in accepted_rows):
+            pipe.expire(k.coview(item), cfg.coview_ttl)
+        pipe.execute()
+
+        accepted = {name: [batch[name][r] for r in accepted_rows] for name in ("i", "ts", "w")}
+        new_items = self._eval(
+            "INGEST_GLOBAL",
+            [k.popularity, k.trending, k.decay, k.first_seen, k.stats],
+            [
+                repr(float(now)),
+                self._cfg_json,
+                json.dumps(accepted),
+                len(accepted_rows),
+                len(users) - len(accepted_rows),
+            ],
+        )
+        duplicates = np.flatnonzero(~new)
+        return IngestResult(len(accepted_rows), len(duplicates), duplicates, int(new_items))
 
     # -- reads on the request path ---------------------------------------------------------------
 
@@ -218,7 +323,7 @@ class FeatureStore:
         """`read_user` plus the top-k of each list (`coview` or an offline list name) of the
         user's newest `n_anchors` recent items: one round trip on a single Redis node."""
         names = list(list_names)
-        if isinstance(self.redis, redis.RedisCluster):
+        if self.sharded:
             state = self.read_user(user_id, signature, n_recent, n_candidates, now)
             if state.cached is not None:
                 return RequestFeatures(state.cached, EMPTY, EMPTY, {})
@@ -312,13 +417,12 @@ class FeatureStore:
         ]
         if not all_keys:
             return {name: [] for name in names}
-        if isinstance(self.redis, redis.RedisCluster):
-            # The keys live in different slots: one script call per key, in one pipeline.
-            script = self.redis.register_script(scripts.MULTI_TOP)
-            pipe = self.redis.pipeline()
+        if self.sharded:
+            # The keys live in different slots, and a cluster pipeline runs no scripts.
+            pipe = self.redis.pipeline(transaction=False)
             for key in all_keys:
-                script(keys=[key], args=[k], client=pipe)
-            replies = [r[0] for r in pipe.execute()]
+                pipe.zrevrange(key, 0, k - 1, withscores=True)
+            replies = [[x for pair in r for x in pair] for r in pipe.execute()]
         else:
             replies = self._eval("MULTI_TOP", all_keys, [k])
         n = len(item_ids)

@@ -121,7 +121,7 @@ class LiveFeatures:
 
 @dataclass(frozen=True)
 class RankingParams:
-    candidates_per_source: int = 200
+    candidates_per_source: int = 100
     anchors: int = 10
     recency_half_life: float = 6 * 3600.0
     freshness_boost: float = 0.1

@@ -25,7 +25,7 @@ from starlette.responses import Response
 
 from feature_repo.connection import connect
 from feature_repo.definitions import FeatureConfig
-from feature_repo.store import FeatureStore, GlobalLists
+from feature_repo.store import FeatureStore, GlobalLists, ScoredItems
 from feature_repo.stream import EventStream
 from serving.errors import install_error_handlers
 from serving.events import check_events
@@ -168,7 +168,8 @@ class RecommendationService:
         cached = self._global
         if cached is not None and now - cached[0] < self.settings.global_lists_ttl:
             return cached[1]
-        lists = self.store.global_lists(self.settings.candidates_per_source, now)
+        # Deeper than the ranker needs: /popular filters it by category.
+        lists = self.store.global_lists(max(500, self.settings.candidates_per_source), now)
         self._global = (now, lists)
         return lists
 
@@ -205,11 +206,13 @@ class RecommendationService:
                 return _envelope(found.cached, request_id, started, cached=True)
             self.metrics.cache.labels("miss").inc()
             glob = self._global_lists(now)
+            top = self.settings.candidates_per_source
+            popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
             live = LiveFeatures(
                 recent=found.recent,
                 candidates=found.candidates,
-                popularity=glob.popularity if len(glob.popularity) else glob.batch_popularity,
-                trending=glob.trending,
+                popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
+                trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
                 coview=found.lists.get("coview", []),
                 neighbors=found.lists.get("neighbors", []),
             )
@@ -239,7 +242,7 @@ class RecommendationService:
             {"items": items, "model_version": version, "variant": variant},
             separators=(",", ":"),
         )
-        if cacheable:
+        if cacheable and self.settings.cache_ttl > 0:
             try:
                 self.store.cache_response(body.user_id, signature, payload, now)
             except (redis.RedisError, ConnectionError) as exc:
@@ -296,9 +299,7 @@ class RecommendationService:
             }
         )
 
-    def _popular(self, k: int, category: str | None):
-        from feature_repo.store import ScoredItems
-
+    def _popular(self, k: int, category: str | None) -> ScoredItems:
         glob = self._global_lists(time.time())
         live = glob.popularity if len(glob.popularity) else glob.batch_popularity
         model = self.models.current.champion

@@ -44,7 +44,7 @@ class ServingSettings:
     max_future_seconds: float = 300.0
     max_body_bytes: int = 1_048_576
     global_lists_ttl: float = 0.05
-    candidates_per_source: int = 200
+    candidates_per_source: int = 100
     anchors: int = 10
     recency_half_life: float = 6 * 3600.0
     freshness_boost: float = 0.1

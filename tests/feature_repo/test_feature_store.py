@@ -261,3 +261,56 @@ def test_script_is_loaded_again_when_redis_lost_it(store: FeatureStore) -> None:
     # the server may be shared).
     store._shas["INGEST"] = "0" * 40
     assert store.ingest(events([("u", "b", "view", 0)], start_id=1), now=NOW).accepted == 1
+
+
+def test_the_sharded_path_for_redis_cluster_matches_the_script(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    from feature_repo.connection import clear_namespace
+    from training.generate import generate
+
+    generated = generate(150, 80, 3000, seed=4).events
+    shift = int(NOW) - int(generated["timestamp"].max())
+    frame = generated.with_columns(pl.col("timestamp") + shift)
+    # Some events come twice: within a batch and across batches.
+    frame = pl.concat([frame, frame.slice(100, 40), frame.slice(1000, 20)])
+    script = FeatureStore(redis_client, namespace)
+    sharded = FeatureStore(redis_client, namespace + "-sharded", sharded=True)
+    try:
+        for start in range(0, frame.height, 500):
+            part = frame.slice(start, 500)
+            a, b = script.ingest(part, now=NOW), sharded.ingest(part, now=NOW)
+            assert (a.accepted, a.duplicates, a.new_items) == (
+                b.accepted,
+                b.duplicates,
+                b.new_items,
+            )
+            np.testing.assert_array_equal(a.duplicate_rows, b.duplicate_rows)
+        for user in frame["user_id"].unique().to_list():
+            left, right = script.recent_items(user), sharded.recent_items(user)
+            assert list(left.ids) == list(right.ids) and list(left.scores) == list(right.scores)
+            assert script.counters(user) == sharded.counters(user)
+        item_ids = frame["item_id"].unique().sort().to_list()
+        for left, right in zip(
+            script.coviewed(item_ids, 500), sharded.coviewed(item_ids, 500), strict=True
+        ):
+            assert dict(zip(*left, strict=True)) == dict(zip(*right, strict=True))
+        pop_a, pop_b = script.popular(100, now=NOW), sharded.popular(100, now=NOW)
+        assert dict(zip(pop_a.ids, pop_a.scores.round(9), strict=True)) == dict(
+            zip(pop_b.ids, pop_b.scores.round(9), strict=True)
+        )
+        assert script.stats() == sharded.stats()
+        # The request read falls back to per-slot commands and reads the same.
+        user = frame["user_id"][0]
+        read_a = script.read_request(user, "s", 100, 10, 5, ["coview"], 20, now=NOW)
+        read_b = sharded.read_request(user, "s", 100, 10, 5, ["coview"], 20, now=NOW)
+        assert list(read_a.recent.ids) == list(read_b.recent.ids)
+        for left, right in zip(read_a.lists["coview"], read_b.lists["coview"], strict=True):
+            assert list(left.ids) == list(right.ids)
+        # The stream carries every accepted event; the sharded path also the duplicates (it
+        # appends before deduplicating, and the event store drops them).
+        accepted = script.stats()["accepted"]
+        assert EventStream(redis_client, namespace).length() == accepted
+        assert EventStream(redis_client, namespace + "-sharded").length() == frame.height
+    finally:
+        clear_namespace(redis_client, namespace + "-sharded")
