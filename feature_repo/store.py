@@ -35,14 +35,14 @@ class ScoredItems(NamedTuple):
         return len(self.ids)
 
 
-EMPTY = ScoredItems(np.empty(0, dtype=object), np.empty(0, dtype=np.float64))
+EMPTY = ScoredItems(np.empty(0, dtype=str), np.empty(0, dtype=np.float64))
 
 
 def _scored(flat: Sequence[str] | None) -> ScoredItems:
-    """A flat [member, score, member, score, ...] reply as arrays."""
+    """A flat [member, score, member, score, ...] reply as arrays (ids as a numpy str array)."""
     if not flat:
         return EMPTY
-    return ScoredItems(np.array(flat[0::2], dtype=object), np.array(flat[1::2], dtype=np.float64))
+    return ScoredItems(np.array(flat[0::2], dtype=str), np.array(flat[1::2], dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -441,7 +441,7 @@ class FeatureStore:
         if not flat:
             return EMPTY
         return ScoredItems(
-            np.array([m for m, _ in flat], dtype=object),
+            np.array([m for m, _ in flat], dtype=str),
             np.array([s for _, s in flat], dtype=np.float64),
         )
 

@@ -96,15 +96,15 @@ def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(sorted_ids[pos] == ids, pos, -1)
 
 
-def _row(n: int, columns: np.ndarray, values: np.ndarray) -> sp.csr_matrix:
-    """A 1 x n CSR row, duplicates summed."""
-    if len(columns):
+def _row(n: int, columns: np.ndarray, values: np.ndarray, unique: bool = False) -> sp.csr_matrix:
+    """A 1 x n CSR row; duplicate columns are summed unless the caller knows there are none."""
+    if len(columns) and not unique:
         columns, inverse = np.unique(columns, return_inverse=True)
-        values = np.bincount(inverse, weights=values).astype(np.float32)
-    else:
-        values = values.astype(np.float32)
+        values = np.bincount(inverse, weights=values)
     indptr = np.array([0, len(columns)], dtype=np.int32)
-    return sp.csr_matrix((values, columns.astype(np.int32), indptr), shape=(1, n))
+    return sp.csr_matrix(
+        (values.astype(np.float32), columns.astype(np.int32), indptr), shape=(1, n)
+    )
 
 
 @dataclass(frozen=True)
@@ -307,9 +307,14 @@ class Ranker:
         hist_cols, hist_vals = model.user_row(user) if user >= 0 else (_NO_INT, _NO_FLOAT)
         known = recent_idx < n
         live_cols, live_vals = recent_idx[known], recent_w[known]
-        live_row = _row(n, live_cols, live_vals)
-        train_row = _row(n, hist_cols, hist_vals)
-        both = _row(n, np.r_[hist_cols, live_cols], np.r_[hist_vals, live_vals])
+        # Training columns are unique, and so are the live ones (members of a sorted set).
+        live_row = _row(n, live_cols, live_vals, unique=True)
+        train_row = _row(n, hist_cols, hist_vals, unique=True)
+        both = (
+            _row(n, np.r_[hist_cols, live_cols], np.r_[hist_vals, live_vals])
+            if len(live_cols) and len(hist_cols)
+            else (live_row if len(live_cols) else train_row)
+        )
         seen = both.indices.astype(np.int64)
         out: dict[str, np.ndarray] = {}
         for name, component in model.components.items():
