@@ -447,13 +447,13 @@ class FeatureStore:
 
     def counters(self, user_id: str) -> dict[str, float]:
         """Events per event_type, `events` in total and `last_seen` of a user ({} if none)."""
-        raw = {
-            name: float(value)
-            for name, value in self.redis.hgetall(self.keys.counters(user_id)).items()
-        }
+        raw = self.redis.hgetall(self.keys.counters(user_id))
+        out = {name: float(value) for name, value in raw.items() if name in self._weights}
         if raw:
-            raw["events"] = sum(v for k, v in raw.items() if k != "last_seen")
-        return raw
+            out["events"] = sum(out.values())
+            if "last_seen" in raw:
+                out["last_seen"] = float(raw["last_seen"])
+        return out
 
     def first_seen(self, item_ids: Sequence[str]) -> np.ndarray:
         """Epoch seconds of each item's first live event, NaN for items never seen live."""
