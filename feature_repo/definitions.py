@@ -131,7 +131,7 @@ FEATURES: tuple[Feature, ...] = (
         ITEM,
         "{ns}:{item:<item_id>}:coview",
         "zset",
-        "items viewed after this one by the same user within the co-view window, weighted",
+        "how often each other item was touched after this one by one user, within the window",
         ttl_seconds=FeatureConfig.coview_ttl,
         cap=FeatureConfig.coview_cap,
     ),
@@ -177,7 +177,7 @@ FEATURES: tuple[Feature, ...] = (
         GLOBAL,
         "{ns}:{global}:first_seen",
         "hash",
-        "epoch seconds of each item's first live event; new items get a freshness boost",
+        "epoch seconds of each item's first live event (new items are counted)",
     ),
     Feature(
         "stats",
