@@ -435,14 +435,12 @@ _NO_FLOAT = np.empty(0, dtype=np.float64)
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n largest finite values (unordered)."""
-    finite = np.isfinite(values)
-    count = int(finite.sum())
-    if not count:
+    """Indices of the n largest finite values (unordered); scores are finite or -inf."""
+    n = min(n, len(values))
+    if n <= 0:
         return _NO_INT
-    n = min(n, count)
-    masked = np.where(finite, values, -np.inf)
-    return np.argpartition(-masked, n - 1)[:n]
+    top = np.argpartition(-values, n - 1)[:n]
+    return top[np.isfinite(values[top])]
 
 
 def _max_normalised(values: np.ndarray) -> np.ndarray:

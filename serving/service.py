@@ -199,10 +199,10 @@ class RecommendationService:
                 body.user_id,
                 signature,
                 self.store.config.recent_cap,
-                self.settings.anchors * 10,
+                self.settings.candidates_per_source,
                 self.settings.anchors,
                 names,
-                50,
+                self.settings.per_anchor,
                 now,
             )
             if found.cached is not None:

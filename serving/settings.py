@@ -46,6 +46,7 @@ class ServingSettings:
     global_lists_ttl: float = 0.05
     candidates_per_source: int = 100
     anchors: int = 10
+    per_anchor: int = 20
     recency_half_life: float = 6 * 3600.0
     freshness_boost: float = 0.1
     category_cap: float = 0.4
