@@ -167,6 +167,14 @@ class WrkResult:
     p99_ms: float
     non_2xx: int
     errors: str
+    note: str = ""
+
+
+def cache_counts(url: str) -> tuple[float, float]:
+    """(hits, misses) of the response cache so far, from the service's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = dict(re.findall(r'recsys_recommend_cache_total\{result="(\w+)"\} ([\d.e+]+)', text))
+    return float(found.get("hit", 0)), float(found.get("miss", 0))
 
 
 def _ms(text: str) -> float:
@@ -365,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             f"cores; service and references with {args.workers} workers"
         )
     )
-    for column in ("endpoint", "req/s", "p50 ms", "p99 ms", "non-2xx", "socket errors"):
+    for column in ("endpoint", "req/s", "p50 ms", "p99 ms", "non-2xx", "socket errors", "note"):
         table.add_column(column, justify="left" if column == "endpoint" else "right")
     for r in results:
         table.add_row(
@@ -375,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.p99_ms:.2f}",
             str(r.non_2xx),
             r.errors.strip() or "-",
+            r.note,
         )
     console.print(table)
     console.print(
