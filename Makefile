@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export RECSYS_HOME ?= $(CURDIR)/.recsys
+# MLflow artifacts of the embedded default live in the repository's mlruns/ (git-ignored).
+export RECSYS_MLFLOW_ARTIFACTS ?= $(CURDIR)/mlruns
 
 .PHONY: install demo test lint format up serve consume bench clean
 

@@ -275,10 +275,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bundle = registry.load_bundle(champion.version)
         sample = bundle.user_ids[:3]
         recs = bundle.recommend_ids(sample, k=5).join(
-            bundle.catalog.select("item_id", "category", "price"), on="item_id", how="left"
+            bundle.catalog.select("item_id", "title", "category", "price"), on="item_id", how="left"
         )
         _print(f"\nsample recommendations from champion version {champion.version}:")
-        _print(str(recs))
+        with pl.Config(tbl_rows=len(recs), tbl_hide_dataframe_shape=True, fmt_str_lengths=40):
+            _print(str(recs))
     _print(
         "\nnext:\n"
         "  make up      # Dagster UI on http://127.0.0.1:3000, MLflow UI on http://127.0.0.1:5000\n"
