@@ -24,6 +24,7 @@ from pydantic import Field
 
 from orchestration.resources import MLflowResource
 from training.evaluation import to_markdown
+from training.registry import flatten_params
 from training.segments import (
     FEATURE_DOC,
     SEGMENTS,
@@ -258,16 +259,6 @@ def top_movers(items: pl.DataFrame, n: int) -> pl.DataFrame:
     )
 
 
-def _flat_params(prefix: str, params: dict) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out.update(_flat_params(f"{prefix}{key}.", value))
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
-
-
 @contextmanager
 def _analytics_run(
     tracking: MLflowResource, run_name: str, tags: dict[str, str]
@@ -391,7 +382,7 @@ def trend_analysis(
     )
     run_name = f"trend-analysis-{context.run_id[:8]}"
     with _analytics_run(tracking, run_name, _run_tags(context, "trends")) as run:
-        mlflow.log_params(_flat_params("", config.model_dump()))
+        mlflow.log_params(flatten_params("", config.model_dump()))
         mlflow.log_metrics({**summary, "seconds": seconds, "now": result.now})
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -531,7 +522,7 @@ def user_segments(
         metrics["kmeans_inertia"] = float(model.kmeans.inertia_)
     run_name = f"user-segments-{context.run_id[:8]}"
     with _analytics_run(tracking, run_name, _run_tags(context, "segments")) as run:
-        params = _flat_params("", config.model_dump())
+        params = flatten_params("", config.model_dump())
         params["features_used"] = ",".join(model.features)
         params["clusters"] = str(model.kmeans.n_clusters if model.kmeans is not None else 0)
         mlflow.log_params(params)

@@ -16,7 +16,7 @@ from assets.models import TrainedHybrid
 from orchestration.resources import MLflowResource
 from training.evaluation import to_markdown
 from training.matrix import InteractionMatrix
-from training.registry import GATE_METRIC, metric_key
+from training.registry import GATE_METRIC, flatten_params, metric_key
 from training.train import SplitData
 
 GROUP = "publishing"
@@ -37,16 +37,6 @@ class BatchConfig(dg.Config):
 
 class NeighborsConfig(dg.Config):
     k: int = Field(default=100, description="Neighbours per item.")
-
-
-def _flat_params(prefix: str, params: dict) -> dict[str, str]:
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out.update(_flat_params(f"{prefix}{key}.", value))
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
 
 
 def _evaluation_plot(table: pl.DataFrame, path: Path) -> Path:
@@ -86,9 +76,9 @@ def registered_model(
     gate_value = float(hybrid_row["ndcg@10"][0])
     tags = {"dagster_run_id": context.run_id, "orchestrator": "dagster"}
     with registry.start_run(f"hybrid-{context.run_id[:8]}", tags) as run:
-        params = _flat_params("matrix.", interaction_matrix.params)
+        params = flatten_params("matrix.", interaction_matrix.params)
         for name, component in hybrid_ranker.components.items():
-            params.update(_flat_params(f"{name}.", component.params))
+            params.update(flatten_params(f"{name}.", component.params))
         params.update({f"weight.{k}": str(v) for k, v in hybrid_ranker.final.weights.items()})
         params["users"], params["items"] = (str(v) for v in interaction_matrix.shape)
         params["interactions"] = str(interaction_matrix.nnz)

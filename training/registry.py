@@ -33,6 +33,17 @@ CHALLENGER = "challenger"
 BUNDLE_ARTIFACT = "bundle"
 
 
+def flatten_params(prefix: str, params: dict[str, Any]) -> dict[str, str]:
+    """Nested params as flat MLflow params: {"als": {"factors": 64}} -> {"als.factors": "64"}."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(flatten_params(f"{prefix}{key}.", value))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
 def metric_key(name: str) -> str:
     """MLflow-safe metric name: `ndcg@10` -> `ndcg_at_10`."""
     return name.replace("@", "_at_").replace(" ", "_")

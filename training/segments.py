@@ -14,6 +14,8 @@ import polars as pl
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
+from training.matrix import DEFAULT_EVENT_WEIGHTS
+
 SEGMENTS: tuple[str, ...] = (
     "browser",
     "buyer",
@@ -79,15 +81,8 @@ _NEEDS: dict[str, tuple[str, ...]] = {
 
 
 def _default_interest_weights() -> dict[str, float]:
-    return {
-        "view": 1.0,
-        "click": 3.0,
-        "add_to_cart": 5.0,
-        "purchase": 10.0,
-        "like": 4.0,
-        "share": 6.0,
-        "rating": 1.0,
-    }
+    # The interaction matrix's weights; here a rating counts as one event of interest.
+    return {**DEFAULT_EVENT_WEIGHTS, "rating": 1.0}
 
 
 def _default_price_weights() -> dict[str, float]:

@@ -13,21 +13,16 @@ import polars as pl
 from scipy.sparse import csr_matrix
 from scipy.special import ndtr
 
+from training.matrix import DEFAULT_EVENT_WEIGHTS
+
 TREND_TYPES: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
 DIRECTIONS: tuple[str, ...] = ("down", "flat", "up")
 DAY = 86_400
 
 
 def _default_weights() -> dict[str, float]:
-    return {
-        "view": 1.0,
-        "click": 3.0,
-        "add_to_cart": 5.0,
-        "purchase": 10.0,
-        "like": 4.0,
-        "share": 6.0,
-        "rating": 1.0,
-    }
+    # The interaction matrix's weights; here a rating counts as one event of interest.
+    return {**DEFAULT_EVENT_WEIGHTS, "rating": 1.0}
 
 
 @dataclass
