@@ -313,9 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 # Warm-up: every worker loads scripts and touches its caches.
                 run_wrk("warm-up", f"{url}/recommend", recommend_lua, 3, args.connections, 2)
-                results.append(
-                    run_wrk(f"/recommend, {label}", f"{url}/recommend", recommend_lua, *run)
-                )
+                hits, misses = cache_counts(url)
+                result = run_wrk(f"/recommend, {label}", f"{url}/recommend", recommend_lua, *run)
+                hits_after, misses_after = cache_counts(url)
+                served = max((hits_after - hits) + (misses_after - misses), 1)
+                result.note = f"cache hits {100 * (hits_after - hits) / served:.0f}%"
+                results.append(result)
         if not args.skip_references:
             port = free_port()
             ref_env = {
