@@ -140,7 +140,7 @@ FEATURES: tuple[Feature, ...] = (
         ITEM,
         "{ns}:{item:<item_id>}:list:<name>",
         "zset",
-        "offline per-item lists (`neighbors`: embedding neighbours, or an item-item model)",
+        "offline per-item lists: `neighbors` (embedding), `itemitem` (the item-item model)",
         ttl_seconds=FeatureConfig.offline_ttl,
     ),
     Feature(
@@ -197,6 +197,9 @@ FEATURES: tuple[Feature, ...] = (
 FEATURES_BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
 
 CONSUMER_GROUP = "event-store"
+# Names of the per-item lists the batch loop pushes (`item_list` feature).
+NEIGHBORS_LIST = "neighbors"  # embedding (Item2Vec) neighbours
+ITEM_ITEM_LIST = "itemitem"  # the item-item model's (EASE / item-kNN) neighbours
 
 
 class Keys:

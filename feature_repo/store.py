@@ -18,7 +18,7 @@ import polars as pl
 import redis
 
 from feature_repo import scripts
-from feature_repo.definitions import FeatureConfig, Keys
+from feature_repo.definitions import NEIGHBORS_LIST, FeatureConfig, Keys
 
 # Columns of the event contract, in the order the stream payload carries them.
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp", "value", "session_id", "event_id")
@@ -484,7 +484,7 @@ class FeatureStore:
 
     def push_item_neighbors(self, frame: pl.DataFrame) -> int:
         """Replace the `neighbors` lists (embedding neighbours): `item_id, neighbor_id, score`."""
-        return self.push_item_lists("neighbors", frame)
+        return self.push_item_lists(NEIGHBORS_LIST, frame)
 
     def push_batch_candidates(self, frame: pl.DataFrame) -> int:
         """Replace users' batch candidates from `user_id, item_id, score`; returns users written."""

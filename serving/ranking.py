@@ -32,7 +32,14 @@ _REASONS = {
     "trending": "trending now",
     "batch": "picked for you",
     "coview": "viewed together with items you viewed",
+    "itemitem": "often chosen with items you viewed",
     "recency": "related to what you just viewed",
+}
+_ANCHORED_VERBS = {
+    "coview": "viewed together with",
+    "item2vec": "similar to",
+    "itemitem": "often chosen with",
+    "recency": "similar to",
 }
 _NO_IDS = np.empty(0, dtype=str)
 
@@ -117,6 +124,7 @@ class LiveFeatures:
     trending: ScoredItems = EMPTY
     coview: list[ScoredItems] = field(default_factory=list)
     neighbors: list[ScoredItems] = field(default_factory=list)
+    item_item: list[ScoredItems] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,10 @@ class Ranker:
             model is None or weights.get("item2vec", 0) <= 0 or ("item2vec" not in model.components)
         )
         neighbors = live.neighbors[:n_anchor] if use_neighbors else []
+        use_item_item = (
+            model is None or model.item_item is None or (weights.get(model.item_item, 0) <= 0)
+        )
+        item_item = live.item_item[:n_anchor] if use_item_item else []
         flat_lists = {"popularity": live.popularity, "trending": live.trending}
         flat_lists["batch"] = live.candidates
         excluded = np.asarray(filters.exclude_item_ids or [], dtype=str)
@@ -207,12 +219,14 @@ class Ranker:
             [live.recent.ids, excluded]
             + [s.ids for s in flat_lists.values()]
             + [s.ids for s in coview]
-            + [s.ids for s in neighbors],
+            + [s.ids for s in neighbors]
+            + [s.ids for s in item_item],
         )
         recent_idx, excluded_idx, *rest = ids.parts
         flat_idx = dict(zip(flat_lists, rest[:3], strict=True))
         coview_idx = rest[3 : 3 + len(coview)]
-        neighbor_idx = rest[3 + len(coview) :]
+        neighbor_idx = rest[3 + len(coview) : 3 + len(coview) + len(neighbors)]
+        item_item_idx = rest[3 + len(coview) + len(neighbors) :]
 
         dense: dict[str, np.ndarray] = {}
         seen = recent_idx
@@ -225,7 +239,7 @@ class Ranker:
         parts = [_top(s, params.candidates_per_source) for s in dense.values()]
         proposed_dense = dict(zip(dense, parts, strict=True))
         parts += [flat_idx[n] for n in flat_lists if weights.get(n, 0) > 0]
-        parts += coview_idx + neighbor_idx
+        parts += coview_idx + neighbor_idx + item_item_idx
         pool = np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
         if not len(pool):
             return EMPTY_RANKED
@@ -248,6 +262,7 @@ class Ranker:
         for name, per_anchor, per_idx in (
             ("coview", coview, coview_idx),
             ("item2vec", neighbors, neighbor_idx),
+            ("itemitem", item_item, item_item_idx),
         ):
             if per_idx:
                 self._anchored(
@@ -480,9 +495,8 @@ def _explain(
         per_item.append({sources[r]: float(rounded[r, col]) for r in rows})
         top = sources[best[col]]
         which = anchor[position]
-        if top in ("coview", "item2vec", "recency") and which >= 0:
-            verb = "viewed together with" if top == "coview" else "similar to"
-            reason = f"{verb} {anchors[which]}"
+        if top in _ANCHORED_VERBS and which >= 0:
+            reason = f"{_ANCHORED_VERBS[top]} {anchors[which]}"
         else:
             reason = _REASONS.get(top, "recommended")
         if fresh[position]:

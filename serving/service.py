@@ -25,7 +25,7 @@ from fastapi import Path as PathParam
 from starlette.responses import Response
 
 from feature_repo.connection import connect
-from feature_repo.definitions import FeatureConfig
+from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
 from feature_repo.store import FeatureStore, GlobalLists, ScoredItems
 from feature_repo.stream import EventStream
 from serving.errors import install_error_handlers
@@ -193,7 +193,9 @@ class RecommendationService:
         live, cacheable = LiveFeatures(), True
         names = ["coview"]
         if model is None or "item2vec" not in model.components:
-            names.append("neighbors")
+            names.append(NEIGHBORS_LIST)
+        if model is None or model.item_item is None:
+            names.append(ITEM_ITEM_LIST)
         try:
             found = self.store.read_request(
                 body.user_id,
@@ -219,7 +221,8 @@ class RecommendationService:
                 popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
                 trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
                 coview=found.lists.get("coview", []),
-                neighbors=found.lists.get("neighbors", []),
+                neighbors=found.lists.get(NEIGHBORS_LIST, []),
+                item_item=found.lists.get(ITEM_ITEM_LIST, []),
             )
         except (redis.RedisError, ConnectionError) as exc:
             # Without Redis the model still answers; the response just lacks live signals.
@@ -275,8 +278,13 @@ class RecommendationService:
                     for j, s in zip(found[0][valid], scores[0][valid], strict=True)
                 ]
         if not items:
-            lists = self.store.item_lists([body.item_id], ["coview", "neighbors"], body.k)
-            for name, reason in (("coview", "viewed together"), ("neighbors", "similar")):
+            fallbacks = (
+                ("coview", "viewed together"),
+                (ITEM_ITEM_LIST, "often chosen together"),
+                (NEIGHBORS_LIST, "similar"),
+            )
+            lists = self.store.item_lists([body.item_id], [n for n, _ in fallbacks], body.k)
+            for name, reason in fallbacks:
                 scored = lists[name][0]
                 if len(scored):
                     items = _scored_items(scored, reason, body.k)

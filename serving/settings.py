@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 
 # The design's blend when the training run gives no weights: co-view 0.4, embedding 0.3,
-# popularity 0.2, recency 0.1. Trending and the batch loop's candidates join with smaller shares.
+# popularity 0.2, recency 0.1. Trending, the batch loop's candidates and its pushed item-item
+# lists join with smaller shares.
 DEFAULT_BLEND: dict[str, float] = {
     "coview": 0.4,
     "item2vec": 0.3,
@@ -15,6 +16,7 @@ DEFAULT_BLEND: dict[str, float] = {
     "recency": 0.1,
     "trending": 0.1,
     "batch": 0.2,
+    "itemitem": 0.2,
 }
 # Sources whose weight comes from the training run when a model is loaded.
 MODEL_SOURCES = ("als", "item2vec", "ease", "itemknn", "popularity")
@@ -94,7 +96,9 @@ def blend_weights(settings: ServingSettings, trained: dict[str, float] | None) -
         if total > 0:
             for name in MODEL_SOURCES:
                 weights.pop(name, None)
-            weights.pop("batch", None)  # the loaded model supersedes its own batch output
+            # The loaded model supersedes its own batch output and pushed item-item lists.
+            weights.pop("batch", None)
+            weights.pop("itemitem", None)
             for name, value in usable.items():
                 weights[name] = settings.model_share * value / total
     weights.update(settings.blend_overrides)

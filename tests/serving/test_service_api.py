@@ -249,3 +249,33 @@ def test_health_readiness_and_openapi(client: TestClient) -> None:
         assert path in spec["paths"], path
     recommend = spec["paths"]["/recommend"]["post"]
     assert "requestBody" in recommend and "422" in recommend["responses"]
+
+
+def test_without_a_model_pushed_lists_and_batch_candidates_serve(
+    client: TestClient, store: FeatureStore
+) -> None:
+    import polars as pl
+
+    store.push_item_lists(
+        "itemitem",
+        pl.DataFrame(
+            {"item_id": ["kettle"] * 2, "neighbor_id": ["teapot", "mug"], "score": [0.9, 0.4]}
+        ),
+    )
+    store.push_item_neighbors(
+        pl.DataFrame({"item_id": ["kettle"], "neighbor_id": ["toaster"], "score": [0.8]})
+    )
+    store.push_batch_candidates(
+        pl.DataFrame({"user_id": ["cook"], "item_id": ["apron"], "score": [3.0]})
+    )
+    post_events(client, [("cook", "kettle", "view", "k1")])
+    items = {
+        i["item_id"]: i for i in client.post("/recommend", json={"user_id": "cook"}).json()["items"]
+    }
+    assert items["teapot"]["reason"] == "often chosen with kettle"
+    assert "itemitem" in items["teapot"]["sources"]
+    assert items["toaster"]["reason"] == "similar to kettle"
+    assert items["apron"]["sources"] == {"batch": 1.0}
+    similar = client.post("/similar_items", json={"item_id": "kettle", "k": 2}).json()["items"]
+    assert [i["item_id"] for i in similar] == ["teapot", "mug"]
+    assert similar[0]["reason"] == "often chosen together"

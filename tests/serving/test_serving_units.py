@@ -26,7 +26,8 @@ def test_trained_weights_share_the_blend_with_live_sources() -> None:
     weights = blend_weights(ServingSettings(model_share=0.5), trained)
     assert weights["als"] == pytest.approx(0.2) and weights["ease"] == pytest.approx(0.2)
     assert weights["popularity"] == pytest.approx(0.1)
-    assert "item2vec" not in weights and "batch" not in weights  # zero weight, superseded
+    assert "item2vec" not in weights  # zero weight
+    assert "batch" not in weights and "itemitem" not in weights  # superseded by the model
     assert weights["coview"] == 0.4 and weights["recency"] == 0.1
     overridden = blend_weights(ServingSettings(blend_overrides={"coview": 0.9}), trained)
     assert overridden["coview"] == 0.9
