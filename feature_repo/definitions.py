@@ -1,9 +1,5 @@
-"""Every real-time feature in one place: its entity, Redis key and type, TTL and cap.
-
-`FeatureStore` and `EventStream` build every key through `Keys`, so a Redis key is spelled here
-and nowhere else. Per-user keys share the hash tag `{user:<id>}` and per-item keys `{item:<id>}`,
-so each entity's keys land in one Redis Cluster slot.
-"""
+"""Every real-time feature in one place (entity, Redis key and type, TTL, cap); `Keys` is the
+only place a Redis key is spelled; hash tags put each user's and each item's keys in one slot."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Lua scripts run inside Redis: the one-round-trip ingest of an event batch and flat reads.
-
-Scripts return flat arrays, so the client does no per-element work beyond the socket read.
-"""
+"""Lua scripts run inside Redis: the one-round-trip ingest of an event batch and flat reads
+(scripts return flat arrays, so the client does no per-element work beyond the socket read)."""
 
 from __future__ import annotations
 

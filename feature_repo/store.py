@@ -1,8 +1,5 @@
-"""The one implementation of every real-time feature update and read, over Redis.
-
-An event batch updates every feature and is appended to the durable stream in one round trip
-(the `INGEST` Lua script); reads used on the request path are single round trips as well.
-"""
+"""The one implementation of every real-time feature update and read, over Redis: an event
+batch is one round trip (the INGEST script), and so is the read of a recommendation request."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The durable event log: a Redis Stream read through a consumer group, acknowledged per batch.
-
-`FeatureStore.ingest` appends accepted events; `EventStream` is the reading side used by the
-consumer that moves them into the event store.
-"""
+"""The durable event log's reading side: a Redis Stream read through a consumer group,
+acknowledged per batch (`FeatureStore.ingest` is the writing side)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""`recsys consume`: moves events from the Redis stream into the event store, once in effect.
-
-Entries are read through the consumer group and acknowledged only after the store's append has
-returned; the append is idempotent on event_id, so a crash between the two (at-least-once
-delivery) never duplicates an event. On start the consumer first re-reads its own unacknowledged
-entries, then claims those that other, dead, consumers left idle (XAUTOCLAIM).
-"""
+"""`recsys consume`: moves events from the Redis stream into the event store through a consumer
+group, acknowledging only stored events (at-least-once delivery + idempotent store = once)."""
 
 from __future__ import annotations
 
@@ -55,6 +50,9 @@ def run_consumer(
 ) -> ConsumerStats:
     """Consume until `stop_event` is set, `max_batches` batches were stored, or (idle_exit) the
     stream has nothing left; returns the run's counts.
+
+    On start the consumer re-reads its own unacknowledged entries (a restart under the same
+    name), then regularly claims entries other, dead, consumers left idle (XAUTOCLAIM).
 
     Defaults come from the environment: REDIS_URL / RECSYS_REDIS_NAMESPACE for the stream,
     RECSYS_POSTGRES_URL for the event store (the embedded store under RECSYS_HOME otherwise).

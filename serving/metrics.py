@@ -1,9 +1,5 @@
 """The service's own Prometheus metrics, beside BentoML's per-endpoint request counts and latency
-histograms (`bentoml_service_request_total`, `bentoml_service_request_duration_seconds`).
-
-prometheus_client is imported when the service is constructed, not at import time: BentoML sets
-PROMETHEUS_MULTIPROC_DIR in each worker first, so every worker's values reach `/metrics`.
-"""
+histograms; created when the service starts, after BentoML's multiprocess set-up."""
 
 from __future__ import annotations
 

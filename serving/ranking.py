@@ -1,14 +1,5 @@
-"""Candidate generation, blending and re-ranking of one request, vectorised over the candidates.
-
-Stage 1 pools candidates from the loaded model's components (ALS with fold-in, Item2Vec, the
-item-item model) and from live Redis features (co-view of recent items, decayed popularity,
-trending, the batch loop's candidates and pushed neighbours). Stage 2 normalises each source's
-scores and blends them with per-source weights. Stage 3 applies business rules (stock, price,
-categories, seen items), a freshness boost for items newer than the model, and a per-category cap.
-
-Candidates are integer ids: the model's item columns, then per request one id for each item the
-model does not know (new items seen live), so every step is an array operation.
-"""
+"""Candidate generation, blending and re-ranking of one /recommend request, vectorised over the
+candidates (see docs/serving.md for the stages and weights)."""
 
 from __future__ import annotations
 
@@ -173,7 +164,14 @@ class _Ids:
 
 
 class Ranker:
-    """Turns a model (or none) and live features into the top-k items of one request."""
+    """Turns a model (or none) and live features into the top-k items of one request.
+
+    Stage 1 pools candidates from the model's components and the live lists; stage 2 normalises
+    each source's scores and blends them; stage 3 applies business rules, seen items, a freshness
+    boost for items newer than the model and a per-category cap. Candidates are integer ids (the
+    model's item columns, then one per request for each item the model does not know), so every
+    step is an array operation.
+    """
 
     def __init__(self, params: RankingParams) -> None:
         self.params = params

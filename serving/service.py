@@ -1,9 +1,5 @@
 """The BentoML recommendation service: /recommend, /similar_items, /popular, /events and user
-activity, over the registry's champion (and challenger) and the Redis real-time features.
-
-The endpoints are a FastAPI app mounted on the service with `@bentoml.asgi_app`; each route calls
-the worker's service instance. BentoML adds /healthz, /readyz, /metrics and the OpenAPI spec.
-"""
+activity over the registry's champion (and challenger) and the real-time features in Redis."""
 
 from __future__ import annotations
 
@@ -56,6 +52,8 @@ ERRORS = {
     422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
 }
 
+# The endpoints are a FastAPI app mounted with `@bentoml.asgi_app`; each route calls the worker's
+# service instance. BentoML adds /healthz, /readyz, /metrics and the OpenAPI document.
 app = FastAPI(
     title="recsys",
     description="Real-time recommendations and event ingestion.",
