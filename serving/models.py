@@ -72,6 +72,7 @@ class ModelManager:
         poll_seconds: float = 30.0,
         challenger_share: float = 0.1,
         on_change: Callable[[ModelSet], None] | None = None,
+        prepare: Callable[[ServingModel], None] | None = None,
     ) -> None:
         self._registry_factory = registry_factory
         self._registry: Registry | None = None
@@ -79,6 +80,9 @@ class ModelManager:
         self.poll_seconds = poll_seconds
         self.challenger_share = challenger_share
         self.on_change = on_change
+        # Runs on each newly loaded model before it serves (e.g. to attach its blend weights),
+        # so a request reads everything about its model from the one object it picked.
+        self.prepare = prepare
         self.current = ModelSet(challenger_share=challenger_share)
         self.last_error: str | None = None
         self.last_check: float | None = None
@@ -129,7 +133,9 @@ class ModelManager:
                         loaded[variant] = have
                     else:
                         bundle = self.registry.load_bundle(info.version)
-                        loaded[variant] = ServingModel(bundle, info.version, variant)
+                        loaded[variant] = self._prepared(
+                            ServingModel(bundle, info.version, variant)
+                        )
                         log.info("loaded %s version %s", variant, info.version)
             # Any registry failure (network, auth, a corrupt artifact) keeps the last good models.
             except Exception as exc:
@@ -142,6 +148,11 @@ class ModelManager:
                 self._swap(models)
                 self._save_last_good(models)
             return True
+
+    def _prepared(self, model: ServingModel) -> ServingModel:
+        if self.prepare is not None:
+            self.prepare(model)
+        return model
 
     def _swap(self, models: ModelSet) -> None:
         # One reference assignment: in-flight requests keep the set they started with.
@@ -166,8 +177,8 @@ class ModelManager:
         try:
             state = json.loads(self.state_file.read_text())
             loaded = {
-                variant: ServingModel(
-                    HybridRecommender.load(entry["path"]), entry["version"], variant
+                variant: self._prepared(
+                    ServingModel(HybridRecommender.load(entry["path"]), entry["version"], variant)
                 )
                 for variant, entry in state.items()
                 if variant in (CHAMPION, CHALLENGER)

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 
 from feature_repo.store import EMPTY, ScoredItems
 from serving.schemas import Filters
+from serving.settings import ServingSettings, blend_weights
 from training.hybrid import HybridRecommender
 
 ITEM_ITEM = ("ease", "itemknn")
@@ -54,6 +55,8 @@ class ServingModel:
         self.price = catalog["price"].cast(float).fill_null(float("nan")).to_numpy()
         self.in_stock = catalog["in_stock"].fill_null(True).to_numpy().astype(bool)
         self.weights = dict(bundle.weights)
+        # Per-source blend weights; the service sets them from its settings before serving.
+        self.blend: dict[str, float] = blend_weights(ServingSettings(), self.weights)
         self.components = bundle.components
         self.item_item = next((n for n in ITEM_ITEM if n in bundle.components), None)
         pop = bundle.components.get("popularity")

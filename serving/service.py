@@ -96,13 +96,16 @@ class RecommendationService:
                 category_cap=self.settings.category_cap,
             )
         )
-        self._weights: dict[str, dict[str, float]] = {}
+        self._popularity_blend = blend_weights(self.settings, None)
         self.models = ModelManager(
             self._open_registry,
             state_dir=self.home / "serving",
             poll_seconds=self.settings.poll_seconds,
             challenger_share=self.settings.challenger_share,
             on_change=self._models_changed,
+            prepare=lambda model: setattr(
+                model, "blend", blend_weights(self.settings, model.weights)
+            ),
         )
         self._models_changed(self.models.current)
         self.models.load_initial()
@@ -156,11 +159,6 @@ class RecommendationService:
         return self._store
 
     def _models_changed(self, models: ModelSet) -> None:
-        weights = {"popularity": blend_weights(self.settings, None)}
-        for model in (models.champion, models.challenger):
-            if model is not None:
-                weights[model.variant] = blend_weights(self.settings, model.weights)
-        self._weights = weights
         shown = {
             m.variant: m.version for m in (models.champion, models.challenger) if m is not None
         }
@@ -230,7 +228,7 @@ class RecommendationService:
         features_done = time.perf_counter()
         ranked = self.ranker.recommend(
             model,
-            self._weights.get(variant) or blend_weights(self.settings, None),
+            model.blend if model is not None else self._popularity_blend,
             body.user_id,
             body.k,
             body.filters,
