@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         backlog, stored, rate = consumer_rate(args.redis_url, home, namespace, args.postgres_url)
     finally:
         clear_namespace(client, namespace)
+        shutil.rmtree(work, ignore_errors=True)
 
     table = Table(
         title=f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "

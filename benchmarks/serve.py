@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         clear_namespace(store.redis, namespace)
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
 
     table = Table(
         title=(
