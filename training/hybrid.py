@@ -20,7 +20,7 @@ from training.data import empty_catalog
 from training.evaluation import ndcg_at_k
 from training.matrix import _lookup
 from training.models.als import ALSModel
-from training.models.base import Recommender, mask_seen, top_k
+from training.models.base import Recommender, top_k
 from training.models.item2vec import Item2VecModel
 from training.models.itemknn import EASEModel, ItemKNNModel
 from training.models.popularity import PopularityModel
@@ -65,17 +65,39 @@ def _sparse_candidates(
     pick = position < n_cand
     pool = np.full((n_rows, n_cand), -1, dtype=np.int64)
     pool[row_of[order][pick], position[pick]] = scores.indices[order][pick]
+    nnz = np.diff(scores.indptr)
     hi = np.zeros(n_rows, dtype=np.float32)
+    lo = np.zeros(n_rows, dtype=np.float32)
     if scores.nnz:
-        hi = np.asarray(scores.max(axis=1).toarray()).ravel().astype(np.float32)
-    span = np.where(hi > 0, hi, 1.0).astype(np.float32)
+        filled = nnz > 0
+        starts = scores.indptr[:-1][filled]
+        hi[filled] = np.maximum.reduceat(scores.data, starts)
+        # The minimum over unseen items is 0 (an unscored item) unless every unseen item scored.
+        n_seen = np.diff(seen.tocsr().indptr)
+        full = filled & (nnz + n_seen >= scores.shape[1])
+        lo[full] = np.minimum.reduceat(scores.data, starts)[full[filled]]
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
 
     def gather(cols: np.ndarray) -> np.ndarray:
         rows = np.repeat(np.arange(n_rows), cols.shape[1])
         values = np.asarray(scores[rows, np.maximum(cols, 0).ravel()]).reshape(cols.shape)
-        return values.astype(np.float32) / span[:, None]
+        return (values.astype(np.float32) - lo[:, None]) / span[:, None]
 
     return pool, gather
+
+
+def _first_unseen(values: np.ndarray, order: np.ndarray, seen_mask: np.ndarray) -> np.ndarray:
+    """Per row, `values` at the first item in `order` the row has not seen."""
+    probe = order[:64]
+    unseen = ~seen_mask[:, probe]
+    found = unseen.any(axis=1)
+    out = values[probe[unseen.argmax(axis=1)]]
+    if not found.all():
+        # Rare: a row saw all 64 probed items; scan its whole order instead.
+        for row in np.flatnonzero(~found):
+            rest = order[~seen_mask[row, order]]
+            out[row] = values[rest[0]] if len(rest) else 0.0
+    return out
 
 
 def blend_candidates(
@@ -88,8 +110,8 @@ def blend_candidates(
     """Each component's top unseen candidates for a batch of rows, and every component's score.
 
     Returns (candidates (n_rows, W) item columns with -1 padding, {name: (n_rows, W) scores
-    normalised per row to [0, 1], -inf on padding}). A row's scores are min-max normalised with
-    the row's minimum over all items and its maximum over unseen items, so the ranker, the
+    normalised per row to [0, 1], -inf on padding}). Scores are min-max normalised over the row's
+    unseen items exactly as `normalise` does on a full masked row, so the batch lists, the
     weight tuning and the service all blend the same numbers. Candidate generation keeps the
     cost at a few passes over each dense score row: nothing else is done on full rows.
     """
@@ -104,25 +126,25 @@ def blend_candidates(
     for name, model in components.items():
         if isinstance(model, PopularityModel):
             pop = model.popularity.astype(np.float32)
-            lo = float(pop.min())
             order = np.argsort(-pop, kind="stable")
             top = order[:n_cand]
-            # Each row's maximum over unseen items: the first unseen item in popularity order.
-            probe = order[: n_cand + 64]
-            unseen = ~seen_mask[:, probe]
-            first = np.where(unseen.any(axis=1), unseen.argmax(axis=1), 0)
-            hi = pop[probe][first]
+            # A row's maximum (minimum) over unseen items: its first unseen item from the top
+            # (bottom) of the popularity order.
+            hi, lo = (_first_unseen(pop, probe, seen_mask) for probe in (order, order[::-1]))
             span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
             pools.append(np.broadcast_to(top, (n_rows, len(top))))
-            gathers[name] = lambda cols, pop=pop, lo=lo, span=span: (pop[cols] - lo) / span[:, None]
+            gathers[name] = lambda cols, pop=pop, lo=lo, span=span: (
+                (pop[cols] - lo[:, None]) / span[:, None]
+            )
             continue
         if isinstance(model, ItemKNNModel):
             pool, gathers[name] = _sparse_candidates(model.score_sparse(block), seen, n_cand)
             pools.append(pool)
             continue
         raw = np.asarray(model.score(block, users), dtype=np.float32)
-        lo = raw.min(axis=1)
         raw[seen_mask] = -np.inf
+        # As in normalise(): minimum and maximum over the row's unseen items.
+        lo = np.min(raw, axis=1, where=~seen_mask, initial=np.inf)
         hi = raw.max(axis=1)
         span = hi - lo
         span[~np.isfinite(span) | (span <= 0)] = 1.0
@@ -183,30 +205,6 @@ class HybridRecommender:
     def item_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Column of each item id, -1 for unknown items."""
         return _lookup(self.item_ids, ids)
-
-    def component_scores(
-        self, user_items: sp.csr_matrix, users: np.ndarray | None = None, mask: bool = True
-    ) -> dict[str, np.ndarray]:
-        """Normalised scores of every weighted component (seen items -inf when `mask`)."""
-        out = {}
-        for name, model in self.components.items():
-            if self.weights.get(name, 0.0) <= 0.0:
-                continue
-            raw = model.score(user_items, users)
-            if mask:
-                mask_seen(raw, user_items)
-            out[name] = normalise(raw)
-        return out
-
-    def score(self, user_items: sp.csr_matrix, users: np.ndarray | None = None) -> np.ndarray:
-        """Blended scores, seen items at -inf."""
-        parts = self.component_scores(user_items, users)
-        total = np.zeros((user_items.shape[0], self.n_items), dtype=np.float32)
-        for name, values in parts.items():
-            total += self.weights[name] * values
-        if not parts:
-            mask_seen(total, user_items)
-        return total
 
     def _active(self) -> dict[str, Recommender]:
         active = {n: m for n, m in self.components.items() if self.weights.get(n, 0.0) > 0.0}
