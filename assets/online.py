@@ -5,6 +5,7 @@ import polars as pl
 from pydantic import Field
 
 from assets.models import TrainedHybrid
+from feature_repo.definitions import ITEM_ITEM_LIST
 from orchestration.resources import RedisFeaturesResource
 
 GROUP = "online"
@@ -37,7 +38,7 @@ def online_features(
             metadata={"pushed": False, "version": registered_model["version"]}
         )
     store = redis.store()
-    counts = {"item_item_lists": store.push_item_lists("itemitem", item_neighbors)}
+    counts = {"item_item_lists": store.push_item_lists(ITEM_ITEM_LIST, item_neighbors)}
     bundle = hybrid_ranker.final
     if "item2vec" in bundle.components:
         embedding = bundle.item_neighbors(k=config.embedding_neighbors, component="item2vec")

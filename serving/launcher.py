@@ -49,17 +49,29 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def serve(port: int = 3001, host: str = "127.0.0.1") -> int:
-    """Run the service until interrupted; returns the server's exit code."""
+    """Run the service until it exits or is stopped; returns the server's exit code.
+
+    SIGTERM (docker stop, systemd) and SIGINT (Ctrl-C) are passed on to `bentoml serve`, which
+    drains in-flight requests and stops its workers; after 30 s it is killed.
+    """
     if not 0 < port < 65536:
         raise ValueError(f"port must be between 1 and 65535, got {port}")
     process = subprocess.Popen(serve_command(port, host), env=serve_env())
+
+    def forward(signum: int, _frame: object) -> None:
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        # Let BentoML drain in-flight requests, then give up waiting.
-        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
         try:
             return process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
