@@ -67,6 +67,11 @@ class FeatureConfig:
     dedupe_ttl: int = DAY
     cache_ttl: int = 60
     offline_ttl: int = 14 * DAY
+    # The analytics pushes: segments are daily, trends hourly; what a stopped pipeline leaves
+    # behind expires after these.
+    profile_ttl: int = 7 * DAY
+    trends_ttl: int = 2 * DAY
+    trend_list_cap: int = 1000
     event_weights: dict[str, float] = field(default_factory=lambda: dict(EVENT_WEIGHTS))
 
     @property
@@ -121,6 +126,15 @@ FEATURES: tuple[Feature, ...] = (
         "zset",
         "the batch loop's recommendations for the user (pushed after a promotion)",
         ttl_seconds=FeatureConfig.offline_ttl,
+    ),
+    Feature(
+        "user_profile",
+        USER,
+        "{ns}:{user:<user_id>}:profile",
+        "hash",
+        "the daily segmentation: `segment`, RFM scores, `engagement`, `churn_risk`, "
+        "`lifetime_value`, `price_percentile`, `preferences` (JSON), `updated_at`",
+        ttl_seconds=FeatureConfig.profile_ttl,
     ),
     Feature(
         "coview",
@@ -183,6 +197,50 @@ FEATURES: tuple[Feature, ...] = (
         "deployment counters: accepted, duplicates, new_items",
     ),
     Feature(
+        "trend_items",
+        GLOBAL,
+        "{ns}:{global}:trends:items",
+        "zset",
+        "trend_score of the trend analysis (expected weighted events over the forecast horizon), "
+        "top items with a positive score",
+        ttl_seconds=FeatureConfig.trends_ttl,
+        cap=FeatureConfig.trend_list_cap,
+    ),
+    Feature(
+        "trend_category_items",
+        GLOBAL,
+        "{ns}:{global}:trends:category:<category>",
+        "zset",
+        "the same within one category (`unknown` for items without one)",
+        ttl_seconds=FeatureConfig.trends_ttl,
+        cap=FeatureConfig.trend_list_cap,
+    ),
+    Feature(
+        "trend_info",
+        GLOBAL,
+        "{ns}:{global}:trends:info",
+        "hash",
+        "per listed item, JSON: category, trend_type, strength, confidence, burst, velocity, "
+        "predicted_direction",
+        ttl_seconds=FeatureConfig.trends_ttl,
+    ),
+    Feature(
+        "trend_categories",
+        GLOBAL,
+        "{ns}:{global}:trends:categories",
+        "hash",
+        "per category, JSON of its trend (the same fields and trend_score)",
+        ttl_seconds=FeatureConfig.trends_ttl,
+    ),
+    Feature(
+        "trend_meta",
+        GLOBAL,
+        "{ns}:{global}:trends:meta",
+        "hash",
+        "`analysed_at` (end of the analysed window), `pushed_at`, `items`, `categories`",
+        ttl_seconds=FeatureConfig.trends_ttl,
+    ),
+    Feature(
         "events_stream",
         STREAM,
         "{ns}:{stream}:events",
@@ -214,6 +272,10 @@ class Keys:
         self.first_seen = f"{namespace}:{{global}}:first_seen"
         self.stats = f"{namespace}:{{global}}:stats"
         self.stream = f"{namespace}:{{stream}}:events"
+        self.trend_items = f"{namespace}:{{global}}:trends:items"
+        self.trend_info = f"{namespace}:{{global}}:trends:info"
+        self.trend_categories = f"{namespace}:{{global}}:trends:categories"
+        self.trend_meta = f"{namespace}:{{global}}:trends:meta"
 
     def user_prefix(self, user_id: str) -> str:
         """Prefix of every key of one user; the Lua ingest script appends the suffixes."""
@@ -238,6 +300,13 @@ class Keys:
     def candidates(self, user_id: str) -> str:
         return self.user_prefix(user_id) + "candidates"
 
+    def profile(self, user_id: str) -> str:
+        return self.user_prefix(user_id) + "profile"
+
+    def trend_category(self, category: str) -> str:
+        """The trend list of one category (in the `{global}` slot with the other trend keys)."""
+        return f"{self.namespace}:{{global}}:trends:category:{category}"
+
     def coview(self, item_id: str) -> str:
         return self.item_prefix(item_id) + "coview"
 
@@ -253,3 +322,30 @@ class Keys:
 # match the methods above, which the tests check.
 USER_SUFFIXES = {"recent": "recent", "counters": "counters", "cache": "cache", "eid": "eid:"}
 ITEM_SUFFIXES = {"coview": "coview"}
+
+# Fields of the `user_profile` hash (`preferences` is JSON: top_categories, top_brands, price_low,
+# price_high, preferred_hour, daypart and device when known); a user without one is `unknown`.
+PROFILE_FIELDS = (
+    "segment",
+    "r_score",
+    "f_score",
+    "m_score",
+    "rfm",
+    "engagement",
+    "churn_risk",
+    "lifetime_value",
+    "price_percentile",
+    "preferences",
+    "updated_at",
+)
+UNKNOWN_SEGMENT = "unknown"
+# Fields of each item's (and category's) JSON in `trend_info` / `trend_categories`.
+TREND_INFO_FIELDS = (
+    "category",
+    "trend_type",
+    "strength",
+    "confidence",
+    "burst",
+    "velocity",
+    "predicted_direction",
+)
