@@ -187,8 +187,9 @@ return new_items
 """
 
 # The per-request read of one user's keys (one slot): the cached response for a signature (and
-# nothing else when there is one), else recent items and batch candidates, flat.
-# KEYS: cache, recent, candidates. ARGV: signature, now, cache ttl, n recent, n candidates.
+# nothing else when there is one), else recent items, batch candidates and the profile hash, flat.
+# KEYS: cache, recent, candidates, profile. ARGV: signature, now, cache ttl, n recent,
+# n candidates.
 USER_READ = r"""
 local hit = redis.call('HGET', KEYS[1], ARGV[1])
 if hit then
@@ -199,13 +200,15 @@ if hit then
 end
 return {false,
         redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES'),
-        redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES')}
+        redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES'),
+        redis.call('HGETALL', KEYS[4])}
 """
 
 # Everything one recommendation request reads, in one round trip: the cached response for a
-# signature (and nothing else when there is one), else recent items, batch candidates and, for
-# each of the newest n_anchors recent items, the top-k of each named per-item list.
-# KEYS: cache, recent, candidates.
+# signature (and nothing else when there is one), else recent items, batch candidates, the
+# profile hash and, for each of the newest n_anchors recent items, the top-k of each named
+# per-item list.
+# KEYS: cache, recent, candidates, profile.
 # ARGV: signature, now, cache ttl, n recent, n candidates, n anchors, k, item key prefix head
 #       (`<ns>:{item:`), item key prefix tail (`}:`), list key suffixes...
 # Like INGEST, it derives item keys, so it needs a single Redis node.
@@ -219,7 +222,8 @@ if hit then
 end
 local recent = redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 local out = {false, recent,
-             redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES')}
+             redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES'),
+             redis.call('HGETALL', KEYS[4])}
 local anchors = math.min(tonumber(ARGV[6]), #recent / 2)
 local last = tonumber(ARGV[7]) - 1
 for j = 1, anchors do
@@ -239,6 +243,29 @@ return {redis.call('ZREVRANGE', KEYS[1], 0, n, 'WITHSCORES'),
         redis.call('ZREVRANGE', KEYS[2], 0, n, 'WITHSCORES'),
         redis.call('ZREVRANGE', KEYS[3], 0, n, 'WITHSCORES'),
         redis.call('HMGET', KEYS[4], 'popularity', 'trending')}
+"""
+
+# A trend list and what the service shows with it, in one round trip (every key is in the
+# `{global}` slot, so this runs on Redis Cluster too): the top n items with scores, their info
+# JSON, the categories' trend JSON (all of them, or the one named) and the push metadata.
+# KEYS: list, info, categories, meta. ARGV: n, category ('' for all categories).
+TREND_READ = r"""
+local top = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local ids = {}
+for j = 1, #top, 2 do
+  ids[#ids + 1] = top[j]
+end
+local info = {}
+if #ids > 0 then
+  info = redis.call('HMGET', KEYS[2], unpack(ids))
+end
+local categories
+if ARGV[2] == '' then
+  categories = redis.call('HGETALL', KEYS[3])
+else
+  categories = {ARGV[2], redis.call('HGET', KEYS[3], ARGV[2])}
+end
+return {top, info, categories, redis.call('HGETALL', KEYS[4])}
 """
 
 # Top entries of several sorted sets at once, flat. KEYS: the sets. ARGV: n.

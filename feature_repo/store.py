@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -15,11 +15,19 @@ import polars as pl
 import redis
 
 from feature_repo import scripts
-from feature_repo.definitions import NEIGHBORS_LIST, FeatureConfig, Keys
+from feature_repo.definitions import (
+    NEIGHBORS_LIST,
+    PROFILE_FIELDS,
+    TREND_INFO_FIELDS,
+    UNKNOWN_SEGMENT,
+    FeatureConfig,
+    Keys,
+)
 
 # Columns of the event contract, in the order the stream payload carries them.
 EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp", "value", "session_id", "event_id")
 _PUSH_CHUNK = 500
+_MEMBER_CHUNK = 5000
 
 
 class ScoredItems(NamedTuple):
@@ -43,6 +51,82 @@ def _scored(flat: Sequence[str] | None) -> ScoredItems:
 
 
 @dataclass(frozen=True)
+class UserProfile:
+    """A user's segment, scores and preferences from the daily segmentation (`unknown` when the
+    batch loop has not profiled the user)."""
+
+    user_id: str
+    segment: str = UNKNOWN_SEGMENT
+    r_score: int | None = None
+    f_score: int | None = None
+    m_score: int | None = None
+    rfm: str | None = None
+    engagement: float | None = None
+    churn_risk: float | None = None
+    lifetime_value: float | None = None
+    price_percentile: float | None = None
+    preferences: dict = field(default_factory=dict)
+    updated_at: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.segment != UNKNOWN_SEGMENT
+
+    @classmethod
+    def from_hash(cls, user_id: str, flat: Sequence[str] | Mapping[str, str] | None) -> UserProfile:
+        """A profile from an HGETALL reply: a mapping, or a flat [field, value, ...] list."""
+        if not flat:
+            return cls(user_id)
+        raw = dict(flat) if isinstance(flat, Mapping) else dict(_pairs(flat))
+        if not raw.get("segment"):
+            return cls(user_id)
+        values: dict[str, object] = {}
+        for name in ("r_score", "f_score", "m_score"):
+            values[name] = _number(raw.get(name), int)
+        for name in ("engagement", "churn_risk", "lifetime_value", "price_percentile"):
+            values[name] = _number(raw.get(name), float)
+        try:
+            preferences = json.loads(raw.get("preferences") or "{}")
+        except ValueError:
+            preferences = {}
+        return cls(
+            user_id,
+            segment=raw["segment"],
+            rfm=raw.get("rfm") or None,
+            preferences=preferences if isinstance(preferences, dict) else {},
+            updated_at=_number(raw.get("updated_at"), float),
+            **values,  # type: ignore[arg-type]
+        )
+
+
+def _number(raw: str | None, kind: type) -> int | float | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return int(value) if kind is int else value
+
+
+@dataclass(frozen=True)
+class TrendList:
+    """Top items of a trend list (best first) with each item's trend info, the categories'
+    trends (all, or the one asked for) and when the analysis ran; empty before any push."""
+
+    items: ScoredItems
+    info: list[dict]
+    categories: list[dict]
+    analysed_at: float | None = None
+    pushed_at: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
 class IngestResult:
     """What a batch did: how many events were new, which rows were duplicates, new items."""
 
@@ -59,6 +143,7 @@ class UserState:
     cached: str | None
     recent: ScoredItems
     candidates: ScoredItems
+    profile: Sequence[str] | None = None  # the profile hash, flat; UserProfile.from_hash reads it
 
 
 @dataclass(frozen=True)
@@ -69,6 +154,7 @@ class RequestFeatures:
     recent: ScoredItems
     candidates: ScoredItems
     lists: dict[str, list[ScoredItems]]
+    profile: Sequence[str] | None = None  # the profile hash, flat; UserProfile.from_hash reads it
 
 
 @dataclass(frozen=True)
@@ -299,12 +385,12 @@ class FeatureStore:
         k = self.keys
         reply = self._eval(
             "USER_READ",
-            [k.cache(user_id), k.recent(user_id), k.candidates(user_id)],
+            [k.cache(user_id), k.recent(user_id), k.candidates(user_id), k.profile(user_id)],
             [signature, repr(float(now)), self.config.cache_ttl, n_recent, n_candidates],
         )
         if reply[0] is not None:
             return UserState(reply[0], EMPTY, EMPTY)
-        return UserState(None, _scored(reply[1]), _scored(reply[2]))
+        return UserState(None, _scored(reply[1]), _scored(reply[2]), reply[3])
 
     def read_request(
         self,
@@ -326,7 +412,7 @@ class FeatureStore:
                 return RequestFeatures(state.cached, EMPTY, EMPTY, {})
             anchors = list(state.recent.ids[:n_anchors])
             lists = self.item_lists(anchors, names, k) if anchors else {n: [] for n in names}
-            return RequestFeatures(None, state.recent, state.candidates, lists)
+            return RequestFeatures(None, state.recent, state.candidates, lists, state.profile)
         now = time.time() if now is None else now
         keys = self.keys
         head = keys.item_prefix("\0")
@@ -339,7 +425,12 @@ class FeatureStore:
         ]
         reply = self._eval(
             "REQUEST_READ",
-            [keys.cache(user_id), keys.recent(user_id), keys.candidates(user_id)],
+            [
+                keys.cache(user_id),
+                keys.recent(user_id),
+                keys.candidates(user_id),
+                keys.profile(user_id),
+            ],
             [
                 signature,
                 repr(float(now)),
@@ -355,14 +446,14 @@ class FeatureStore:
         )
         if reply[0] is not None:
             return RequestFeatures(reply[0], EMPTY, EMPTY, {})
-        flat = reply[3:]
+        flat = reply[4:]
         per = len(names)
         anchors = len(flat) // per if per else 0
         lists = {
             name: [_scored(flat[a * per + j]) for a in range(anchors)]
             for j, name in enumerate(names)
         }
-        return RequestFeatures(None, _scored(reply[1]), _scored(reply[2]), lists)
+        return RequestFeatures(None, _scored(reply[1]), _scored(reply[2]), lists, reply[3])
 
     def cache_response(
         self, user_id: str, signature: str, body: str, now: float | None = None
@@ -463,6 +554,37 @@ class FeatureStore:
         """Deployment counters: accepted, duplicates, new_items."""
         return {name: int(value) for name, value in self.redis.hgetall(self.keys.stats).items()}
 
+    # -- analytics: user profiles and trend lists ----------------------------------------------
+
+    def user_profile(self, user_id: str) -> UserProfile:
+        """The user's segment, scores and preferences (segment `unknown` if never profiled)."""
+        return UserProfile.from_hash(user_id, self.redis.hgetall(self.keys.profile(user_id)))
+
+    def trending_items(self, k: int, category: str | None = None) -> TrendList:
+        """The k items with the highest trend_score (of one category, or of all), with their
+        trend info, the categories' trends and the push metadata: one round trip."""
+        keys = self.keys
+        target = keys.trend_items if category is None else keys.trend_category(category)
+        top, info, cats, meta = self._eval(
+            "TREND_READ",
+            [target, keys.trend_info, keys.trend_categories, keys.trend_meta],
+            [max(int(k), 0), category or ""],
+        )
+        items = _scored(top) if k > 0 else EMPTY
+        details = [_loads(raw) for raw in info[: len(items)]]
+        categories = [
+            {"category": name, **_loads(raw)} for name, raw in _pairs(cats) if raw is not None
+        ]
+        categories.sort(key=lambda c: (-float(c.get("trend_score") or 0.0), c["category"]))
+        stamps = dict(_pairs(meta))
+        return TrendList(
+            items,
+            details,
+            categories,
+            _number(stamps.get("analysed_at"), float),
+            _number(stamps.get("pushed_at"), float),
+        )
+
     # -- offline pushes (the batch loop, after a promotion) ------------------------------------
 
     def push_item_lists(self, name: str, frame: pl.DataFrame) -> int:
@@ -508,6 +630,162 @@ class FeatureStore:
         pipe.execute()
         return len(ids)
 
+    def push_user_profiles(self, frame: pl.DataFrame, now: float | None = None) -> int:
+        """Write profiles from `user_id, segment` and any other of `PROFILE_FIELDS`
+        (`preferences` as a JSON string or a struct); returns the users written.
+
+        Every field is written each time (empty when unknown), so a profile never mixes two
+        pushes; profiles of users absent from `frame` expire after `profile_ttl`. Pipelined in
+        chunks of users: no round trip per user.
+        """
+        self._require(frame, ("user_id", "segment"))
+        now = time.time() if now is None else now
+        values = []
+        for name in PROFILE_FIELDS:
+            if name == "updated_at":
+                expr = pl.lit(repr(float(now)))
+            elif name not in frame.columns:
+                expr = pl.lit("")
+            else:
+                expr = pl.col(name)
+                dtype = frame.schema[name]
+                if isinstance(dtype, pl.Struct):
+                    expr = expr.struct.json_encode()
+                elif dtype.is_float():
+                    expr = expr.fill_nan(None)
+                expr = expr.cast(pl.String).fill_null("")
+            values.append(expr.alias(name))
+        table = (
+            frame.select(pl.col("user_id").cast(pl.String), *values)
+            .filter(pl.col("user_id").is_not_null() & (pl.col("segment") != ""))
+            .unique("user_id", keep="last", maintain_order=True)
+        )
+        users = table["user_id"].to_list()
+        rows = table.drop("user_id").rows()
+        profile, ttl = self.keys.profile, self.config.profile_ttl
+        for start in range(0, len(users), _PUSH_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            stop = start + _PUSH_CHUNK
+            for user, row in zip(users[start:stop], rows[start:stop], strict=True):
+                key = profile(user)
+                pipe.hset(key, items=_interleave(PROFILE_FIELDS, row))
+                pipe.expire(key, ttl)
+            pipe.execute()
+        return len(users)
+
+    def push_trends(
+        self,
+        items: pl.DataFrame,
+        categories: pl.DataFrame | None = None,
+        analysed_at: float | None = None,
+        now: float | None = None,
+    ) -> dict[str, int]:
+        """Replace the trend lists from the trend analysis' `items` (`item_id, trend_score`,
+        `category` and the other `TREND_INFO_FIELDS` when present) and `categories` tables.
+
+        The global list and one list per category keep the `trend_list_cap` items with the
+        highest positive trend_score; lists, info and metadata are written aside and swapped in
+        together, and categories no longer present are deleted. Returns counts written.
+        """
+        self._require(items, ("item_id", "trend_score"))
+        now = time.time() if now is None else now
+        cfg, keys = self.config, self.keys
+        frame = items.select(
+            pl.col("item_id").cast(pl.String),
+            pl.col("trend_score").cast(pl.Float64),
+            *_info_columns(items),
+        ).filter(
+            pl.col("item_id").is_not_null()
+            & pl.col("trend_score").is_finite()
+            & (pl.col("trend_score") > 0)
+        )
+        frame = frame.unique("item_id", keep="first", maintain_order=True)
+        ranked = frame.sort(["trend_score", "item_id"], descending=[True, False])
+        top = ranked.head(cfg.trend_list_cap)
+        per_category = ranked.filter(pl.int_range(pl.len()).over("category") < cfg.trend_list_cap)
+        listed = pl.concat([top.select("item_id"), per_category.select("item_id")]).unique()
+        info = frame.join(listed, on="item_id", how="semi").select(
+            "item_id", _json_of(frame.columns, exclude=("item_id", "trend_score"))
+        )
+        cats = (
+            categories.select(
+                pl.col("category").cast(pl.String).fill_null(UNKNOWN_SEGMENT),
+                pl.col("trend_score").cast(pl.Float64).fill_nan(None),
+                *[c for c in _info_columns(categories) if c.meta.output_name() != "category"],
+            )
+            if categories is not None and "category" in categories.columns
+            else pl.DataFrame({"category": []}, schema={"category": pl.String})
+        )
+        cats = cats.unique("category", keep="first", maintain_order=True)
+        cat_json = cats.select("category", _json_of(cats.columns, exclude=("category",)))
+        groups = per_category.group_by("category", maintain_order=True).agg(
+            "item_id", "trend_score"
+        )
+        names = groups["category"].to_list()
+
+        def staged(key: str) -> str:
+            return key + ":staging"
+
+        previous = self.redis.hget(keys.trend_meta, "lists")
+        old_names = set(json.loads(previous)) if previous else set()
+        writes: list[tuple[str, list, list]] = [
+            (keys.trend_items, top["item_id"].to_list(), top["trend_score"].to_list()),
+            *(
+                (keys.trend_category(n), ids, scores)
+                for n, ids, scores in zip(
+                    names, groups["item_id"].to_list(), groups["trend_score"].to_list(), strict=True
+                )
+            ),
+        ]
+        hashes = [
+            (keys.trend_info, info["item_id"].to_list(), info["info"].to_list()),
+            (keys.trend_categories, cat_json["category"].to_list(), cat_json["info"].to_list()),
+        ]
+        pipe = self.redis.pipeline(transaction=False)
+        for key, *_ in writes + hashes:
+            pipe.delete(staged(key))
+        for key, ids, scores in writes:
+            for start in range(0, len(ids), _MEMBER_CHUNK):
+                stop = start + _MEMBER_CHUNK
+                pipe.zadd(staged(key), dict(zip(ids[start:stop], scores[start:stop], strict=True)))
+        for key, fields, texts in hashes:
+            for start in range(0, len(fields), _MEMBER_CHUNK):
+                stop = start + _MEMBER_CHUNK
+                pipe.hset(
+                    staged(key),
+                    items=_interleave(fields[start:stop], texts[start:stop]),
+                )
+        pipe.execute()
+        # The swap: every key is in the `{global}` slot, so one MULTI also works on a cluster.
+        pipe = self.redis.pipeline(transaction=True)
+        for key, ids, _ in writes + hashes:
+            if ids:
+                pipe.expire(staged(key), cfg.trends_ttl)
+                pipe.rename(staged(key), key)
+            else:
+                pipe.delete(key)
+        for name in sorted(old_names - set(names)):
+            pipe.delete(keys.trend_category(name))
+        pipe.delete(keys.trend_meta)
+        pipe.hset(
+            keys.trend_meta,
+            mapping={
+                "analysed_at": repr(float(analysed_at if analysed_at is not None else now)),
+                "pushed_at": repr(float(now)),
+                "items": top.height,
+                "categories": cats.height,
+                "lists": json.dumps(names),
+            },
+        )
+        pipe.expire(keys.trend_meta, cfg.trends_ttl)
+        pipe.execute()
+        return {
+            "trend_items": top.height,
+            "category_lists": len(names),
+            "items_with_info": info.height,
+            "categories": cats.height,
+        }
+
     def _push_grouped(self, frame: pl.DataFrame, owner: str, member: str, key_of) -> int:
         grouped = (
             frame.select(
@@ -541,3 +819,49 @@ class FeatureStore:
             raise ValueError(
                 f"frame lacks column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
             )
+
+
+def _loads(raw: str | None) -> dict:
+    """A JSON object stored by a push, {} when missing or not an object."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _info_columns(frame: pl.DataFrame) -> list[pl.Expr]:
+    """The `TREND_INFO_FIELDS` a trend table has, typed for compact JSON (floats rounded)."""
+    out = []
+    for name in TREND_INFO_FIELDS:
+        if name not in frame.columns:
+            continue
+        expr = pl.col(name)
+        dtype = frame.schema[name]
+        if dtype.is_float():
+            expr = expr.fill_nan(None).round(4)
+        elif name == "category":
+            expr = expr.cast(pl.String).fill_null(UNKNOWN_SEGMENT)
+        out.append(expr.alias(name))
+    if "category" not in frame.columns:
+        out.insert(0, pl.lit(UNKNOWN_SEGMENT).alias("category"))
+    return out
+
+
+def _json_of(columns: Sequence[str], exclude: Sequence[str]) -> pl.Expr:
+    fields = [c for c in columns if c not in exclude]
+    if not fields:
+        return pl.lit("{}").alias("info")
+    return pl.struct(fields).struct.json_encode().alias("info")
+
+
+def _pairs(flat: Sequence[str]) -> zip:
+    """(field, value) pairs of a flat HGETALL reply."""
+    return zip(flat[0::2], flat[1::2], strict=True)
+
+
+def _interleave(names: Sequence[str], values: Sequence[object]) -> list:
+    """[name, value, name, value, ...] for HSET."""
+    return [x for pair in zip(names, values, strict=True) for x in pair]
