@@ -10,10 +10,12 @@ import dagster as dg
 from orchestration.resources import EventStoreResource, LocalStateResource
 
 TRAINING_GROUPS = ("ingestion", "training", "publishing", "online")
+# The pushes of the analyses are in the `online` group but run with their analysis, not training.
+ANALYTICS_PUSHES = dg.AssetSelection.assets("online_trends", "online_profiles")
 
 training_job = dg.define_asset_job(
     "training_job",
-    selection=dg.AssetSelection.groups(*TRAINING_GROUPS),
+    selection=dg.AssetSelection.groups(*TRAINING_GROUPS) - ANALYTICS_PUSHES,
     description="Ingest, build the matrix, train and tune every model, evaluate, register, gate.",
 )
 # The same graph without the registry: `recsys evaluate` and `recsys batch-recommend`.
@@ -21,7 +23,8 @@ offline_job = dg.define_asset_job(
     "offline_job",
     selection=dg.AssetSelection.groups(*TRAINING_GROUPS)
     - dg.AssetSelection.assets("registered_model").downstream()
-    - dg.AssetSelection.assets("online_popularity"),
+    - dg.AssetSelection.assets("online_popularity")
+    - ANALYTICS_PUSHES,
     description="Train and evaluate on the given events and write batch lists; registers nothing.",
 )
 ingest_job = dg.define_asset_job(
@@ -34,13 +37,19 @@ ingest_job = dg.define_asset_job(
 
 trends_job = dg.define_asset_job(
     "trends_job",
-    selection=dg.AssetSelection.assets("trend_analysis").upstream(),
-    description="Trend type, strength, seasonality and bursts per item and category.",
+    selection=dg.AssetSelection.assets("trend_analysis").upstream()
+    | dg.AssetSelection.assets("online_trends"),
+    description=(
+        "Trend type, strength, seasonality and bursts per item and category, pushed to Redis."
+    ),
 )
 segments_job = dg.define_asset_job(
     "segments_job",
-    selection=dg.AssetSelection.assets("user_segments").upstream(),
-    description="Behavioural segments, RFM, engagement, churn risk and value per user.",
+    selection=dg.AssetSelection.assets("user_segments").upstream()
+    | dg.AssetSelection.assets("online_profiles"),
+    description=(
+        "Behavioural segments, RFM, engagement, churn risk and value per user, pushed to Redis."
+    ),
 )
 
 hourly_trends = dg.ScheduleDefinition(
