@@ -7,11 +7,19 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import polars as pl
 import scipy.sparse as sp
 
-from feature_repo.store import EMPTY, ScoredItems
+from feature_repo.store import EMPTY, ScoredItems, UserProfile
+from serving.personalise import SegmentBoost, segment_boost
 from serving.schemas import Filters
-from serving.settings import ServingSettings, blend_weights
+from serving.settings import (
+    DEFAULT_COLD_START_BLEND,
+    DEFAULT_SEGMENT_RULES,
+    SegmentRule,
+    ServingSettings,
+    blend_weights,
+)
 from training.hybrid import HybridRecommender
 
 ITEM_ITEM = ("ease", "itemknn")
@@ -22,6 +30,7 @@ _REASONS = {
     "itemknn": "often chosen with items in your history",
     "popularity": "popular right now",
     "trending": "trending now",
+    "trend": "popular this week",
     "batch": "picked for you",
     "coview": "viewed together with items you viewed",
     "itemitem": "often chosen with items you viewed",
@@ -53,6 +62,9 @@ class ServingModel:
         self.category_code = np.where(names == "", -1, codes).astype(np.int64)
         self.category = names
         self.price = catalog["price"].cast(float).fill_null(float("nan")).to_numpy()
+        self.price_percentile = price_percentiles(catalog)
+        brands = catalog["brand"] if "brand" in catalog.columns else pl.Series([None] * len(names))
+        self.brand = brands.cast(pl.String).fill_null("").to_numpy().astype(str)
         self.in_stock = catalog["in_stock"].fill_null(True).to_numpy().astype(bool)
         self.weights = dict(bundle.weights)
         # Per-source blend weights; the service sets them from its settings before serving.
@@ -90,6 +102,22 @@ class ServingModel:
         return pos[pos >= 0]
 
 
+def price_percentiles(catalog: pl.DataFrame) -> np.ndarray:
+    """Each item's price percentile within its category (0 = cheapest, 0.5 when alone), over
+    the whole catalog for items without a category; NaN without a price."""
+    price = pl.col("price").cast(pl.Float64).fill_nan(None)
+    category = pl.col("category").cast(pl.String)
+
+    def percentile(rank: pl.Expr, count: pl.Expr) -> pl.Expr:
+        return pl.when(count > 1).then((rank - 1) / (count - 1)).otherwise(0.5)
+
+    within = percentile(price.rank("average").over(category), price.count().over(category))
+    overall = percentile(price.rank("average"), price.count())
+    pct = pl.when(price.is_null()).then(None).when(category.is_null()).then(overall)
+    out = catalog.select(pct.otherwise(within).cast(pl.Float64).alias("pct"))["pct"]
+    return out.fill_null(float("nan")).to_numpy()
+
+
 def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if not len(sorted_ids) or not len(ids):
         return np.full(len(ids), -1, dtype=np.int64)
@@ -116,6 +144,10 @@ class LiveFeatures:
     candidates: ScoredItems = EMPTY
     popularity: ScoredItems = EMPTY
     trending: ScoredItems = EMPTY
+    # The trend analysis' list (trend_score) and the reason shown for each of its items.
+    trend: ScoredItems = EMPTY
+    trend_reasons: np.ndarray | None = None
+    profile: UserProfile | None = None
     coview: list[ScoredItems] = field(default_factory=list)
     neighbors: list[ScoredItems] = field(default_factory=list)
     item_item: list[ScoredItems] = field(default_factory=list)
@@ -128,6 +160,12 @@ class RankingParams:
     recency_half_life: float = 6 * 3600.0
     freshness_boost: float = 0.1
     category_cap: float = 0.4
+    cold_start_blend: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_COLD_START_BLEND)
+    )
+    segment_rules: dict[str, SegmentRule] = field(
+        default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
+    )
 
 
 @dataclass
@@ -138,6 +176,7 @@ class Ranked:
     scores: list[float]
     sources: list[dict[str, float]]
     reasons: list[str]
+    segment: str | None = None  # the segment whose rule re-ranked the answer
 
 
 EMPTY_RANKED = Ranked([], [], [], [])
@@ -171,7 +210,9 @@ class Ranker:
 
     Stage 1 pools candidates from the model's components and the live lists; stage 2 normalises
     each source's scores and blends them; stage 3 applies business rules, seen items, a freshness
-    boost for items newer than the model and a per-category cap. Candidates are integer ids (the
+    boost for items newer than the model, the boosts of the user's segment and a per-category
+    cap. A user with no history anywhere is ranked by the cold-start blend (the trend analysis'
+    list first) when a trend list is there. Candidates are integer ids (the
     model's item columns, then one per request for each item the model does not know), so every
     step is an array operation.
     """
@@ -197,12 +238,20 @@ class Ranker:
     ) -> Ranked:
         params = self.params
         filters = filters or Filters()
+        if (
+            params.cold_start_blend
+            and len(live.trend)
+            and not len(live.recent)
+            and not len(live.candidates)
+            and (model is None or model.user_index(user_id) < 0)
+        ):
+            weights = params.cold_start_blend
         recent_w = self.anchor_weights(live.recent, now)
         n_anchor = min(params.anchors, len(live.recent))
         anchor_w = recent_w[:n_anchor]
 
         # Every id string of the request mapped at once; lists are [recent, exclusions,
-        # popularity, trending, batch, coview per anchor..., neighbours per anchor...].
+        # popularity, trending, trend, batch, coview per anchor..., neighbours per anchor...].
         coview = live.coview[:n_anchor]
         use_neighbors = (
             model is None or weights.get("item2vec", 0) <= 0 or ("item2vec" not in model.components)
@@ -212,8 +261,12 @@ class Ranker:
             model is None or model.item_item is None or (weights.get(model.item_item, 0) <= 0)
         )
         item_item = live.item_item[:n_anchor] if use_item_item else []
-        flat_lists = {"popularity": live.popularity, "trending": live.trending}
-        flat_lists["batch"] = live.candidates
+        flat_lists = {
+            "popularity": live.popularity,
+            "trending": live.trending,
+            "trend": live.trend,
+            "batch": live.candidates,
+        }
         excluded = np.asarray(filters.exclude_item_ids or [], dtype=str)
         ids = _Ids(
             model,
@@ -224,10 +277,11 @@ class Ranker:
             + [s.ids for s in item_item],
         )
         recent_idx, excluded_idx, *rest = ids.parts
-        flat_idx = dict(zip(flat_lists, rest[:3], strict=True))
-        coview_idx = rest[3 : 3 + len(coview)]
-        neighbor_idx = rest[3 + len(coview) : 3 + len(coview) + len(neighbors)]
-        item_item_idx = rest[3 + len(coview) + len(neighbors) :]
+        n_flat = len(flat_lists)
+        flat_idx = dict(zip(flat_lists, rest[:n_flat], strict=True))
+        coview_idx = rest[n_flat : n_flat + len(coview)]
+        neighbor_idx = rest[n_flat + len(coview) : n_flat + len(coview) + len(neighbors)]
+        item_item_idx = rest[n_flat + len(coview) + len(neighbors) :]
 
         dense: dict[str, np.ndarray] = {}
         seen = recent_idx
@@ -294,18 +348,34 @@ class Ranker:
         fresh = ~in_model if model is not None else np.zeros(size, dtype=bool)
         # Items the model has never seen are newer than it: a small boost lets them surface.
         blended = np.where(fresh, blended * (1.0 + params.freshness_boost), blended)
+        profile = live.profile
+        rule = params.segment_rules.get(profile.segment) if profile is not None else None
+        boost: SegmentBoost | None = None
+        cap_share = params.category_cap
+        if rule is not None and profile is not None:
+            boost = segment_boost(rule, profile, pool, in_model, model, scores.get("trend"))
+            blended = blended * boost.multiplier
+            if rule.category_cap is not None:
+                cap_share = rule.category_cap
+        labels = np.full(size, "", dtype=object)
+        if live.trend_reasons is not None and "trend" in scores:
+            labels[np.searchsorted(pool, flat_idx["trend"])] = live.trend_reasons
 
         # Stage 3: business rules, seen items, then the category cap.
         keep = self._rules(pool, in_model, model, filters) & (blended > 0)
         keep &= ~_member(pool, excluded_idx)
         if exclude_seen:
             keep &= ~_member(pool, seen)
-        chosen = self._diversify(pool, in_model, model, blended, keep, k)
+        chosen = self._diversify(pool, in_model, model, blended, keep, k, cap_share)
         if not len(chosen):
             return EMPTY_RANKED
         anchors = ids.names(recent_idx[:n_anchor])
         names = ids.names(pool[chosen])
-        return _explain(names, chosen, blended, scores, proposed, weights, anchor, anchors, fresh)
+        ranked = _explain(
+            names, chosen, blended, scores, proposed, weights, anchor, anchors, fresh, labels, boost
+        )
+        ranked.segment = profile.segment if rule is not None and profile is not None else None
+        return ranked
 
     def _model_scores(
         self,
@@ -425,8 +495,10 @@ class Ranker:
         blended: np.ndarray,
         keep: np.ndarray,
         k: int,
+        cap_share: float | None = None,
     ) -> np.ndarray:
-        """Best-first pool positions, at most category_cap*k per category while others remain."""
+        """Best-first pool positions, at most cap_share*k per category (the params' category_cap
+        by default) while others remain."""
         candidates = np.flatnonzero(keep)
         order = candidates[np.argsort(-blended[candidates], kind="stable")]
         if model is None or len(order) <= 1:
@@ -434,7 +506,8 @@ class Ranker:
         code = np.full(len(order), -1, dtype=np.int64)
         known = in_model[order]
         code[known] = model.category_code[pool[order][known]]
-        cap = max(1, math.ceil(self.params.category_cap * k))
+        share = self.params.category_cap if cap_share is None else cap_share
+        cap = max(1, math.ceil(share * k))
         by_code = np.argsort(code, kind="stable")
         sorted_code = code[by_code]
         starts = np.r_[0, np.flatnonzero(np.diff(sorted_code)) + 1]
@@ -483,6 +556,8 @@ def _explain(
     anchor: np.ndarray,
     anchors: np.ndarray,
     fresh: np.ndarray,
+    labels: np.ndarray | None = None,
+    boost: SegmentBoost | None = None,
 ) -> Ranked:
     sources = list(scores)
     matrix = np.stack([scores[n][chosen] for n in sources])
@@ -498,9 +573,13 @@ def _explain(
         which = anchor[position]
         if top in _ANCHORED_VERBS and which >= 0:
             reason = f"{_ANCHORED_VERBS[top]} {anchors[which]}"
+        elif top == "trend" and labels is not None and labels[position]:
+            reason = labels[position]
         else:
             reason = _REASONS.get(top, "recommended")
         if fresh[position]:
             reason += "; new arrival"
+        if boost is not None:
+            reason += boost.note(position)
         reasons.append(reason)
     return Ranked(names.tolist(), blended[chosen].round(6).tolist(), per_item, reasons)

@@ -64,6 +64,10 @@ class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str | None
     variant: Literal["champion", "challenger", "popularity"]
+    segment: str | None = Field(
+        default=None,
+        description="The user's segment when its re-ranking rule applied (see /user_profile).",
+    )
     request_id: str
     latency_ms: float
     cached: bool = False
@@ -89,6 +93,85 @@ class ItemsResponse(BaseModel):
     items: list[ScoredItem]
     model_version: str | None
     request_id: str
+
+
+class TrendingRequest(_Strict):
+    k: int = Field(default=10, ge=1, le=100)
+    category: Category | None = Field(
+        default=None, description="Only items of this category (`unknown`: items without one)."
+    )
+
+
+class TrendFields(BaseModel):
+    """What the trend analysis says of an item or a category (null when not analysed)."""
+
+    trend_type: Literal["rising", "falling", "stable", "volatile"] | None = None
+    strength: float | None = Field(default=None, description="0..1: how strong the trend is.")
+    confidence: float | None = Field(default=None, description="0..1: how sure the label is.")
+    burst: bool | None = Field(default=None, description="A recent day far above the usual.")
+    velocity: float | None = Field(
+        default=None, description="log of the recent week's daily rate over the prior week's."
+    )
+    predicted_direction: Literal["up", "down", "flat"] | None = None
+
+
+class TrendingItem(TrendFields):
+    item_id: str
+    score: float = Field(
+        description="trend_score: expected weighted events over the forecast horizon, or the "
+        "live trending score when `source` is `live`."
+    )
+    category: str | None = None
+    reason: str
+
+
+class CategoryTrend(TrendFields):
+    category: str
+    trend_score: float | None = None
+
+
+class TrendingResponse(BaseModel):
+    items: list[TrendingItem]
+    categories: list[CategoryTrend] = Field(
+        description="The top k categories by trend_score, or the requested category."
+    )
+    source: Literal["trend_analysis", "live", "none"] = Field(
+        description="`trend_analysis`: the pushed analysis; `live`: no analysis was pushed, the "
+        "live 2-hour trending list serves; `none`: nothing to show."
+    )
+    analysed_at: float | None = Field(
+        default=None, description="End of the analysed window (epoch seconds)."
+    )
+    request_id: str
+
+
+class UserProfileRequest(_Strict):
+    user_id: Id
+
+
+class UserProfileResponse(BaseModel):
+    user_id: str
+    segment: str = Field(description="The behavioural segment, `unknown` if never profiled.")
+    known: bool
+    r_score: int | None = Field(default=None, description="1-5, 5 = most recent.")
+    f_score: int | None = Field(default=None, description="1 without orders, else 2-5.")
+    m_score: int | None = Field(default=None, description="1 without spend, else 2-5.")
+    rfm: str | None = None
+    engagement: float | None = Field(default=None, description="0..1")
+    churn_risk: float | None = Field(default=None, description="0..1")
+    lifetime_value: float | None = None
+    price_percentile: float | None = Field(
+        default=None, description="Mean within-category price percentile of the user's items."
+    )
+    preferences: dict[str, Any] = Field(
+        default_factory=dict,
+        description="top_categories, top_brands, price_low, price_high, preferred_hour, "
+        "daypart, device (when known).",
+    )
+    updated_at: float | None = Field(default=None, description="When the profile was pushed.")
+    ranking_rule: dict[str, Any] | None = Field(
+        default=None, description="The re-ranking rule of the segment, if it has one."
+    )
 
 
 class RawEvent(TypedDict, total=False):

@@ -1,8 +1,9 @@
-"""The BentoML recommendation service: /recommend, /similar_items, /popular, /events and user
-activity over the registry's champion (and challenger) and the real-time features in Redis."""
+"""The BentoML recommendation service: /recommend, /similar_items, /popular, /trending, /events,
+user activity and profiles over the registry's champion and the real-time features in Redis."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -22,12 +23,13 @@ from starlette.responses import Response
 
 from feature_repo.connection import connect
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
-from feature_repo.store import FeatureStore, GlobalLists, ScoredItems
+from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, UserProfile
 from feature_repo.stream import EventStream
 from serving.errors import install_error_handlers
 from serving.events import check_events
 from serving.metrics import service_metrics
 from serving.models import ModelManager, ModelSet
+from serving.personalise import trend_reasons
 from serving.ranking import LiveFeatures, Ranker, RankingParams
 from serving.schemas import (
     ErrorResponse,
@@ -38,14 +40,26 @@ from serving.schemas import (
     RecommendRequest,
     RecommendResponse,
     SimilarItemsRequest,
+    TrendingRequest,
+    TrendingResponse,
     UserActivityResponse,
+    UserProfileRequest,
+    UserProfileResponse,
 )
 from serving.settings import ServingSettings, blend_weights
 from training import settings as env
 
 log = logging.getLogger("recsys.serving")
 
-HOT_PATHS = ["/recommend", "/events", "/similar_items", "/popular", "/users"]
+HOT_PATHS = [
+    "/recommend",
+    "/events",
+    "/similar_items",
+    "/popular",
+    "/trending",
+    "/user_profile",
+    "/users",
+]
 ERRORS = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
     413: {"model": ErrorResponse, "description": "Body larger than the limit"},
@@ -94,6 +108,8 @@ class RecommendationService:
                 recency_half_life=self.settings.recency_half_life,
                 freshness_boost=self.settings.freshness_boost,
                 category_cap=self.settings.category_cap,
+                cold_start_blend=self.settings.cold_start_blend,
+                segment_rules=self.settings.segment_rules,
             )
         )
         self._popularity_blend = blend_weights(self.settings, None)
@@ -112,6 +128,7 @@ class RecommendationService:
         self._store: FeatureStore | None = None
         self._store_lock = threading.Lock()
         self._global: tuple[float, GlobalLists] | None = None
+        self._trends: tuple[float, ScoredItems, np.ndarray] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -174,6 +191,16 @@ class RecommendationService:
         self._global = (now, lists)
         return lists
 
+    def _trend_list(self, now: float) -> tuple[ScoredItems, np.ndarray]:
+        """The trend analysis' top items and their reasons, reused for `trends_ttl` seconds (the
+        analysis runs hourly)."""
+        cached = self._trends
+        if cached is not None and now - cached[0] < self.settings.trends_ttl:
+            return cached[1], cached[2]
+        found = self.store.trending_items(self.settings.candidates_per_source)
+        self._trends = (now, found.items, trend_reasons(found.info))
+        return found.items, self._trends[2]
+
     # -- /recommend ----------------------------------------------------------------------------
 
     def recommend_json(self, body: RecommendRequest) -> str:
@@ -211,11 +238,15 @@ class RecommendationService:
             glob = self._global_lists(now)
             top = self.settings.candidates_per_source
             popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
+            trend, reasons = self._trend_list(now)
             live = LiveFeatures(
                 recent=found.recent,
                 candidates=found.candidates,
                 popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
                 trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
+                trend=trend,
+                trend_reasons=reasons,
+                profile=UserProfile.from_hash(body.user_id, found.profile),
                 coview=found.lists.get("coview", []),
                 neighbors=found.lists.get(NEIGHBORS_LIST, []),
                 item_item=found.lists.get(ITEM_ITEM_LIST, []),
@@ -243,7 +274,12 @@ class RecommendationService:
             )
         ]
         payload = json.dumps(
-            {"items": items, "model_version": version, "variant": variant},
+            {
+                "items": items,
+                "model_version": version,
+                "variant": variant,
+                "segment": ranked.segment,
+            },
             separators=(",", ":"),
         )
         if cacheable and self.settings.cache_ttl > 0:
@@ -333,6 +369,63 @@ class RecommendationService:
             ids = np.concatenate([ids, model.item_ids[order].astype(object)])
             scores = np.concatenate([scores, fill])
         return ScoredItems(ids[:k], scores[:k])
+
+    # -- /trending and profiles ----------------------------------------------------------------
+
+    def trending(self, body: TrendingRequest) -> Response:
+        """The trend analysis' top items (of a category) with their trend, and the categories'
+        trends; without a pushed analysis, the live trending list (global requests only)."""
+        found = self.store.trending_items(body.k, body.category)
+        categories = [
+            {"category": c["category"], "trend_score": c.get("trend_score"), **_trend_fields(c)}
+            for c in found.categories[: body.k]
+        ]
+        if len(found):
+            reasons = trend_reasons(found.info)
+            items = [
+                {
+                    "item_id": item_id,
+                    "score": round(score, 6),
+                    "category": info.get("category"),
+                    "reason": reason,
+                    **_trend_fields(info),
+                }
+                for item_id, score, info, reason in zip(
+                    found.items.ids.tolist(),
+                    found.items.scores.tolist(),
+                    found.info,
+                    reasons.tolist(),
+                    strict=True,
+                )
+            ]
+            source = "trend_analysis"
+        elif body.category is None:
+            live = self._global_lists(time.time()).trending
+            items = [
+                {**item, "category": None, **_trend_fields({})}
+                for item in _scored_items(live, "trending now", body.k)
+            ]
+            source = "live" if items else "none"
+        else:
+            items, source = [], "none"
+        return _json(
+            {
+                "items": items,
+                "categories": categories,
+                "source": source,
+                "analysed_at": found.analysed_at,
+                "request_id": uuid.uuid4().hex,
+            }
+        )
+
+    def user_profile(self, user_id: str) -> Response:
+        """The user's segment, RFM scores, engagement, churn risk, value and preferences."""
+        profile = self.store.user_profile(user_id)
+        rule = self.settings.segment_rules.get(profile.segment)
+        body = dataclasses.asdict(profile)
+        body["known"] = profile.known
+        body["ranking_rule"] = dataclasses.asdict(rule) if rule is not None else None
+        return _json(body)
 
     # -- /events -------------------------------------------------------------------------------
 
@@ -458,6 +551,47 @@ async def user_activity(
     n: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
     return _service().user_activity(user_id, n)
+
+
+@app.post(
+    "/trending",
+    response_model=TrendingResponse,
+    responses=ERRORS,
+    summary="Trending items (global or of one category) with their trend, and trending categories",
+)
+async def trending(body: TrendingRequest) -> Response:
+    return _service().trending(body)
+
+
+@app.post(
+    "/user_profile",
+    response_model=UserProfileResponse,
+    responses=ERRORS,
+    summary="A user's segment, RFM scores, engagement, churn risk, lifetime value, preferences",
+)
+async def user_profile(body: UserProfileRequest) -> Response:
+    return _service().user_profile(body.user_id)
+
+
+@app.get(
+    "/users/{user_id}/profile",
+    response_model=UserProfileResponse,
+    responses=ERRORS,
+    summary="The same as POST /user_profile",
+)
+async def user_profile_by_path(
+    user_id: Annotated[
+        str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ],
+) -> Response:
+    return _service().user_profile(user_id)
+
+
+_TREND_FIELDS = ("trend_type", "strength", "confidence", "burst", "velocity", "predicted_direction")
+
+
+def _trend_fields(info: dict) -> dict:
+    return {name: info.get(name) for name in _TREND_FIELDS}
 
 
 def _scored_items(scored, reason: str, k: int) -> list[dict]:

@@ -2,21 +2,61 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 
 # The design's blend when the training run gives no weights: co-view 0.4, embedding 0.3,
-# popularity 0.2, recency 0.1. Trending, the batch loop's candidates and its pushed item-item
-# lists join with smaller shares.
+# popularity 0.2, recency 0.1. Trending, the trend analysis' list, the batch loop's candidates
+# and its pushed item-item lists join with smaller shares.
 DEFAULT_BLEND: dict[str, float] = {
     "coview": 0.4,
     "item2vec": 0.3,
     "popularity": 0.2,
     "recency": 0.1,
     "trending": 0.1,
+    "trend": 0.1,
     "batch": 0.2,
     "itemitem": 0.2,
+}
+# A user with no history anywhere (not in the model, no live events, no batch candidates) is
+# ranked by the trend analysis' list, live trending and popularity only filling behind it; when
+# no trend list was pushed, the usual blend (popularity and trending) serves instead.
+DEFAULT_COLD_START_BLEND: dict[str, float] = {"trend": 1.0, "trending": 0.1, "popularity": 0.05}
+
+
+@dataclass(frozen=True)
+class SegmentRule:
+    """How re-ranking treats one segment: boosts that multiply an item's blended score by
+    (1 + the sum of those that apply) and the share of k one category may take."""
+
+    price: float = 0.0  # + price for the cheapest item of its category, falling to 0 at cutoff
+    price_cutoff: float = 0.5  # within-category price percentile where the price boost ends
+    brand: float = 0.0  # + brand for items of one of the user's top brands
+    category: float = 0.0  # + category for items of one of the user's top categories
+    trend: float = 0.0  # + trend x the item's normalised trend score
+    category_cap: float | None = None  # None: the service's category_cap
+
+    def __post_init__(self) -> None:
+        for name in ("price", "brand", "category", "trend"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"segment rule {name} must be >= 0")
+        if not 0.0 < self.price_cutoff <= 1.0:
+            raise ValueError("segment rule price_cutoff must be in (0, 1]")
+        if self.category_cap is not None and not 0.0 < self.category_cap <= 1.0:
+            raise ValueError("segment rule category_cap must be in (0, 1]")
+
+
+# Segment-aware re-ranking (segments of training/segments.py; see docs/serving.md and the
+# benchmark benchmarks/segment_rerank.py for the effect of each).
+DEFAULT_SEGMENT_RULES: dict[str, SegmentRule] = {
+    "price_sensitive": SegmentRule(price=0.3),
+    "loyal_customer": SegmentRule(brand=0.2),
+    "buyer": SegmentRule(category=0.1),
+    "impulse_buyer": SegmentRule(trend=0.2),
+    "browser": SegmentRule(category_cap=0.3),
+    "researcher": SegmentRule(category_cap=0.3),
 }
 # Sources whose weight comes from the training run when a model is loaded.
 MODEL_SOURCES = ("als", "item2vec", "ease", "itemknn", "popularity")
@@ -52,6 +92,13 @@ class ServingSettings:
     recency_half_life: float = 6 * 3600.0
     freshness_boost: float = 0.1
     category_cap: float = 0.4
+    cold_start_blend: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_COLD_START_BLEND)
+    )
+    segment_rules: dict[str, SegmentRule] = field(
+        default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
+    )
+    trends_ttl: float = 10.0
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -67,6 +114,9 @@ class ServingSettings:
                 ) from exc
         settings = cls(
             blend_overrides=overrides,
+            cold_start_blend=_weights_env("RECSYS_COLD_START_WEIGHTS", DEFAULT_COLD_START_BLEND),
+            segment_rules=segment_rules_from_env(),
+            trends_ttl=_float("RECSYS_TRENDS_TTL", 10.0),
             model_share=_float("RECSYS_MODEL_SHARE", DEFAULT_MODEL_SHARE),
             challenger_share=_float("RECSYS_CHALLENGER_SHARE", 0.1),
             poll_seconds=_float("RECSYS_MODEL_POLL_SECONDS", 30.0),
@@ -80,6 +130,45 @@ class ServingSettings:
         if not 0.0 <= settings.model_share <= 1.0:
             raise ValueError("RECSYS_MODEL_SHARE must be between 0 and 1")
         return settings
+
+
+def _weights_env(name: str, default: dict[str, float]) -> dict[str, float]:
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return dict(default)
+    try:
+        parsed = json.loads(raw)
+        return {str(k): float(v) for k, v in parsed.items() if float(v) > 0}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f'{name} must be a JSON object like {{"trend": 1.0}}: {raw!r}') from exc
+
+
+def segment_rules_from_env() -> dict[str, SegmentRule]:
+    """The default rules, changed by `RECSYS_SEGMENT_RULES` (per segment, fields to override, or
+    null to drop the segment's rule) and switched off by `RECSYS_SEGMENT_RERANK=0`."""
+    if os.environ.get("RECSYS_SEGMENT_RERANK", "1").strip() in ("0", "false", "no", "off"):
+        return {}
+    rules = dict(DEFAULT_SEGMENT_RULES)
+    raw = os.environ.get("RECSYS_SEGMENT_RULES", "")
+    if not raw.strip():
+        return rules
+    example = '{"price_sensitive": {"price": 0.5}, "browser": null}'
+    try:
+        parsed = json.loads(raw)
+        if not isinstance(parsed, dict):
+            raise TypeError("not an object")
+        for segment, fields in parsed.items():
+            if fields is None:
+                rules.pop(segment, None)
+                continue
+            base = dataclasses.asdict(rules.get(segment, SegmentRule()))
+            base.update(fields)
+            rules[segment] = SegmentRule(**base)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(
+            f"RECSYS_SEGMENT_RULES must be a JSON object like {example}: {exc}"
+        ) from exc
+    return rules
 
 
 def blend_weights(settings: ServingSettings, trained: dict[str, float] | None) -> dict[str, float]:

@@ -1,0 +1,91 @@
+"""Segment-aware re-ranking: the boosts a user's segment earns each candidate (vectorised over
+the pool), and the reasons shown for the trend analysis' items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from feature_repo.store import UserProfile
+from serving.settings import SegmentRule
+
+if TYPE_CHECKING:
+    from serving.ranking import ServingModel
+
+# Below this gain a boost is too small to mention in the reason.
+MENTION = 0.01
+_PART_LABELS = {
+    "price": "low price in its category",
+    "brand": "one of your brands",
+    "category": "one of your categories",
+    "trend": "trending",
+}
+
+
+@dataclass(frozen=True)
+class SegmentBoost:
+    """Per pool position: the factor on the blended score and which boosts applied."""
+
+    segment: str
+    multiplier: np.ndarray
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # boost name -> gain per position
+
+    def note(self, position: int) -> str:
+        """`; <segment> boost: <what>` for a position, or '' when no boost is worth naming."""
+        applied = [_PART_LABELS[n] for n, gain in self.parts.items() if gain[position] >= MENTION]
+        return f"; {self.segment} boost: {', '.join(applied)}" if applied else ""
+
+
+def segment_boost(
+    rule: SegmentRule,
+    profile: UserProfile,
+    pool: np.ndarray,
+    in_model: np.ndarray,
+    model: ServingModel | None,
+    trend: np.ndarray | None,
+) -> SegmentBoost:
+    """The boosts of `rule` over the candidate pool (model columns first, then unknown items).
+
+    Price, brand and category boosts need the model's catalog, so items the model does not know
+    get none; the trend boost scales with the item's normalised trend score.
+    """
+    size = len(pool)
+    parts: dict[str, np.ndarray] = {}
+    if model is not None and in_model.any():
+        cols = pool[in_model]
+        if rule.price > 0:
+            pct = model.price_percentile[cols]
+            gain = np.zeros(size)
+            gain[in_model] = rule.price * np.nan_to_num(
+                np.clip(1.0 - pct / rule.price_cutoff, 0.0, 1.0), nan=0.0
+            )
+            parts["price"] = gain
+        preferences = profile.preferences
+        for name, values, per_item in (
+            ("brand", preferences.get("top_brands"), model.brand),
+            ("category", preferences.get("top_categories"), model.category),
+        ):
+            weight = getattr(rule, name)
+            if weight > 0 and isinstance(values, list) and values:
+                gain = np.zeros(size)
+                gain[in_model] = weight * np.isin(per_item[cols], np.asarray(values, dtype=str))
+                parts[name] = gain
+    if rule.trend > 0 and trend is not None:
+        parts["trend"] = rule.trend * trend
+    multiplier = 1.0 + sum(parts.values(), np.zeros(size))
+    return SegmentBoost(profile.segment, multiplier, parts)
+
+
+def trend_reasons(info: list[dict]) -> np.ndarray:
+    """The reason shown for each item of the trend analysis' list, from its trend info."""
+    out = np.empty(len(info), dtype=object)
+    for position, item in enumerate(info):
+        if item.get("burst"):
+            out[position] = "going viral"
+        elif item.get("trend_type") == "rising":
+            out[position] = "rising this week"
+        else:
+            out[position] = "popular this week"
+    return out
