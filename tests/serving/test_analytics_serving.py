@@ -14,7 +14,12 @@ from feature_repo.store import ScoredItems, UserProfile
 from serving.personalise import trend_reasons
 from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel, price_percentiles
 from serving.schemas import Filters
-from serving.settings import DEFAULT_SEGMENT_RULES, SegmentRule, ServingSettings
+from serving.settings import (
+    DEFAULT_SEGMENT_RULES,
+    SUGGESTED_SEGMENT_RULES,
+    SegmentRule,
+    ServingSettings,
+)
 from tests.serving.conftest import Registered
 from training.hybrid import HybridRecommender
 
@@ -293,8 +298,10 @@ def test_loyal_customers_get_their_brands_and_browsers_more_categories(
             serving_model, weights, "x", k, Filters(), True, features, 0
         ).item_ids
 
-    ranker = Ranker(RankingParams())
+    # The suggested (not default) rules: a brand boost for loyal customers.
     fan = UserProfile("x", segment="loyal_customer", preferences={"top_brands": ["b1"]})
+    assert rank(Ranker(RankingParams()), fan, 3)[0] == "i2"
+    ranker = Ranker(RankingParams(segment_rules=SUGGESTED_SEGMENT_RULES))
     assert rank(ranker, None, 3)[0] == "i2"
     assert rank(ranker, fan, 3)[0] == "i1"  # b1: 0.95 x 1.2 > 1.0
     reasons = ranker.recommend(
@@ -319,14 +326,20 @@ def test_loyal_customers_get_their_brands_and_browsers_more_categories(
 def test_segment_rules_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServingSettings.from_env().segment_rules == DEFAULT_SEGMENT_RULES
     monkeypatch.setenv(
-        "RECSYS_SEGMENT_RULES", '{"price_sensitive": {"price": 0.5}, "browser": null}'
+        "RECSYS_SEGMENT_RULES",
+        '{"price_sensitive": {"price": 0.5}, "browser": "suggested", "buyer": {"category": 0.3}}',
     )
     rules = ServingSettings.from_env().segment_rules
-    assert rules["price_sensitive"] == SegmentRule(price=0.5)
-    assert (
-        "browser" not in rules
-        and rules["loyal_customer"] == DEFAULT_SEGMENT_RULES["loyal_customer"]
-    )
+    assert rules == {
+        "price_sensitive": SegmentRule(price=0.5),
+        "browser": SUGGESTED_SEGMENT_RULES["browser"],
+        "buyer": SegmentRule(category=0.3),
+    }
+    monkeypatch.setenv("RECSYS_SEGMENT_RULES", '{"price_sensitive": null}')
+    assert ServingSettings.from_env().segment_rules == {}
+    monkeypatch.setenv("RECSYS_SEGMENT_RULES", '{"nobody": "suggested"}')
+    with pytest.raises(ValueError, match="RECSYS_SEGMENT_RULES"):
+        ServingSettings.from_env()
     monkeypatch.setenv("RECSYS_SEGMENT_RULES", '{"buyer": {"price": -1}}')
     with pytest.raises(ValueError, match="RECSYS_SEGMENT_RULES"):
         ServingSettings.from_env()
