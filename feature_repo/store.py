@@ -710,7 +710,7 @@ class FeatureStore:
         cats = (
             categories.select(
                 pl.col("category").cast(pl.String).fill_null(UNKNOWN_SEGMENT),
-                pl.col("trend_score").cast(pl.Float64).fill_nan(None),
+                pl.col("trend_score").cast(pl.Float64).fill_nan(None).round(4),
                 *[c for c in _info_columns(categories) if c.meta.output_name() != "category"],
             )
             if categories is not None and "category" in categories.columns
