@@ -357,9 +357,11 @@ class Ranker:
             blended = blended * boost.multiplier
             if rule.category_cap is not None:
                 cap_share = rule.category_cap
-        labels = np.full(size, "", dtype=object)
-        if live.trend_reasons is not None and "trend" in scores:
-            labels[np.searchsorted(pool, flat_idx["trend"])] = live.trend_reasons
+        labels = None
+        reasons = live.trend_reasons
+        if reasons is not None and len(reasons) == len(live.trend) and "trend" in scores:
+            labels = np.full(size, "", dtype=object)
+            labels[np.searchsorted(pool, flat_idx["trend"])] = reasons
 
         # Stage 3: business rules, seen items, then the category cap.
         keep = self._rules(pool, in_model, model, filters) & (blended > 0)

@@ -71,9 +71,9 @@ def recommend(client: TestClient, **body) -> dict:
 
 
 def test_trending_global_and_per_category(client: TestClient, store) -> None:
-    # Before any analysis: the live trending list, then nothing for a category.
-    assert client.post("/trending", json={}).json()["source"] == "none"
+    # Before any analysis: nothing for a category, the live trending list globally.
     post_events(client, [("u1", "kettle", "view")])
+    assert client.post("/trending", json={"category": "c1"}).json()["source"] == "none"
     live = client.post("/trending", json={"k": 3}).json()
     assert live["source"] == "live" and [i["item_id"] for i in live["items"]] == ["kettle"]
     assert live["items"][0]["trend_type"] is None
