@@ -235,11 +235,9 @@ def _analyze(series: _Series, cfg: TrendConfig, dow_factor: np.ndarray) -> dict[
     ahead = np.arange(1, cfg.forecast_days + 1)
     forecast = level_end * np.exp(per_day[:, None] * ahead[None, :]).sum(axis=1)
     forecast *= dow_factor.mean()
-    direction = np.where(
-        (trend == 1) | ((trend != 2) & (z_slope > cfg.min_z)),
-        2,
-        np.where((trend == 2) | ((trend != 1) & (z_slope < -cfg.min_z)), 0, 1),
-    )
+    # The direction of that forecast. A significant slope of a stable item is not enough: its
+    # forecast is flat, and so is its direction (the slope is under 2x across the whole window).
+    direction = np.sign(slope).astype(np.int64) + 1
 
     weekly, weekly_peak = _season_share(unique, 7)
     few = series.n_events < cfg.season_min_events

@@ -194,6 +194,21 @@ def test_categories_aggregate_items(known: pl.DataFrame) -> None:
     )
 
 
+def test_direction_is_the_forecasts_direction() -> None:
+    # A stable item whose decline of about 15% over 60 days is significant on 3,300 events, and
+    # whose last week ticked up: it used to be called "down" while its forecast was flat and its
+    # velocity positive.
+    days = 60
+    gentle = np.linspace(60, 50, days).round().astype(int)
+    gentle[-7:] += 3
+    row = _row(analyze_trends(_events({"gentle": gentle}), now=NOW).items, "gentle")
+    assert row["trend_type"] == "stable"
+    assert row["log_change"] / row["log_change_se"] < -TrendConfig.min_z
+    assert row["velocity"] > 0
+    assert row["predicted_direction"] == "flat"
+    assert row["forecast"] == pytest.approx(gentle.sum() * 7 / days)
+
+
 def test_trend_popularity_prefers_rising_items(known: pl.DataFrame) -> None:
     scores = trend_popularity_scores(known, now=NOW)
     assert scores.columns == ["item_id", "score"]
@@ -210,3 +225,8 @@ def test_trend_types_match_generated_truth() -> None:
     assert joined.height == 2000
     agreement = (joined["trend_type"] == joined["trend"]).mean()
     assert agreement >= 0.8
+    # The predicted direction is the forecast's: up exactly for rising, down exactly for falling.
+    expected = {"rising": "up", "falling": "down", "stable": "flat", "volatile": "flat"}
+    for table in (result.items, result.categories):
+        want = table["trend_type"].replace_strict(expected)
+        assert (table["predicted_direction"] == want).all()
