@@ -91,6 +91,10 @@ class TrendAssetConfig(dg.Config):
         default=TrendConfig.forecast_days,
         description="Horizon of the forecast and of the trend score.",
     )
+    falling_level_days: int = Field(
+        default=TrendConfig.falling_level_days,
+        description="Last days of the window on which a falling item's forecast level is refit.",
+    )
     daily_season_days: int = Field(
         default=TrendConfig.daily_season_days,
         description="Hourly history used for hour-of-day seasonality.",

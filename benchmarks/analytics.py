@@ -1,5 +1,6 @@
 """Benchmark of the trend and segment analyses on generated data: accuracy against the generator's
-truth, trend-aware versus plain popularity at nDCG@10 on a temporal split, and runtime at scale.
+truth; on a temporal split, trend-aware versus plain popularity at nDCG@10 and the error of the
+trend forecast; runtime at scale.
 
 Run: .venv/bin/python benchmarks/analytics.py [--seeds 0 1] [--scale]
 """
@@ -20,7 +21,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from training.generate import generate
 from training.segments import segment_users
-from training.trends import analyze_trends, trend_popularity_scores
+from training.trends import TrendConfig, analyze_trends, trend_popularity_scores
 
 DAY = 86_400
 K = 10
@@ -64,6 +65,32 @@ def plain_popularity(train: pl.DataFrame) -> pl.DataFrame:
     return train.group_by("item_id").agg(pl.len().cast(pl.Float64).alias("score"))
 
 
+def forecast_errors(
+    train: pl.DataFrame, test: pl.DataFrame, catalog: pl.DataFrame, now: int
+) -> tuple[float, float]:
+    """The trend forecast of the test window against what happened in it: the mean absolute
+    error over all items, and falling items' total forecast over their total actual."""
+    weights = TrendConfig().event_weights
+    actual = (
+        test.with_columns(
+            pl.col("event_type")
+            .cast(pl.String)
+            .replace_strict(weights, default=0.0, return_dtype=pl.Float64)
+            .alias("w")
+        )
+        .group_by("item_id")
+        .agg(pl.col("w").sum().alias("actual"))
+    )
+    items = (
+        analyze_trends(train, catalog, now=now)
+        .items.join(actual, on="item_id", how="left")
+        .with_columns(pl.col("actual").fill_null(0.0))
+    )
+    mae = float((items["forecast"] - items["actual"]).abs().mean())
+    falling = items.filter(pl.col("trend_type") == "falling")
+    return mae, float(falling["forecast"].sum() / max(falling["actual"].sum(), 1.0))
+
+
 def temporal_split(events: pl.DataFrame, test_days: int) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     cut = int(events["timestamp"].max()) + 1 - test_days * DAY  # type: ignore[arg-type]
     return events.filter(pl.col("timestamp") < cut), events.filter(pl.col("timestamp") >= cut), cut
@@ -89,6 +116,7 @@ def accuracy_rows(seeds: list[int], test_days: int, progress: Progress) -> list[
         last_week = train.filter(pl.col("timestamp") >= cut - 7 * DAY)
         recent = ndcg_at_k(plain_popularity(last_week), train, test)
         trend = ndcg_at_k(trend_popularity_scores(train, now=cut - 1), train, test)
+        mae, falling_ratio = forecast_errors(train, test, data.catalog, cut - 1)
         rows.append(
             {
                 "seed": seed,
@@ -100,6 +128,8 @@ def accuracy_rows(seeds: list[int], test_days: int, progress: Progress) -> list[
                 "nDCG@10 plain pop": plain,
                 "nDCG@10 last-7-days pop": recent,
                 "nDCG@10 trend pop": trend,
+                "forecast MAE": mae,
+                "falling forecast / actual": falling_ratio,
                 "segments s": t_seg,
                 "trends s": t_trend,
             }

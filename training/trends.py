@@ -50,6 +50,8 @@ class TrendConfig:
     """A burst day needs at least this many distinct users."""
     forecast_days: int = 7
     """Horizon of the forecast and of the trend score."""
+    falling_level_days: int = 14
+    """Last days of the window on which a falling item's forecast level is re-fitted."""
     daily_season_days: int = 14
     """Hourly history used for daily (hour-of-day) seasonality."""
     season_min_events: int = 30
@@ -231,6 +233,11 @@ def _analyze(series: _Series, cfg: TrendConfig, dow_factor: np.ndarray) -> dict[
     with np.errstate(over="ignore"):
         shape = np.exp(slope[:, None] * x[None, :]) * dow_factor[None, :]
     level_end = weighted.sum(axis=1) / shape.sum(axis=1) * np.exp(slope * x[-1])
+    # A log-linear curve cannot follow a decline towards zero, so fitted to the whole window it
+    # ends above a falling item's recent level: re-fit that level on the last days.
+    lo = max(n_days - cfg.falling_level_days, 0)
+    recent_level = weighted[:, lo:].sum(axis=1) / shape[:, lo:].sum(axis=1) * np.exp(slope * x[-1])
+    level_end = np.where(trend == 2, recent_level, level_end)
     per_day = np.clip(slope / max(n_days, 1), -0.15, 0.15)
     ahead = np.arange(1, cfg.forecast_days + 1)
     forecast = level_end * np.exp(per_day[:, None] * ahead[None, :]).sum(axis=1)

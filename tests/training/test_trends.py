@@ -209,6 +209,16 @@ def test_direction_is_the_forecasts_direction() -> None:
     assert row["forecast"] == pytest.approx(gentle.sum() * 7 / days)
 
 
+def test_falling_forecast_starts_from_the_recent_level(known: pl.DataFrame) -> None:
+    # A linear decline from 30 a day to 1: fitted to the whole window, a log-linear curve ends
+    # near 4 a day and forecast more for next week than the last week had.
+    row = _row(analyze_trends(known, now=NOW).items, "falling")
+    assert row["predicted_direction"] == "down"
+    last_two_weeks = row["recent_score"] + row["prior_score"]
+    assert row["forecast"] < last_two_weeks / 2
+    assert row["forecast"] < 1.25 * row["recent_score"]
+
+
 def test_trend_popularity_prefers_rising_items(known: pl.DataFrame) -> None:
     scores = trend_popularity_scores(known, now=NOW)
     assert scores.columns == ["item_id", "score"]
@@ -230,3 +240,8 @@ def test_trend_types_match_generated_truth() -> None:
     for table in (result.items, result.categories):
         want = table["trend_type"].replace_strict(expected)
         assert (table["predicted_direction"] == want).all()
+    # A falling item's forecast for the next week is at most its rate of the last two weeks
+    # (0 when it had no events in them).
+    falling = result.items.filter(pl.col("trend_type") == "falling")
+    assert falling.height > 100
+    assert (falling["forecast"] <= (falling["recent_score"] + falling["prior_score"]) / 2).all()
