@@ -118,11 +118,18 @@ class TrendFields(BaseModel):
 class TrendingItem(TrendFields):
     item_id: str
     score: float = Field(
-        description="trend_score: expected weighted events over the forecast horizon, or the "
-        "live trending score when `source` is `live`."
+        description="trend_score: expected weighted events over the forecast horizon. When "
+        "`source` is `live`: the item's score on the list its reason names (comparable only "
+        "within one reason)."
     )
-    category: str | None = None
-    reason: str
+    category: str | None = Field(
+        default=None, description="The item's category; null in a global `live` answer."
+    )
+    reason: str = Field(
+        description="From the trend analysis: `rising this week`, `going viral`, `popular this "
+        "week`. Live fallback: `trending now` (2-hour trending list), `popular right now` "
+        "(decayed live popularity), `popular` (batch or training-time popularity)."
+    )
 
 
 class CategoryTrend(TrendFields):
@@ -136,8 +143,10 @@ class TrendingResponse(BaseModel):
         description="The top k categories by trend_score, or the requested category."
     )
     source: Literal["trend_analysis", "live", "none"] = Field(
-        description="`trend_analysis`: the pushed analysis; `live`: no analysis was pushed, the "
-        "live 2-hour trending list serves; `none`: nothing to show."
+        description="`trend_analysis`: the pushed analysis; `live`: a fallback, the analysis "
+        "has no list for this request (none pushed, it expired, or nothing of the category "
+        "trended) and live trending and popular items serve, with null trend fields; `none`: "
+        "nothing to show."
     )
     analysed_at: float | None = Field(
         default=None, description="End of the analysed window (epoch seconds)."

@@ -374,7 +374,7 @@ class RecommendationService:
 
     def trending(self, body: TrendingRequest) -> Response:
         """The trend analysis' top items (of a category) with their trend, and the categories'
-        trends; without a pushed analysis, the live trending list (global requests only)."""
+        trends; where the analysis has no list, live trending and popular items."""
         found = self.store.trending_items(body.k, body.category)
         categories = [
             {"category": c["category"], "trend_score": c.get("trend_score"), **_trend_fields(c)}
@@ -399,15 +399,12 @@ class RecommendationService:
                 )
             ]
             source = "trend_analysis"
-        elif body.category is None:
-            live = self._global_lists(time.time()).trending
+        else:
             items = [
-                {**item, "category": None, **_trend_fields({})}
-                for item in _scored_items(live, "trending now", body.k)
+                {**item, "category": body.category, **_trend_fields({})}
+                for item in self._live_trending(body.k, body.category)
             ]
             source = "live" if items else "none"
-        else:
-            items, source = [], "none"
         return _json(
             {
                 "items": items,
@@ -417,6 +414,46 @@ class RecommendationService:
                 "request_id": uuid.uuid4().hex,
             }
         )
+
+    def _live_trending(self, k: int, category: str | None) -> list[dict]:
+        """The fallback of /trending where the trend analysis has no list: the live 2-hour
+        trending list, then live decayed popularity, then the batch loop's popularity, then the
+        model's training-time popularity, each item once; its reason names its list.
+
+        Categories are named as in the trend analysis (`unknown`: items the model's catalog
+        gives no category or does not list), so a category needs a model.
+        """
+        model = self.models.current.champion
+        if category is not None and model is None:
+            return []
+        glob = self._global_lists(time.time())
+
+        def trained() -> ScoredItems:
+            if model is None:
+                return ScoredItems(np.empty(0, dtype=str), np.empty(0))
+            order = np.argsort(-model.popularity, kind="stable")
+            return ScoredItems(model.item_ids[order], model.popularity[order])
+
+        lists = (
+            ("trending now", lambda: glob.trending),
+            ("popular right now", lambda: glob.popularity),
+            ("popular", lambda: glob.batch_popularity),
+            ("popular", trained),
+        )
+        items: dict[str, dict] = {}
+        for reason, read in lists:
+            scored = read()
+            ids, scores = np.asarray(scored.ids, dtype=str), scored.scores
+            keep = scores > 0
+            if category is not None and model is not None and len(ids):
+                idx = model.item_index(ids)
+                names = np.where(idx >= 0, model.category[np.maximum(idx, 0)], "")
+                keep &= np.where(names == "", "unknown", names) == category
+            for item in _scored_items(ScoredItems(ids[keep], scores[keep]), reason, k):
+                items.setdefault(item["item_id"], item)
+            if len(items) >= k:
+                break
+        return list(items.values())[:k]
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""
@@ -558,6 +595,15 @@ async def user_activity(
     response_model=TrendingResponse,
     responses=ERRORS,
     summary="Trending items (global or of one category) with their trend, and trending categories",
+    description=(
+        "From the latest trend analysis (`source: trend_analysis`). Where it has no list for the "
+        "request (no analysis pushed yet, it expired, or nothing of the category trended), a "
+        "fallback (`source: live`, trend fields null): the live 2-hour trending list, then "
+        "decayed live popularity, then batch or training-time popularity, restricted to the "
+        "category when one is given (an item's category comes from the serving model's "
+        "catalog, so a category needs a model; `unknown`: items without one). Each item's "
+        "`reason` names its list."
+    ),
 )
 async def trending(body: TrendingRequest) -> Response:
     return _service().trending(body)

@@ -109,6 +109,66 @@ def test_trending_global_and_per_category(client: TestClient, store) -> None:
     assert client.post("/trending", json={"k": 3, "bogus": 1}).json()["field"] == "bogus"
 
 
+@pytest.fixture
+def fresh_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service re-reads the live lists on every request (set before `client` starts it)."""
+    monkeypatch.setenv("RECSYS_GLOBAL_LISTS_TTL", "0")
+
+
+def test_trending_falls_back_to_live_items_of_the_category(
+    served_champion: Registered,
+    fresh_lists: None,
+    client: TestClient,
+    store,
+    serving_model: ServingModel,
+) -> None:
+    # make_catalog: category c(i % 4); i1 and i5 are in c1, i2 in c2; new-sku is in no catalog.
+    post_events(
+        client,
+        [
+            ("u1", "i1", "view"),
+            ("u2", "i5", "purchase"),
+            ("u3", "i2", "view"),
+            ("u4", "new-sku", "view"),
+        ],
+    )
+    body = client.post("/trending", json={"k": 6, "category": "c1"}).json()
+    assert body["source"] == "live" and body["analysed_at"] is None and body["categories"] == []
+    items = body["items"]
+    ids = [i["item_id"] for i in items]
+    # The category's items on the live trending list first (a purchase outweighs a view) ...
+    assert ids[:2] == ["i5", "i1"]
+    assert [i["reason"] for i in items[:2]] == ["trending now", "trending now"]
+    # ... then its most popular items in training, up to k, each once.
+    in_c1 = serving_model.category == "c1"
+    order = np.argsort(-np.where(in_c1, serving_model.popularity, -np.inf), kind="stable")
+    popular = [i for i in serving_model.item_ids[order[: in_c1.sum()]] if i not in ("i5", "i1")]
+    assert ids[2:] == popular[:4]
+    assert [i["reason"] for i in items[2:]] == ["popular"] * 4
+    assert all(i["category"] == "c1" for i in items)
+    assert all(i["trend_type"] is None and i["predicted_direction"] is None for i in items)
+
+    # As in the trend analysis, an item the catalog lacks is in category `unknown`.
+    unknown = client.post("/trending", json={"category": "unknown"}).json()
+    assert [i["item_id"] for i in unknown["items"]] == ["new-sku"]
+    assert client.post("/trending", json={"category": "garden"}).json()["source"] == "none"
+    # The global fallback: the live trending list, then popular items.
+    glob = client.post("/trending", json={"k": 6}).json()
+    assert glob["source"] == "live"
+    glob_ids = [i["item_id"] for i in glob["items"]]
+    assert glob_ids[0] == "i5" and set(glob_ids[1:4]) == {"i1", "i2", "new-sku"}
+    assert len(set(glob_ids)) == 6
+    assert [i["reason"] for i in glob["items"]] == ["trending now"] * 4 + ["popular"] * 2
+
+    # Once an analysis lists the category, it serves.
+    store.push_trends(
+        pl.DataFrame({"item_id": ["i9"], "category": ["c1"], "trend_score": [3.0]}), None
+    )
+    analysed = client.post("/trending", json={"k": 6, "category": "c1"}).json()
+    assert analysed["source"] == "trend_analysis"
+    assert [i["item_id"] for i in analysed["items"]] == ["i9"]
+
+
 # -- profiles --------------------------------------------------------------------------------
 
 
@@ -167,6 +227,7 @@ def test_openapi_documents_the_new_endpoints(client: TestClient) -> None:
     schema = client.get("/docs.json").json()["components"]["schemas"]
     assert "segment" in schema["RecommendResponse"]["properties"]
     assert {"trend_type", "burst", "reason"} <= set(schema["TrendingItem"]["properties"])
+    assert "fallback" in paths["/trending"]["post"]["description"]
 
 
 # -- cold start ------------------------------------------------------------------------------
