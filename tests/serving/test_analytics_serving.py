@@ -345,6 +345,48 @@ def test_price_sensitive_known_user_sees_cheaper_items_through_the_service(
     assert all(p < 0.5 for p in percentiles({"items": cheap}))
 
 
+def test_segment_rerank_switched_off_through_the_service(
+    served_champion: Registered,
+    no_cache: None,
+    service_app,
+    namespace: str,
+    store,
+    serving_model: ServingModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def boosts(body: dict) -> list[str]:
+        return [i["reason"] for i in body["items"] if "boost" in i["reason"]]
+
+    # RECSYS_SEGMENT_RERANK=0: a price-sensitive profile changes nothing.
+    monkeypatch.setenv("RECSYS_SEGMENT_RERANK", "0")
+    with TestClient(service_app) as off:
+        plain = recommend(off, user_id="u3", k=10)
+        store.push_user_profiles(pl.DataFrame({"user_id": ["u3"], "segment": ["price_sensitive"]}))
+        profiled = recommend(off, user_id="u3", k=10)
+        rule = off.post("/user_profile", json={"user_id": "u3"}).json()
+    assert rule["segment"] == "price_sensitive" and rule["ranking_rule"] is None
+    assert profiled["segment"] is None and boosts(profiled) == []
+    assert [(i["item_id"], i["score"], i["reason"]) for i in profiled["items"]] == [
+        (i["item_id"], i["score"], i["reason"]) for i in plain["items"]
+    ]
+
+    # Switched on (the default), the same profile in the same Redis re-ranks the answer.
+    monkeypatch.setenv("RECSYS_SEGMENT_RERANK", "1")
+    with TestClient(service_app) as on:
+        boosted = recommend(on, user_id="u3", k=10)
+        rule = on.post("/user_profile", json={"user_id": "u3"}).json()
+    assert rule["ranking_rule"]["price"] == DEFAULT_SEGMENT_RULES["price_sensitive"].price
+    assert boosted["segment"] == "price_sensitive"
+    assert boosts(boosted) and all("price_sensitive boost: low price" in r for r in boosts(boosted))
+    assert [i["item_id"] for i in boosted["items"]] != [i["item_id"] for i in plain["items"]]
+
+    def mean_percentile(body: dict) -> float:
+        idx = serving_model.item_index(np.array([i["item_id"] for i in body["items"]]))
+        return float(np.nanmean(serving_model.price_percentile[idx][:5]))
+
+    assert mean_percentile(boosted) < mean_percentile(profiled)
+
+
 def test_loyal_customers_get_their_brands_and_browsers_more_categories(
     serving_model: ServingModel,
 ) -> None:
