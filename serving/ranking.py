@@ -194,7 +194,8 @@ class _Ids:
         unknown = idx < 0
         self.extra, inverse = np.unique(flat[unknown], return_inverse=True)
         idx[unknown] = self.n_model + inverse
-        self.parts = np.split(idx, np.cumsum(sizes)[:-1]) if arrays else []
+        bounds = np.cumsum([0, *sizes]).tolist()
+        self.parts = [idx[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def names(self, ids: np.ndarray) -> np.ndarray:
         out = np.empty(len(ids), dtype=object)
@@ -396,34 +397,43 @@ class Ranker:
         known = recent_idx < n
         live_cols, live_vals = recent_idx[known], recent_w[known]
         # Training columns are unique, and so are the live ones (members of a sorted set).
-        live_row = _row(n, live_cols, live_vals, unique=True)
-        train_row = _row(n, hist_cols, hist_vals, unique=True)
-        both = (
-            _row(n, np.r_[hist_cols, live_cols], np.r_[hist_vals, live_vals])
-            if len(live_cols) and len(hist_cols)
-            else (live_row if len(live_cols) else train_row)
-        )
-        seen = both.indices.astype(np.int64)
+        seen = np.union1d(hist_cols, live_cols).astype(np.int64)
+        rows: dict[str, sp.csr_matrix] = {}
+
+        def row(kind: str) -> sp.csr_matrix:
+            """The user's live, training or combined (summed) row, built on first use: a CSR
+            row costs more than most of the scoring."""
+            if kind not in rows:
+                if kind == "live" or (kind == "both" and not len(hist_cols)):
+                    rows[kind] = _row(n, live_cols, live_vals, unique=True)
+                elif kind == "train" or not len(live_cols):
+                    rows[kind] = _row(n, hist_cols, hist_vals, unique=True)
+                else:
+                    values = np.zeros(len(seen))
+                    values[np.searchsorted(seen, hist_cols)] += hist_vals
+                    values[np.searchsorted(seen, live_cols)] += live_vals
+                    rows[kind] = _row(n, seen, values, unique=True)
+            return rows[kind]
+
         out: dict[str, np.ndarray] = {}
         for name, component in model.components.items():
             if weights.get(name, 0.0) <= 0 or name == "popularity":
                 continue
             if name == "als":
                 if user >= 0:
-                    raw = component.score(train_row, np.array([user]))
-                elif live_row.nnz:
-                    raw = component.score(live_row, np.array([-1]))  # fold-in from live items
+                    raw = component.score(row("train"), np.array([user]))
+                elif len(live_cols):
+                    raw = component.score(row("live"), np.array([-1]))  # fold-in from live items
                 else:
                     continue
             elif name == "item2vec":
-                source = live_row if live_row.nnz else train_row
-                if not source.nnz:
+                if not len(seen):
                     continue
-                raw = component.score(source)
+                raw = component.score(row("live" if len(live_cols) else "train"))
             else:
-                if not both.nnz:
+                if not len(seen):
                     continue
-                raw = component.score(both)
+                raw = component.score(row("both"))
             raw = np.array(raw, dtype=np.float32)
             if exclude_seen:
                 raw[0, seen] = -np.inf
@@ -566,12 +576,15 @@ def _explain(
     marks = np.stack([proposed[n][chosen] for n in sources])
     contribution = matrix * np.array([weights.get(n, 0.0) for n in sources])[:, None]
     best = np.argmax(np.where(marks, contribution, -1.0), axis=0)
-    rounded = matrix.round(4)
+    # Python lists once: per-item dicts from them cost far less than numpy per item.
+    values = matrix.round(4).T.tolist()
+    flags = marks.T.tolist()
+    tops = best.tolist()
     per_item, reasons = [], []
     for col, position in enumerate(chosen.tolist()):
-        rows = np.flatnonzero(marks[:, col])
-        per_item.append({sources[r]: float(rounded[r, col]) for r in rows})
-        top = sources[best[col]]
+        mark = flags[col]
+        per_item.append({n: v for n, v, m in zip(sources, values[col], mark, strict=True) if m})
+        top = sources[tops[col]]
         which = anchor[position]
         if top in _ANCHORED_VERBS and which >= 0:
             reason = f"{_ANCHORED_VERBS[top]} {anchors[which]}"
