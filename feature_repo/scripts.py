@@ -3,24 +3,10 @@
 
 from __future__ import annotations
 
-# Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL), XADD the
-# event to the stream, update the user's recent items and co-view of the items the user touched
-# in the co-view window; per user once: counters, TTLs and the response cache; per item once:
-# decayed popularity, trending, first-seen and the TTL of its co-view list.
-#
-# KEYS: popularity, trending, decay, first_seen, stats, stream
-# ARGV: namespace, now, config JSON, batch JSON (columns e,u,i,t,ts,w), one stream payload per event
-# Returns {accepted, new_items, duplicate positions (0-based)...}
-#
-# User and item keys are derived from the namespace inside the script, so this script needs a
-# single Redis node; FeatureStore uses the sharded path on Redis Cluster.
-INGEST = r"""
-local ns = ARGV[1]
-local now = tonumber(ARGV[2])
-local cfg = cjson.decode(ARGV[3])
-local b = cjson.decode(ARGV[4])
-local n = #b.e
-
+# Shared by both ingest scripts (after `now` and `cfg` are set): decayed scores are stored
+# relative to a reference time per list, kept in the decay hash (KEYS[3]) for popularity
+# (KEYS[1]) and trending (KEYS[2]); t_pop and t_trend are those reference times.
+DECAY_REFERENCES = r"""
 local function reference(field, rate, key)
   local t0 = tonumber(redis.call('HGET', KEYS[3], field))
   if not t0 then
@@ -38,7 +24,30 @@ local function reference(field, rate, key)
 end
 local t_pop = reference('popularity', cfg.pop_rate, KEYS[1])
 local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
+"""
 
+# Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL), XADD the
+# event to the stream, update the user's recent items and co-view of the items the user touched
+# in the co-view window; per user once: counters, TTLs and the response cache; per item once:
+# decayed popularity, trending, first-seen and the TTL of its co-view list.
+#
+# KEYS: popularity, trending, decay, first_seen, stats, stream
+# ARGV: namespace, now, config JSON, batch JSON (columns e,u,i,t,ts,w), one stream payload per event
+# Returns {accepted, new_items, duplicate positions (0-based)...}
+#
+# User and item keys are derived from the namespace inside the script, so this script needs a
+# single Redis node; FeatureStore uses the sharded path on Redis Cluster.
+INGEST = (
+    r"""
+local ns = ARGV[1]
+local now = tonumber(ARGV[2])
+local cfg = cjson.decode(ARGV[3])
+local b = cjson.decode(ARGV[4])
+local n = #b.e
+
+"""
+    + DECAY_REFERENCES
+    + r"""
 local accepted, new_items = 0, 0
 local out = {0, 0}
 local users, user_order = {}, {}
@@ -128,31 +137,20 @@ out[1] = accepted
 out[2] = new_items
 return out
 """
+)
 
 # The {global} part of an ingest for the sharded (Redis Cluster) path, where every other update
 # is a plain command in a pipeline: decayed popularity, trending, first-seen and stats.
 # KEYS: popularity, trending, decay, first_seen, stats
 # ARGV: now, config JSON, accepted events JSON (columns i, ts, w), accepted, duplicates
-INGEST_GLOBAL = r"""
+INGEST_GLOBAL = (
+    r"""
 local now = tonumber(ARGV[1])
 local cfg = cjson.decode(ARGV[2])
 local b = cjson.decode(ARGV[3])
-local function reference(field, rate, key)
-  local t0 = tonumber(redis.call('HGET', KEYS[3], field))
-  if not t0 then
-    t0 = now
-    redis.call('HSET', KEYS[3], field, t0)
-  elseif rate * (now - t0) > 200 then
-    local factor = math.exp(-rate * (now - t0))
-    redis.call('ZUNIONSTORE', key, 1, key, 'WEIGHTS', string.format('%.17g', factor))
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '1e-12')
-    t0 = now
-    redis.call('HSET', KEYS[3], field, t0)
-  end
-  return t0
-end
-local t_pop = reference('popularity', cfg.pop_rate, KEYS[1])
-local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
+"""
+    + DECAY_REFERENCES
+    + r"""
 local items, order = {}, {}
 for idx = 1, #b.i do
   local iid, ts, w = b.i[idx], b.ts[idx], b.w[idx]
@@ -185,6 +183,7 @@ if dups > 0 then
 end
 return new_items
 """
+)
 
 # The per-request read of one user's keys (one slot): the cached response for a signature (and
 # nothing else when there is one), else recent items, batch candidates and the profile hash, flat.
