@@ -4,43 +4,23 @@ where the service serves them (/trending, /user_profile) and ranks with them."""
 import dagster as dg
 import polars as pl
 
+from feature_repo.definitions import PREFERENCE_KEYS, PROFILE_SCORES
 from orchestration.resources import RedisFeaturesResource
 from training.segments import SegmentResult
 from training.trends import TrendResult
 
 GROUP = "online"
-# The users table's columns that make up a profile, and those gathered into `preferences`.
-PROFILE_COLUMNS = (
-    "segment",
-    "r_score",
-    "f_score",
-    "m_score",
-    "rfm",
-    "engagement",
-    "churn_risk",
-    "lifetime_value",
-    "price_percentile",
-)
-PREFERENCE_COLUMNS = (
-    "top_categories",
-    "top_brands",
-    "price_low",
-    "price_high",
-    "preferred_hour",
-    "daypart",
-    "device",
-)
 
 
 def profile_frame(users: pl.DataFrame) -> pl.DataFrame:
     """`user_id`, the profile columns and `preferences` (a struct) of a segment users table."""
-    present = [c for c in PREFERENCE_COLUMNS if c in users.columns]
+    present = [c for c in PREFERENCE_KEYS if c in users.columns]
     preferences = (
         pl.struct(present).alias("preferences")
         if present
         else pl.lit(None, pl.String).alias("preferences")
     )
-    return users.select("user_id", *[c for c in PROFILE_COLUMNS if c in users.columns], preferences)
+    return users.select("user_id", *[c for c in PROFILE_SCORES if c in users.columns], preferences)
 
 
 @dg.asset(group_name=GROUP, compute_kind="redis")

@@ -323,9 +323,9 @@ class Keys:
 USER_SUFFIXES = {"recent": "recent", "counters": "counters", "cache": "cache", "eid": "eid:"}
 ITEM_SUFFIXES = {"coview": "coview"}
 
-# Fields of the `user_profile` hash (`preferences` is JSON: top_categories, top_brands, price_low,
-# price_high, preferred_hour, daypart and device when known); a user without one is `unknown`.
-PROFILE_FIELDS = (
+# Fields of the `user_profile` hash: the scores of the daily segmentation, `preferences` (JSON of
+# whichever of PREFERENCE_KEYS are known) and `updated_at`; a user without one is `unknown`.
+PROFILE_SCORES = (
     "segment",
     "r_score",
     "f_score",
@@ -335,9 +335,17 @@ PROFILE_FIELDS = (
     "churn_risk",
     "lifetime_value",
     "price_percentile",
-    "preferences",
-    "updated_at",
 )
+PREFERENCE_KEYS = (
+    "top_categories",
+    "top_brands",
+    "price_low",
+    "price_high",
+    "preferred_hour",
+    "daypart",
+    "device",
+)
+PROFILE_FIELDS = (*PROFILE_SCORES, "preferences", "updated_at")
 UNKNOWN_SEGMENT = "unknown"
 # Fields of each item's (and category's) JSON in `trend_info` / `trend_categories`.
 TREND_INFO_FIELDS = (
