@@ -10,13 +10,14 @@ from typing_extensions import TypedDict
 from training.data import MAX_ID_LENGTH
 
 # An id of the event contract: 1..256 characters, no control characters, no outer whitespace.
+ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 Id = Annotated[
     str,
     StringConstraints(
         strip_whitespace=True,
         min_length=1,
         max_length=MAX_ID_LENGTH,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
+        pattern=ID_PATTERN,
     ),
 ]
 Category = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]

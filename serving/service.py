@@ -32,6 +32,7 @@ from serving.models import ModelManager, ModelSet
 from serving.personalise import trend_reasons
 from serving.ranking import LiveFeatures, Ranker, RankingParams
 from serving.schemas import (
+    ID_PATTERN,
     ErrorResponse,
     EventsRequest,
     EventsResponse,
@@ -48,6 +49,7 @@ from serving.schemas import (
 )
 from serving.settings import ServingSettings, blend_weights
 from training import settings as env
+from training.data import MAX_ID_LENGTH
 
 log = logging.getLogger("recsys.serving")
 
@@ -528,6 +530,10 @@ class RecommendationService:
 # service instance of this worker --------------------------------------------------------------
 
 
+# A user id in a URL path: the rules of `Id` in a request body.
+PathUserId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+
+
 def _service() -> RecommendationService:
     return bentoml.get_current_service()
 
@@ -582,9 +588,7 @@ async def events(body: EventsRequest) -> Response:
     summary="A user's recent items and event counters",
 )
 async def user_activity(
-    user_id: Annotated[
-        str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
-    ],
+    user_id: PathUserId,
     n: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
     return _service().user_activity(user_id, n)
@@ -626,9 +630,7 @@ async def user_profile(body: UserProfileRequest) -> Response:
     summary="The same as POST /user_profile",
 )
 async def user_profile_by_path(
-    user_id: Annotated[
-        str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
-    ],
+    user_id: PathUserId,
 ) -> Response:
     return _service().user_profile(user_id)
 
