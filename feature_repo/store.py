@@ -308,7 +308,8 @@ class FeatureStore:
         coview: dict[str, list[str]] = {}
         counts: dict[str, dict[str, int]] = {}
         touched: dict[str, dict[str, int]] = {}
-        for row in np.flatnonzero(new).tolist():
+        accepted_rows = np.flatnonzero(new).tolist()
+        for row in accepted_rows:
             user, item, ts = users[row], items[row], stamps[row]
             state = recent[user]
             if item not in state:
@@ -350,7 +351,6 @@ class FeatureStore:
                 pipe.zincrby(key, 1, item)
             pipe.zremrangebyrank(key, 0, -cfg.coview_cap - 1)
             pipe.expire(key, cfg.coview_ttl)
-        accepted_rows = np.flatnonzero(new).tolist()
         for item in dict.fromkeys(items[r] for r in accepted_rows):
             pipe.expire(k.coview(item), cfg.coview_ttl)
         pipe.execute()
