@@ -239,9 +239,11 @@ class Ranker:
     ) -> Ranked:
         params = self.params
         filters = filters or Filters()
+        # A user with no history anywhere: the model's blend would give them nothing when it
+        # left popularity out (it can, when popularity loses on validation), so the cold-start
+        # blend serves, with or without a pushed trend list.
         if (
             params.cold_start_blend
-            and len(live.trend)
             and not len(live.recent)
             and not len(live.candidates)
             and (model is None or model.user_index(user_id) < 0)

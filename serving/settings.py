@@ -22,7 +22,7 @@ DEFAULT_BLEND: dict[str, float] = {
 }
 # A user with no history anywhere (not in the model, no live events, no batch candidates) is
 # ranked by the trend analysis' list, live trending and popularity only filling behind it; when
-# no trend list was pushed, the usual blend (popularity and trending) serves instead.
+# no trend list was pushed, live trending then popularity.
 DEFAULT_COLD_START_BLEND: dict[str, float] = {"trend": 1.0, "trending": 0.1, "popularity": 0.05}
 
 

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from training import settings
 from training.hybrid import HybridRecommender
 
 log = logging.getLogger(__name__)
@@ -212,9 +213,24 @@ class ModelRegistry:
             reason,
         )
 
+    def download_uri(self, version: str) -> str:
+        """Where a version's model files live, resolved through this registry's own client.
+
+        MLflow's `models:/` artifact repository looks the version up through the process-wide
+        registry URI (`mlflow.get_registry_uri()`), not the one passed to it, so a service that
+        never set MLFLOW_TRACKING_URI would ask MLflow's default store (an empty `./mlflow.db`).
+        """
+        uri = self.client.get_model_version_download_uri(self.model_name, version)
+        if uri.startswith("models:/"):
+            # MLflow 3 registers a logged model (`models:/m-...`): its artifact location.
+            uri = self.client.get_logged_model(
+                uri.removeprefix("models:/").strip("/")
+            ).artifact_location
+        return uri
+
     def bundle_path(self, version: str) -> Path:
         """The bundle folder of a version, downloaded once into the local cache."""
-        base = self.cache_dir or Path(tempfile.gettempdir()) / "recsys-model-cache"
+        base = self.cache_dir or settings.recsys_home_path() / "model-cache"
         target = base / self.model_name / str(version)
         marker = target / ".complete"
         if marker.exists():
@@ -224,13 +240,13 @@ class ModelRegistry:
         try:
             local = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.model_name}/{version}",
+                    artifact_uri=f"{self.download_uri(version).rstrip('/')}/artifacts/"
+                    f"{BUNDLE_ARTIFACT}",
                     dst_path=str(tmp),
                     tracking_uri=self.tracking_uri,
                     registry_uri=self.tracking_uri,
                 )
             )
-            local = local / "artifacts" / BUNDLE_ARTIFACT
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)

@@ -110,3 +110,23 @@ def test_launcher_command_and_environment(tmp_path: Path) -> None:
     assert "services.recsys.workers=cpu_count" in serve_env({})["BENTOML_CONFIG_OPTIONS"]
     with pytest.raises(ValueError, match="RECSYS_SERVE_WORKERS"):
         serve_env({"RECSYS_SERVE_WORKERS": "zero"})
+
+
+def test_a_new_visitor_gets_popular_items_when_the_model_left_popularity_out(
+    trained_bundle,
+) -> None:
+    """A trained blend may give popularity no weight (it lost on validation); a user the model
+    has never seen, with no live history, must still get items, not an empty list."""
+    import numpy as np
+
+    from feature_repo.store import ScoredItems
+    from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel
+
+    model = ServingModel(trained_bundle, "1", "champion")
+    weights = blend_weights(ServingSettings(), {"als": 0.6, "ease": 0.4, "popularity": 0.0})
+    assert "popularity" not in weights
+    popular = ScoredItems(np.array(["i3", "i1", "i2"]), np.array([9.0, 5.0, 1.0]))
+    ranked = Ranker(RankingParams()).recommend(
+        model, weights, "never-seen", 3, None, True, LiveFeatures(popularity=popular), time.time()
+    )
+    assert list(ranked.item_ids) == ["i3", "i1", "i2"]

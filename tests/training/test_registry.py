@@ -77,3 +77,25 @@ def test_pyfunc_flavour_predicts(registry: ModelRegistry, bundle) -> None:  # no
     out = model.predict(pd.DataFrame({"user_id": ["u1", "nobody"]}), params={"k": 4})
     assert list(out.columns) == ["user_id", "item_id", "rank", "score"]
     assert len(out) == 8
+
+
+def test_bundle_download_uses_this_registry_not_mlflows_global_store(
+    registry: ModelRegistry, bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """A service never calls mlflow.set_tracking_uri: the download must not fall back to
+    MLflow's process-wide default store (which creates an empty ./mlflow.db)."""
+    version = _register(registry, bundle, 0.3)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    default = f"sqlite:///{elsewhere / 'mlflow.db'}"
+    mlflow.set_tracking_uri(default)
+    mlflow.set_registry_uri(default)
+    try:
+        fresh = ModelRegistry(registry.tracking_uri, registry.model_name, cache_dir=tmp_path / "c2")
+        loaded = fresh.load_bundle(version)
+    finally:
+        mlflow.set_tracking_uri("")
+        mlflow.set_registry_uri("")
+    assert list(loaded.user_ids) == list(bundle.user_ids)
+    assert list(elsewhere.iterdir()) == []
