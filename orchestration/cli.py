@@ -188,9 +188,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from serving.consumer import main as consume_main
+    from serving.consumer import consume
 
-    return consume_main(args.consumer_args)
+    return consume(args)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -327,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.set_defaults(func=cmd_serve)
 
+    from serving.consumer import add_arguments as add_consumer_arguments
+
     p = sub.add_parser("consume", help="move events from the Redis stream to the event store")
-    p.add_argument("consumer_args", nargs=argparse.REMAINDER)
+    add_consumer_arguments(p)
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("up", help="Dagster UI and MLflow UI on the embedded storage")
@@ -370,6 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    finally:
+        _release_embedded_redis()
+
+
+def _release_embedded_redis() -> None:
+    """The embedded Redis a command started stops with it, unless a running service or
+    consumer on the same RECSYS_HOME still uses it (then the last of them stops it)."""
+    if "feature_repo.connection" in sys.modules:
+        from feature_repo.connection import release_embedded
+
+        release_embedded()
 
 
 if __name__ == "__main__":

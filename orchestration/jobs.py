@@ -71,15 +71,37 @@ def retrain_threshold() -> int:
     return int(os.environ.get("RECSYS_RETRAIN_MIN_EVENTS", "10000"))
 
 
+def _last_training_start(context: dg.SensorEvaluationContext) -> float | None:
+    """When the newest successful training run started (from the CLI, a schedule or this
+    sensor): events stored after that are the ones no model has seen."""
+    try:
+        instance = context.instance
+    except dg.DagsterInvariantViolationError:
+        return None
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=training_job.name, statuses=[dg.DagsterRunStatus.SUCCESS]),
+        limit=1,
+    )
+    return records[0].start_time if records and records[0].start_time else None
+
+
 @dg.sensor(
     job=training_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING
 )
 def new_events_sensor(
     context: dg.SensorEvaluationContext, event_store: EventStoreResource
 ) -> dg.SensorResult | dg.SkipReason:
-    """Retrain when at least N events reached the event store since the last trigger."""
-    since = float(context.cursor) if context.cursor else 0.0
+    """Retrain when at least N events reached the event store since the last training.
+
+    The first evaluation only starts the count: the events already in the store when the
+    sensor is first switched on (say, the demo's) were trained on by whoever stored them.
+    """
     now = time.time()
+    if not context.cursor:
+        return dg.SensorResult(
+            skip_reason="first evaluation: counting new events from now on", cursor=str(now)
+        )
+    since = max(float(context.cursor), _last_training_start(context) or 0.0)
     with event_store.open() as store:
         new_events = store.count_ingested_since(since)
     threshold = retrain_threshold()

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -113,29 +114,48 @@ def _store(
     log.info("stored %d new events from %d entries (%d total)", inserted, len(batch), stats.stored)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `recsys consume [--batch-size N] [--block-ms MS] [--consumer NAME] ...`."""
-    parser = argparse.ArgumentParser(
-        prog="recsys consume", description="Move events from the Redis stream to the event store."
-    )
-    parser.add_argument("--batch-size", type=int, default=1000, help="entries per read (1000)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `recsys consume`, shared by the `recsys` CLI and this module's main."""
+    parser.add_argument("--batch-size", type=int, default=1000, help="entries per read")
     parser.add_argument(
-        "--block-ms", type=int, default=1000, help="how long a read waits for new entries (1000)"
+        "--block-ms", type=int, default=1000, help="how long a read waits for new entries (ms)"
     )
-    parser.add_argument("--consumer", default=None, help="consumer name (default: per host)")
+    parser.add_argument(
+        "--consumer", default=None, help="consumer name in the group (default: host and pid)"
+    )
     parser.add_argument(
         "--claim-idle-ms",
         type=int,
         default=60_000,
-        help="take over other consumers' entries unacknowledged this long (60000)",
+        help="take over other consumers' entries left unacknowledged this long (ms)",
     )
-    parser.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
+    parser.add_argument(
+        "--max-batches", type=int, default=None, help="stop after N batches (default: never)"
+    )
     parser.add_argument(
         "--until-idle", action="store_true", help="stop when the stream has nothing left"
     )
-    args = parser.parse_args(list(argv) if argv is not None else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `recsys consume [--batch-size N] [--block-ms MS] [--consumer NAME] ...`."""
+    parser = argparse.ArgumentParser(
+        prog="recsys consume",
+        description="Move events from the Redis stream to the event store.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
+    return consume(parser.parse_args(list(argv) if argv is not None else None))
+
+
+def consume(args: argparse.Namespace) -> int:
+    """Run the consumer with parsed `recsys consume` options until stopped (or idle)."""
     if args.batch_size < 1 or args.block_ms < 0 or args.claim_idle_ms < 0:
-        parser.error("--batch-size must be >= 1; --block-ms and --claim-idle-ms >= 0")
+        print(
+            "error: --batch-size must be >= 1; --block-ms and --claim-idle-ms >= 0",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

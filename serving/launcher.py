@@ -56,7 +56,15 @@ def serve(port: int = 3001, host: str = "127.0.0.1") -> int:
     """
     if not 0 < port < 65536:
         raise ValueError(f"port must be between 1 and 65535, got {port}")
-    process = subprocess.Popen(serve_command(port, host), env=serve_env())
+    environ = serve_env()
+    if not environ.get("REDIS_URL"):
+        # Start the embedded Redis here, so the workers share it and `recsys serve` stops it
+        # when it exits (unless a consumer or a pipeline still uses it).
+        from feature_repo.connection import connect
+        from training import settings
+
+        connect(None, settings.recsys_home())
+    process = subprocess.Popen(serve_command(port, host), env=environ)
 
     def forward(signum: int, _frame: object) -> None:
         process.send_signal(signum)

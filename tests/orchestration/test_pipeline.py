@@ -129,19 +129,31 @@ def test_new_events_sensor_triggers_at_threshold(
     from training.data import read_events
 
     resources = resources_for("local")
+    events = read_events(events_csv)
     with resources["event_store"].open() as store:
-        store.append(read_events(events_csv))
-    monkeypatch.setenv("RECSYS_RETRAIN_MIN_EVENTS", "100000")
-    ctx = dg.build_sensor_context(resources={"event_store": resources["event_store"]})
-    assert isinstance(new_events_sensor(ctx), dg.SkipReason)
+        store.append(events.head(300))
     monkeypatch.setenv("RECSYS_RETRAIN_MIN_EVENTS", "10")
-    ctx = dg.build_sensor_context(resources={"event_store": resources["event_store"]})
-    result = new_events_sensor(ctx)
-    assert len(result.run_requests) == 1 and result.cursor
-    ctx = dg.build_sensor_context(
-        cursor=result.cursor, resources={"event_store": resources["event_store"]}
-    )
-    assert isinstance(new_events_sensor(ctx), dg.SkipReason), "nothing new since the trigger"
+
+    def evaluate(cursor: str | None):  # noqa: ANN202
+        ctx = dg.build_sensor_context(
+            cursor=cursor,
+            resources={"event_store": resources["event_store"]},
+            instance=dg.DagsterInstance.ephemeral(),
+        )
+        return new_events_sensor(ctx)
+
+    # The events already stored when the sensor first runs (a demo's) start no training.
+    first = evaluate(None)
+    assert not first.run_requests and first.cursor
+    assert isinstance(evaluate(first.cursor), dg.SkipReason)
+    with resources["event_store"].open() as store:
+        store.append(events.slice(300))
+    monkeypatch.setenv("RECSYS_RETRAIN_MIN_EVENTS", "100000")
+    assert isinstance(evaluate(first.cursor), dg.SkipReason)
+    monkeypatch.setenv("RECSYS_RETRAIN_MIN_EVENTS", "10")
+    result = evaluate(first.cursor)
+    assert len(result.run_requests) == 1 and float(result.cursor) > float(first.cursor)
+    assert isinstance(evaluate(result.cursor), dg.SkipReason), "nothing new since the trigger"
 
 
 @pytest.mark.postgres

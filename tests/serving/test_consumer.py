@@ -177,3 +177,28 @@ def test_stop_event_ends_a_blocking_consumer(store: FeatureStore) -> None:
     stop.set()
     thread.join(timeout=10)
     assert not thread.is_alive() and result["stats"].stored == 20
+
+
+def test_recsys_consume_options_work_through_the_cli(
+    store: FeatureStore, recsys_home: Path
+) -> None:
+    """The documented options of `recsys consume` reach the consumer (they once exited 2 with
+    "unrecognized arguments")."""
+    recsys = Path(sys.executable).with_name("recsys")
+    shown = subprocess.run([recsys, "consume", "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0
+    for option in ("--batch-size", "--block-ms", "--consumer", "--claim-idle-ms", "--max-batches"):
+        assert option in shown.stdout
+    store.ingest(synthetic(250))
+    done = subprocess.run(
+        [recsys, "consume", "--until-idle", "--batch-size", "100", "--block-ms", "100"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "250 new events stored" in done.stderr
+    assert open_event_store(None, recsys_home).count() == 250
+    bad = subprocess.run([recsys, "consume", "--batch-size", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--batch-size must be >= 1" in bad.stderr
