@@ -249,9 +249,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate a sample shop, run the pipeline, show metrics and recommendations."""
-    from training.registry import CHAMPION, ModelRegistry
-
+    """Generate a sample shop, train, analyse, then show the live service reacting to events."""
     home = settings.recsys_home()
     data_dir = home / "demo-data"
     if not (data_dir / "events.csv").exists():
@@ -267,26 +265,134 @@ def cmd_demo(args: argparse.Namespace) -> int:
             skip_invalid=False,
         )
     )
-    registry = ModelRegistry(
-        settings.mlflow_tracking_uri(), settings.model_name(), cache_dir=home / "model-cache"
-    )
-    champion = registry.get_version(CHAMPION)
-    if champion is not None:
-        bundle = registry.load_bundle(champion.version)
-        sample = bundle.user_ids[:3]
-        recs = bundle.recommend_ids(sample, k=5).join(
-            bundle.catalog.select("item_id", "title", "category", "price"), on="item_id", how="left"
-        )
-        _print(f"\nsample recommendations from champion version {champion.version}:")
-        with pl.Config(tbl_rows=len(recs), tbl_hide_dataframe_shape=True, fmt_str_lengths=40):
-            _print(str(recs))
+    for job, what in (("trends_job", "trend analysis"), ("segments_job", "user segments")):
+        _print(f"\nrunning the {what} ({job}), pushed to Redis for the service")
+        _run(job, {})
+    if args.no_serve:
+        _print_next(home)
+        return OK
+    _demo_live_service(data_dir, args.port)
+    _print_next(home)
+    return OK
+
+
+def _print_next(home: Path) -> None:
     _print(
         "\nnext:\n"
         "  make up      # Dagster UI on http://127.0.0.1:3000, MLflow UI on http://127.0.0.1:5000\n"
         "  make serve   # the recommendation service on http://127.0.0.1:3001\n"
         f"state lives in {home} (RECSYS_HOME)"
     )
-    return OK
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _demo_live_service(data_dir: Path, port: int | None) -> None:
+    """Start the service, ask for one shopper's recommendations, send a few of their events,
+    ask again and show what changed; then stop the service."""
+    import urllib.error
+
+    events = pl.read_csv(data_dir / "events.csv", infer_schema=False)
+    catalog = pl.read_csv(data_dir / "catalog.csv", infer_schema=False)
+    user = events["user_id"][0]
+    seen = events.filter(pl.col("user_id") == user)
+    usual = seen.join(catalog, on="item_id")["category"].mode().sort()[0]
+    # Items of a category the shopper never touched: a change of taste the live features see.
+    fresh = catalog.filter(
+        (pl.col("category") != usual) & ~pl.col("item_id").is_in(seen["item_id"].implode())
+    )
+    new_category = fresh["category"].mode().sort()[0]
+    picks = fresh.filter(pl.col("category") == new_category)["item_id"].head(3).to_list()
+
+    port = port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = settings.recsys_home() / "demo-service.log"
+    _print(f"\nstarting the service on {url} (its log: {log_path}) ...")
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the service exited early; see {log_path}")
+            try:
+                before = _post(f"{url}/recommend", {"user_id": user, "k": 5})
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the service did not answer within 180 s") from None
+                time.sleep(1)
+        _show_recommendations(
+            f"recommendations for {user} (variant {before['variant']}, "
+            f"model version {before['model_version']})",
+            before,
+            catalog,
+        )
+        now = int(time.time())
+        sent = [
+            {"user_id": user, "item_id": item, "event_type": kind, "timestamp": now - 60 + n}
+            for n, (item, kind) in enumerate((i, k) for i in picks for k in ("view", "click"))
+        ]
+        answer = _post(f"{url}/events", {"events": sent})
+        _print(
+            f"\nsent {len(sent)} events: {user} viewed and clicked {', '.join(picks)} "
+            f"({new_category}); accepted {answer['accepted']}"
+        )
+        after = _post(f"{url}/recommend", {"user_id": user, "k": 5})
+        _show_recommendations(f"recommendations for {user} right after", after, catalog)
+        moved = [i["item_id"] for i in after["items"]]
+        was = [i["item_id"] for i in before["items"]]
+        changed = len(set(moved) - set(was))
+        _print(
+            f"{changed} of {len(moved)} items are new, without retraining: the live features "
+            "(recent items, co-view, popularity) re-ranked them"
+            if changed or moved != was
+            else "the ranking did not change: these events carried too little signal"
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log_file.close()
+        _print("service stopped")
+
+
+def _show_recommendations(title: str, body: dict[str, Any], catalog: pl.DataFrame) -> None:
+    rows = pl.DataFrame(
+        {
+            "item_id": [i["item_id"] for i in body["items"]],
+            "score": [i["score"] for i in body["items"]],
+            "reason": [i["reason"] for i in body["items"]],
+        },
+        schema={"item_id": pl.String, "score": pl.Float64, "reason": pl.String},
+    ).join(catalog.select("item_id", "title", "category"), on="item_id", how="left")
+    _print(f"\n{title}:")
+    with pl.Config(tbl_rows=len(rows), tbl_hide_dataframe_shape=True, fmt_str_lengths=40):
+        _print(str(rows.select("item_id", "title", "category", "score", "reason")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,10 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("demo", help="generate a sample shop, train, show results")
-    p.add_argument("--users", type=int, default=3000)
-    p.add_argument("--items", type=int, default=1000)
-    p.add_argument("--events", type=int, default=150_000)
+    p = sub.add_parser(
+        "demo", help="generate a sample shop, train, analyse, show the live service react"
+    )
+    p.add_argument("--users", type=int, default=3000, help="shoppers in the sample shop")
+    p.add_argument("--items", type=int, default=1000, help="items in its catalog")
+    p.add_argument("--events", type=int, default=150_000, help="events to generate")
+    p.add_argument("--port", type=int, default=None, help="service port (default: a free one)")
+    p.add_argument("--no-serve", action="store_true", help="stop after training and the analyses")
     p.set_defaults(func=cmd_demo)
 
     from orchestration.analytics_cli import add_parsers as add_analytics_parsers
