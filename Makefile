@@ -7,15 +7,28 @@ export RECSYS_HOME ?= $(CURDIR)/.recsys
 # MLflow artifacts of the embedded default live in the repository's mlruns/ (git-ignored).
 export RECSYS_MLFLOW_ARTIFACTS ?= $(CURDIR)/mlruns
 
-.PHONY: install demo test lint format up serve consume bench clean
+.PHONY: install lock demo test lint format up serve consume bench clean
 
-$(STAMP): pyproject.toml
+# The versions the tests passed with: requirements.lock (what the image runs) and
+# requirements-dev.lock (the same plus the test tools), both hashed; `make lock` re-resolves them.
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+UV_VERSION := 0.13.9
+LOCK_FLAGS := --quiet --generate-hashes --universal --python-version 3.11
+
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --upgrade pip uv==$(UV_VERSION)
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps -e .
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+lock:
+	@test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet uv==$(UV_VERSION); }
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -c $(LOCK) -o $(DEV_LOCK)
 
 demo: install
 	$(BIN)/recsys demo

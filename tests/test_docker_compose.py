@@ -270,6 +270,8 @@ def test_dockerfile_is_python_311_slim_non_root(dockerfile: str) -> None:
     final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
     assert re.search(r"\bRECSYS_HOME=/data\b", final_stage), "RECSYS_HOME=/data in the image"
     assert "pyproject.toml" in dockerfile and re.search(r"pip install[^\n]*\s\.\s", dockerfile)
+    # The image gets the versions the tests passed with.
+    assert re.search(r"pip install --require-hashes -r requirements\.lock", dockerfile)
 
 
 def test_dockerfile_copies_existing_files(dockerfile: str) -> None:
