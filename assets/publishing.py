@@ -1,5 +1,5 @@
-"""Publishing assets: the MLflow-registered model (through the gate), batch recommendations,
-and item neighbours."""
+"""Publishing assets: batch recommendations and item neighbours, then, once they and their checks
+passed, the MLflow-registered model (through the gate)."""
 
 import json
 import tempfile
@@ -60,7 +60,109 @@ def _evaluation_plot(table: pl.DataFrame, path: Path) -> Path:
     return path
 
 
-@dg.asset(group_name=GROUP, compute_kind="mlflow")
+@dg.asset(group_name=GROUP, compute_kind="numpy")
+def batch_recommendations(
+    context: dg.AssetExecutionContext,
+    config: BatchConfig,
+    interaction_matrix: InteractionMatrix,
+    hybrid_ranker: TrainedHybrid,
+) -> dg.Output[pl.DataFrame]:
+    """Top-k per user (user_recommendations table): never an item the user interacted with."""
+    bundle = hybrid_ranker.final
+    started = time.perf_counter()
+    next_report = [0.1]
+
+    def report(done: int, total: int) -> None:
+        if done / total >= next_report[0] or done == total:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            context.log.info(f"batch lists: {done}/{total} users ({rate:.0f} users/s)")
+            next_report[0] = done / total + 0.1
+
+    recs = bundle.recommend_ids(
+        interaction_matrix.user_ids, k=config.k, exclude_seen=True, progress=report
+    )
+    now = int(time.time())
+    recs = recs.with_columns(
+        pl.from_epoch(pl.lit(now), time_unit="s").dt.replace_time_zone("UTC").alias("generated_at"),
+        pl.from_epoch(pl.lit(now + int(config.ttl_hours * 3600)), time_unit="s")
+        .dt.replace_time_zone("UTC")
+        .alias("expires_at"),
+    )
+    return dg.Output(
+        recs,
+        metadata={
+            "rows": recs.height,
+            "users": recs["user_id"].n_unique(),
+            "seconds": round(time.perf_counter() - started, 2),
+            "preview": dg.MetadataValue.md(
+                to_markdown(recs.head(10).drop("generated_at", "expires_at"))
+            ),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=batch_recommendations,
+    blocking=True,
+    additional_ins={"interaction_matrix": dg.AssetIn("interaction_matrix")},
+)
+def batch_recommendations_exclude_seen(
+    interaction_matrix: InteractionMatrix, batch_recommendations: pl.DataFrame
+) -> dg.AssetCheckResult:
+    """No user is recommended an item they already interacted with, nor one item twice."""
+    recs = batch_recommendations
+    rows = interaction_matrix.user_index(recs["user_id"].to_numpy())
+    cols = interaction_matrix.item_index(recs["item_id"].to_numpy())
+    # scipy returns a sparse matrix, not an array, for an empty fancy index: a user who has seen
+    # every item gets an empty list, which is correct and must not crash the check.
+    seen = (
+        np.asarray(interaction_matrix.matrix[rows, cols]).ravel() > 0
+        if recs.height
+        else np.zeros(0, dtype=bool)
+    )
+    duplicates = recs.height - recs.select("user_id", "item_id").unique().height
+    return dg.AssetCheckResult(
+        passed=bool(not seen.any() and duplicates == 0),
+        metadata={"seen_items": int(seen.sum()), "duplicates": duplicates},
+    )
+
+
+@dg.asset(group_name=GROUP, compute_kind="numpy")
+def item_neighbors(
+    config: NeighborsConfig, hybrid_ranker: TrainedHybrid
+) -> dg.Output[pl.DataFrame]:
+    """Top-k similar items per item from the item-item model (item_id, neighbor_id, rank, score)."""
+    table = hybrid_ranker.final.item_neighbors(k=config.k)
+    return dg.Output(
+        table,
+        metadata={
+            "rows": table.height,
+            "items": table["item_id"].n_unique() if table.height else 0,
+        },
+    )
+
+
+@dg.asset_check(asset=item_neighbors, blocking=True)
+def item_neighbors_valid(item_neighbors: pl.DataFrame) -> dg.AssetCheckResult:
+    """No item is its own neighbour or lists a neighbour twice, and every score is finite."""
+    table = item_neighbors
+    self_pairs = table.filter(pl.col("item_id") == pl.col("neighbor_id")).height
+    duplicates = table.height - table.select("item_id", "neighbor_id").unique().height
+    non_finite = int((~np.isfinite(table["score"].to_numpy())).sum()) if table.height else 0
+    return dg.AssetCheckResult(
+        passed=self_pairs == 0 and duplicates == 0 and non_finite == 0,
+        metadata={"self_pairs": self_pairs, "duplicates": duplicates, "non_finite": non_finite},
+    )
+
+
+# Registration is the last step before the push to Redis: it waits for the batch lists and the
+# item neighbours and for their blocking checks, so a run that fails anywhere in the graph never
+# registers a version nor moves `champion`.
+@dg.asset(
+    group_name=GROUP,
+    compute_kind="mlflow",
+    deps=[batch_recommendations, item_neighbors],
+)
 def registered_model(
     context: dg.AssetExecutionContext,
     config: GateConfig,
@@ -122,81 +224,5 @@ def registered_model(
             "gate": decision.reason,
             "mlflow_run_id": run_id,
             "tracking_uri": registry.tracking_uri,
-        },
-    )
-
-
-@dg.asset(group_name=GROUP, compute_kind="numpy")
-def batch_recommendations(
-    context: dg.AssetExecutionContext,
-    config: BatchConfig,
-    interaction_matrix: InteractionMatrix,
-    hybrid_ranker: TrainedHybrid,
-) -> dg.Output[pl.DataFrame]:
-    """Top-k per user (user_recommendations table): never an item the user interacted with."""
-    bundle = hybrid_ranker.final
-    started = time.perf_counter()
-    next_report = [0.1]
-
-    def report(done: int, total: int) -> None:
-        if done / total >= next_report[0] or done == total:
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            context.log.info(f"batch lists: {done}/{total} users ({rate:.0f} users/s)")
-            next_report[0] = done / total + 0.1
-
-    recs = bundle.recommend_ids(
-        interaction_matrix.user_ids, k=config.k, exclude_seen=True, progress=report
-    )
-    now = int(time.time())
-    recs = recs.with_columns(
-        pl.from_epoch(pl.lit(now), time_unit="s").dt.replace_time_zone("UTC").alias("generated_at"),
-        pl.from_epoch(pl.lit(now + int(config.ttl_hours * 3600)), time_unit="s")
-        .dt.replace_time_zone("UTC")
-        .alias("expires_at"),
-    )
-    return dg.Output(
-        recs,
-        metadata={
-            "rows": recs.height,
-            "users": recs["user_id"].n_unique(),
-            "seconds": round(time.perf_counter() - started, 2),
-            "preview": dg.MetadataValue.md(
-                to_markdown(recs.head(10).drop("generated_at", "expires_at"))
-            ),
-        },
-    )
-
-
-@dg.asset_check(
-    asset=batch_recommendations,
-    blocking=True,
-    additional_ins={"interaction_matrix": dg.AssetIn("interaction_matrix")},
-)
-def batch_recommendations_exclude_seen(
-    interaction_matrix: InteractionMatrix, batch_recommendations: pl.DataFrame
-) -> dg.AssetCheckResult:
-    """No user is recommended an item they already interacted with, nor one item twice."""
-    recs = batch_recommendations
-    rows = interaction_matrix.user_index(recs["user_id"].to_numpy())
-    cols = interaction_matrix.item_index(recs["item_id"].to_numpy())
-    seen = np.asarray(interaction_matrix.matrix[rows, cols]).ravel() > 0
-    duplicates = recs.height - recs.select("user_id", "item_id").unique().height
-    return dg.AssetCheckResult(
-        passed=bool(not seen.any() and duplicates == 0),
-        metadata={"seen_items": int(seen.sum()), "duplicates": duplicates},
-    )
-
-
-@dg.asset(group_name=GROUP, compute_kind="numpy")
-def item_neighbors(
-    config: NeighborsConfig, hybrid_ranker: TrainedHybrid
-) -> dg.Output[pl.DataFrame]:
-    """Top-k similar items per item from the item-item model (item_id, neighbor_id, rank, score)."""
-    table = hybrid_ranker.final.item_neighbors(k=config.k)
-    return dg.Output(
-        table,
-        metadata={
-            "rows": table.height,
-            "items": table["item_id"].n_unique() if table.height else 0,
         },
     )
