@@ -20,6 +20,8 @@ from training import settings
 from training.data import DataValidationError
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
+# Errors a step raises about the input itself (the user fixes the data, not the platform).
+_BAD_INPUT_ERRORS = ("DataValidationError", "NotEnoughDataError")
 
 
 def _print(text: str = "") -> None:
@@ -86,7 +88,7 @@ def _run(job: str, run_config: dict[str, Any], **kwargs: Any) -> Any:
     if not result.success:
         failure = first_failure(result)
         if failure is not None and failure[1] is not None:
-            if failure[1].cls_name == "DataValidationError":
+            if failure[1].cls_name in _BAD_INPUT_ERRORS:
                 raise DataValidationError(error_text(failure[1]))
             if failure[1].cls_name in ("FileNotFoundError", "ConnectionError"):
                 raise RuntimeError(error_text(failure[1]))
