@@ -31,6 +31,10 @@ GATE_METRIC = "hybrid_validation_ndcg_at_10"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 BUNDLE_ARTIFACT = "bundle"
+# Logged as code rather than as a cloudpickled object: MLflow recommends it, and loading a version
+# then runs this reviewed file instead of deserialising whatever the pickle holds.
+PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_EXAMPLE_USERS = 3
 
 
 def flatten_params(prefix: str, params: dict[str, Any]) -> dict[str, str]:
@@ -160,11 +164,15 @@ class ModelRegistry:
         """Log the bundle as a pyfunc model in the active run and register it; return version."""
         with tempfile.TemporaryDirectory() as tmp:
             path = bundle.save(Path(tmp) / BUNDLE_ARTIFACT)
+            example = pd.DataFrame(
+                {"user_id": [str(u) for u in bundle.user_ids[:INPUT_EXAMPLE_USERS]]}
+            )
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=RecommenderPyfunc(),
+                python_model=PYFUNC_MODEL_CODE,
                 artifacts={BUNDLE_ARTIFACT: str(path)},
                 signature=SIGNATURE,
+                input_example=example,
                 pip_requirements=PIP_REQUIREMENTS,
                 registered_model_name=self.model_name,
             )
