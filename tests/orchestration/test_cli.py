@@ -6,6 +6,9 @@ import polars as pl
 import pytest
 
 from orchestration.cli import main
+from tests.conftest import make_events
+from tests.orchestration.conftest import model_versions, pipeline_registry
+from training.registry import CHAMPION
 
 
 def test_generate_writes_data_and_truth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -43,6 +46,21 @@ def test_pipeline_registers_a_champion_and_prints_metrics(
     # A second run on the same events stores nothing new and goes through the gate again.
     assert main(["pipeline"]) == 0
     assert "version 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("users", [1, 3])
+def test_pipeline_on_too_few_users_exits_2_and_registers_nothing(
+    users: int, champion: str, tmp_path: Path, capsys: pytest.CaptureFixture, redis_env: str
+) -> None:
+    events = make_events(n_users=users, n_items=20, per_user=6)
+    path = tmp_path / "small.csv"
+    events.write_csv(path)
+    assert main(["pipeline", "--events", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "need at least 10 users with at least 2 interactions (distinct items) each" in err
+    assert f"found {users} such users among {users} users" in err
+    assert model_versions() == [champion]
+    assert pipeline_registry().get_version(CHAMPION).version == champion
 
 
 def test_batch_recommend_writes_k_unseen_items_for_every_user(
