@@ -291,22 +291,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return OK
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless the option is required or has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="write a seeded synthetic shop (events, catalog, truth)")
-    p.add_argument("--users", type=int, default=5000)
-    p.add_argument("--items", type=int, default=2000)
-    p.add_argument("--events", type=int, default=300_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, default=5000, help="number of users")
+    p.add_argument("--items", type=int, default=2000, help="number of items in the catalog")
+    p.add_argument("--events", type=int, default=300_000, help="number of events")
+    p.add_argument("--seed", type=int, default=0, help="random seed: one seed, one data set")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_generate)
 
     def add_inputs(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument(
-            "--events", required=required, help="events CSV/Parquet, or a MovieLens 100k folder"
-        )
+        events_help = "events CSV/Parquet, or a MovieLens 100k folder"
+        if not required:
+            events_help += "; without it, train on what the event store already holds"
+        p.add_argument("--events", required=required, help=events_help)
         p.add_argument("--catalog", help="item catalog CSV/Parquet")
         p.add_argument("--skip-invalid", action="store_true", help="drop malformed rows (counted)")
 
@@ -320,39 +330,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch-recommend", help="train on a file, write top-k per user as CSV")
     add_inputs(p, required=True)
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="recommendations per user")
     p.add_argument("--out", required=True, help="output CSV: user_id,item_id,rank,score")
     p.set_defaults(func=cmd_batch_recommend)
 
     p = sub.add_parser("serve", help="start the BentoML recommendation service")
-    p.add_argument("--port", type=int, default=3001)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3001, help="port the service listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address the service listens on")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("consume", help="move events from the Redis stream to the event store")
-    p.add_argument("consumer_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_consume)
+    # The consumer parses its own options (`recsys consume --help` shows them): main() hands it
+    # everything after `consume`, so this parser declares none and has no -h of its own.
+    p = sub.add_parser(
+        "consume", help="move events from the Redis stream to the event store", add_help=False
+    )
+    p.set_defaults(func=cmd_consume, consumer_args=[])
 
     p = sub.add_parser("up", help="Dagster UI and MLflow UI on the embedded storage")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--dagster-port", type=int, default=3000)
-    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="address both UIs listen on")
+    p.add_argument("--dagster-port", type=int, default=3000, help="port of the Dagster UI")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="port of the MLflow UI")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="generate a sample shop, train, show results")
-    p.add_argument("--users", type=int, default=3000)
-    p.add_argument("--items", type=int, default=1000)
-    p.add_argument("--events", type=int, default=150_000)
+    p.add_argument("--users", type=int, default=3000, help="users of the sample shop")
+    p.add_argument("--items", type=int, default=1000, help="items of the sample shop")
+    p.add_argument("--events", type=int, default=150_000, help="events of the sample shop")
     p.set_defaults(func=cmd_demo)
 
     from orchestration.analytics_cli import add_parsers as add_analytics_parsers
 
     add_analytics_parsers(sub)
+    # Subcommands do not inherit the top parser's formatter: set it on each, in one place.
+    for subparser in sub.choices.values():
+        subparser.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "consume":
+        args.consumer_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # MLflow's per-file download bars drown the step lines; the steps are the progress shown.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
