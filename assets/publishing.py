@@ -1,5 +1,5 @@
-"""Publishing assets: batch recommendations and item neighbours, then, once they and their checks
-passed, the MLflow-registered model (through the gate)."""
+"""Publishing assets: batch recommendations, item neighbours, the gate's decision and, last of
+all, the MLflow-registered model (promoted to champion when the gate says so)."""
 
 import json
 import tempfile
@@ -155,27 +155,59 @@ def item_neighbors_valid(item_neighbors: pl.DataFrame) -> dg.AssetCheckResult:
     )
 
 
-# Registration is the last step before the push to Redis: it waits for the batch lists and the
-# item neighbours and for their blocking checks, so a run that fails anywhere in the graph never
-# registers a version nor moves `champion`.
+def _gate_value(model_evaluation: pl.DataFrame) -> float:
+    return float(model_evaluation.filter(pl.col("model") == "hybrid")["ndcg@10"][0])
+
+
+@dg.asset(group_name=GROUP, compute_kind="mlflow")
+def champion_gate(
+    context: dg.AssetExecutionContext,
+    config: GateConfig,
+    tracking: MLflowResource,
+    model_evaluation: pl.DataFrame,
+) -> dg.Output[dict]:
+    """Whether this run's hybrid would replace the champion: decided here, applied on register.
+
+    Decided before anything is published, so the push to Redis knows whether to happen while
+    registration stays the run's last step.
+    """
+    decision = tracking.registry().decide(_gate_value(model_evaluation), config.margin)
+    context.log.info(f"gate: {decision.reason}")
+    result = {
+        "promote": decision.promoted,
+        "reason": decision.reason,
+        "margin": decision.margin,
+        "validation_ndcg@10": decision.challenger_value,
+        "champion_before": decision.champion_version,
+    }
+    return dg.Output(result, metadata={"promote": decision.promoted, "gate": decision.reason})
+
+
+# Registration is the run's last step: it waits for every other asset of the training job and
+# for their blocking checks, so a run that fails anywhere never registers a version nor moves
+# `champion`. The features pushed to Redis just before are those of the model about to serve.
 @dg.asset(
     group_name=GROUP,
     compute_kind="mlflow",
-    deps=[batch_recommendations, item_neighbors],
+    deps=[
+        batch_recommendations,
+        item_neighbors,
+        dg.AssetKey("online_features"),
+        dg.AssetKey("online_popularity"),
+    ],
 )
 def registered_model(
     context: dg.AssetExecutionContext,
-    config: GateConfig,
     tracking: MLflowResource,
     interaction_matrix: InteractionMatrix,
     training_split: SplitData,
     hybrid_ranker: TrainedHybrid,
     model_evaluation: pl.DataFrame,
+    champion_gate: dict,
 ) -> dg.Output[dict]:
     """The trained hybrid logged to MLflow, registered as `challenger`, promoted by the gate."""
     registry = tracking.registry()
-    hybrid_row = model_evaluation.filter(pl.col("model") == "hybrid")
-    gate_value = float(hybrid_row["ndcg@10"][0])
+    gate_value = _gate_value(model_evaluation)
     tags = {"dagster_run_id": context.run_id, "orchestrator": "dagster"}
     with registry.start_run(f"hybrid-{context.run_id[:8]}", tags) as run:
         params = flatten_params("matrix.", interaction_matrix.params)
@@ -205,8 +237,15 @@ def registered_model(
             mlflow.log_artifacts(str(folder), artifact_path="evaluation")
         version = registry.log_bundle(hybrid_ranker.final)
         run_id = run.info.run_id
-    decision = registry.gate(version, gate_value, config.margin)
+    # The gate is decided again against the champion of this moment: another run may have
+    # promoted one since champion_gate looked.
+    decision = registry.gate(version, gate_value, champion_gate["margin"])
     context.log.info(f"model version {version}: {decision.reason}")
+    if decision.promoted != champion_gate["promote"]:
+        context.log.warning(
+            f"the champion changed during the run ({champion_gate['reason']}, now "
+            f"{decision.reason}): the features in Redis are not the champion's until the next run"
+        )
     result = {
         "model_name": registry.model_name,
         "version": version,

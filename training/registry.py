@@ -193,8 +193,11 @@ class ModelRegistry:
             metrics = dict(self.client.get_run(mv.run_id).data.metrics)
         return RegisteredVersion(str(mv.version), mv.run_id or "", metrics, list(mv.aliases))
 
-    def gate(self, version: str, challenger_value: float, margin: float) -> GateDecision:
-        """Promote `version` to champion if it beats the champion by `margin` (or none exists)."""
+    def decide(self, challenger_value: float, margin: float, version: str = "") -> GateDecision:
+        """What the gate decides for a challenger of this value against today's champion.
+
+        Changes nothing: the pipeline decides before it pushes features, and registers last.
+        """
         champion = self.get_version(CHAMPION)
         champ_value = champion.gate_value if champion else None
         if champion is None or champ_value is None:
@@ -205,11 +208,6 @@ class ModelRegistry:
         else:
             promoted = False
             reason = f"{challenger_value:.4f} < champion {champ_value:.4f} + margin {margin}"
-        if promoted:
-            self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
-            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
-        self.client.set_model_version_tag(self.model_name, version, "gate", reason)
-        log.info("gate for version %s: %s", version, reason)
         return GateDecision(
             version,
             promoted,
@@ -219,6 +217,16 @@ class ModelRegistry:
             margin,
             reason,
         )
+
+    def gate(self, version: str, challenger_value: float, margin: float) -> GateDecision:
+        """Promote `version` to champion if it beats the champion by `margin` (or none exists)."""
+        decision = self.decide(challenger_value, margin, version)
+        if decision.promoted:
+            self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        self.client.set_model_version_tag(self.model_name, version, "gate", decision.reason)
+        log.info("gate for version %s: %s", version, decision.reason)
+        return decision
 
     def bundle_path(self, version: str) -> Path:
         """The bundle folder of a version, downloaded once into the local cache."""

@@ -49,6 +49,7 @@ def test_definitions_load_with_every_asset_job_schedule_and_sensor() -> None:
         "popularity_model",
         "hybrid_ranker",
         "model_evaluation",
+        "champion_gate",
         "registered_model",
         "batch_recommendations",
         "item_neighbors",
@@ -116,20 +117,30 @@ def test_failed_run_registers_nothing_and_champion_keeps_serving(
     assert len(versions) == 1
 
 
-def test_every_check_blocks_and_runs_before_registration() -> None:
+def test_registration_is_the_last_step_and_every_check_blocks_before_it() -> None:
     graph = build_definitions().resolve_job_def("training_job").asset_layer.asset_graph
     registered = dg.AssetKey("registered_model")
     before = set(graph.upstream_key_iterator(registered))
+    assert before == set(graph.executable_asset_keys) - {registered}
     checks = graph.asset_check_keys
     assert checks
     for key in checks:
         assert graph.get_check_spec(key).blocking, f"{key.name} does not block"
         assert key.asset_key in before, f"{key.name} runs after registration"
-    # Only the push to Redis follows registration, and it publishes nothing computed after it.
-    after = {k for k in graph.executable_asset_keys if registered in graph.upstream_key_iterator(k)}
-    assert after == {dg.AssetKey("online_features")}
-    pushed = set(graph.upstream_key_iterator(dg.AssetKey("online_features"))) - {registered}
-    assert pushed <= before
+
+
+def test_run_that_fails_after_training_registers_nothing(
+    events_csv: Path, champion: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis is down: the pushes fail after every model was trained and checked.
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    result = run_job("training_job", _config(events_csv), persistent=False)
+    assert not result.success
+    ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
+    assert {"hybrid_ranker", "batch_recommendations", "item_neighbors"} <= ran
+    assert "registered_model" not in ran
+    assert model_versions() == [champion]
+    assert _registry().get_version(CHAMPION).version == champion
 
 
 def _one_user_one_item(n: int = 200) -> pl.DataFrame:

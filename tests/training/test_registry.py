@@ -115,3 +115,14 @@ def test_log_bundle_logs_without_mlflow_warnings(registry: ModelRegistry, bundle
     # Deprecation warnings of MLflow's own SQLAlchemy use are not about how the model is logged.
     user_warnings = [w for w in caught if issubclass(w.category, UserWarning)]
     assert [str(w.message) for w in user_warnings if "mlflow" in w.filename] == []
+
+
+def test_decide_answers_like_the_gate_and_changes_nothing(registry: ModelRegistry, bundle) -> None:  # noqa: ANN001
+    assert registry.decide(0.1, margin=0.0).promoted, "no champion yet"
+    v1 = _register(registry, bundle, 0.30)
+    assert registry.decide(0.30, margin=0.0).promoted
+    assert registry.get_version(CHAMPION) is None, "deciding promoted nothing"
+    assert registry.gate(v1, 0.30, margin=0.0).promoted
+    worse = registry.decide(0.305, margin=0.01)
+    assert not worse.promoted and worse.champion_version == v1
+    assert registry.get_version(CHAMPION).version == v1
