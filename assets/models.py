@@ -11,6 +11,7 @@ from training.evaluation import to_markdown
 from training.hybrid import HybridRecommender
 from training.matrix import DEFAULT_EVENT_WEIGHTS, InteractionMatrix
 from training.train import (
+    MIN_TRAINING_USERS,
     ComponentResult,
     SplitData,
     blend,
@@ -44,6 +45,10 @@ class SplitConfig(dg.Config):
 
     holdout_fraction: float = Field(default=0.2, description="Share of each user's items held out.")
     seed: int = Field(default=0, description="Seed of the random per-user split.")
+    min_users: int = Field(
+        default=MIN_TRAINING_USERS,
+        description="Fewest users with two or more items to train on; fewer fails the run.",
+    )
 
 
 class TuningConfig(dg.Config):
@@ -152,8 +157,10 @@ def interaction_matrix_not_empty(interaction_matrix: InteractionMatrix) -> dg.As
 def training_split(
     config: SplitConfig, raw_events: pl.DataFrame, interaction_matrix: InteractionMatrix
 ) -> dg.Output[SplitData]:
-    """A per-user random train/validation split of the training data."""
-    data = split_training_data(raw_events, interaction_matrix, config.holdout_fraction, config.seed)
+    """A per-user random train/validation split of the training data (fails on too little)."""
+    data = split_training_data(
+        raw_events, interaction_matrix, config.holdout_fraction, config.seed, config.min_users
+    )
     return dg.Output(
         data,
         metadata={

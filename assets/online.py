@@ -23,20 +23,20 @@ def online_features(
     context: dg.AssetExecutionContext,
     config: OnlineConfig,
     redis: RedisFeaturesResource,
-    registered_model: dict,
+    champion_gate: dict,
     hybrid_ranker: TrainedHybrid,
     item_neighbors: pl.DataFrame,
     batch_recommendations: pl.DataFrame,
 ) -> dg.MaterializeResult:
-    """After a promotion: item-item lists, embedding neighbours and batch candidates to Redis.
+    """Before a promotion: item-item lists, embedding neighbours and batch candidates to Redis.
 
-    When the gate kept the old champion, nothing is pushed: Redis keeps matching what serves.
+    Runs just before `registered_model` registers and promotes the model (registration is the
+    run's last step). When the gate keeps the old champion, nothing is pushed: Redis keeps
+    matching what serves.
     """
-    if not registered_model["promoted"] and not config.push_when_not_promoted:
-        context.log.info(f"version {registered_model['version']} was not promoted: nothing pushed")
-        return dg.MaterializeResult(
-            metadata={"pushed": False, "version": registered_model["version"]}
-        )
+    if not champion_gate["promote"] and not config.push_when_not_promoted:
+        context.log.info(f"the gate keeps the champion ({champion_gate['reason']}): nothing pushed")
+        return dg.MaterializeResult(metadata={"pushed": False})
     store = redis.store()
     counts = {"item_item_lists": store.push_item_lists(ITEM_ITEM_LIST, item_neighbors)}
     bundle = hybrid_ranker.final
@@ -44,9 +44,7 @@ def online_features(
         embedding = bundle.item_neighbors(k=config.embedding_neighbors, component="item2vec")
         counts["embedding_lists"] = store.push_item_neighbors(embedding)
     counts["batch_candidate_users"] = store.push_batch_candidates(batch_recommendations)
-    return dg.MaterializeResult(
-        metadata={"pushed": True, "version": registered_model["version"], **counts}
-    )
+    return dg.MaterializeResult(metadata={"pushed": True, **counts})
 
 
 @dg.asset(group_name=GROUP, compute_kind="redis")

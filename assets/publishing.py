@@ -1,5 +1,5 @@
-"""Publishing assets: the MLflow-registered model (through the gate), batch recommendations,
-and item neighbours."""
+"""Publishing assets: batch recommendations, item neighbours, the gate's decision and, last of
+all, the MLflow-registered model (promoted to champion when the gate says so)."""
 
 import json
 import tempfile
@@ -60,72 +60,6 @@ def _evaluation_plot(table: pl.DataFrame, path: Path) -> Path:
     return path
 
 
-@dg.asset(group_name=GROUP, compute_kind="mlflow")
-def registered_model(
-    context: dg.AssetExecutionContext,
-    config: GateConfig,
-    tracking: MLflowResource,
-    interaction_matrix: InteractionMatrix,
-    training_split: SplitData,
-    hybrid_ranker: TrainedHybrid,
-    model_evaluation: pl.DataFrame,
-) -> dg.Output[dict]:
-    """The trained hybrid logged to MLflow, registered as `challenger`, promoted by the gate."""
-    registry = tracking.registry()
-    hybrid_row = model_evaluation.filter(pl.col("model") == "hybrid")
-    gate_value = float(hybrid_row["ndcg@10"][0])
-    tags = {"dagster_run_id": context.run_id, "orchestrator": "dagster"}
-    with registry.start_run(f"hybrid-{context.run_id[:8]}", tags) as run:
-        params = flatten_params("matrix.", interaction_matrix.params)
-        for name, component in hybrid_ranker.components.items():
-            params.update(flatten_params(f"{name}.", component.params))
-        params.update({f"weight.{k}": str(v) for k, v in hybrid_ranker.final.weights.items()})
-        params["users"], params["items"] = (str(v) for v in interaction_matrix.shape)
-        params["interactions"] = str(interaction_matrix.nnz)
-        mlflow.log_params(params)
-        metrics = {
-            f"{row['model']}_validation_{metric_key(col)}": float(row[col])
-            for row in model_evaluation.iter_rows(named=True)
-            for col in model_evaluation.columns
-            if col != "model"
-        }
-        metrics[GATE_METRIC] = gate_value
-        for name, component in hybrid_ranker.components.items():
-            metrics[f"{name}_fit_seconds"] = component.fit_seconds
-        mlflow.log_metrics(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "evaluation.md").write_text(to_markdown(model_evaluation) + "\n")
-            model_evaluation.write_csv(folder / "evaluation.csv")
-            _evaluation_plot(model_evaluation, folder / "evaluation.png")
-            tuning = {name: c.tuning for name, c in hybrid_ranker.components.items()}
-            (folder / "tuning.json").write_text(json.dumps(tuning, indent=2, default=str))
-            mlflow.log_artifacts(str(folder), artifact_path="evaluation")
-        version = registry.log_bundle(hybrid_ranker.final)
-        run_id = run.info.run_id
-    decision = registry.gate(version, gate_value, config.margin)
-    context.log.info(f"model version {version}: {decision.reason}")
-    result = {
-        "model_name": registry.model_name,
-        "version": version,
-        "run_id": run_id,
-        "promoted": decision.promoted,
-        "reason": decision.reason,
-        "validation_ndcg@10": gate_value,
-        "champion_before": decision.champion_version,
-    }
-    return dg.Output(
-        result,
-        metadata={
-            "version": version,
-            "promoted": decision.promoted,
-            "gate": decision.reason,
-            "mlflow_run_id": run_id,
-            "tracking_uri": registry.tracking_uri,
-        },
-    )
-
-
 @dg.asset(group_name=GROUP, compute_kind="numpy")
 def batch_recommendations(
     context: dg.AssetExecutionContext,
@@ -179,7 +113,13 @@ def batch_recommendations_exclude_seen(
     recs = batch_recommendations
     rows = interaction_matrix.user_index(recs["user_id"].to_numpy())
     cols = interaction_matrix.item_index(recs["item_id"].to_numpy())
-    seen = np.asarray(interaction_matrix.matrix[rows, cols]).ravel() > 0
+    # scipy returns a sparse matrix, not an array, for an empty fancy index: a user who has seen
+    # every item gets an empty list, which is correct and must not crash the check.
+    seen = (
+        np.asarray(interaction_matrix.matrix[rows, cols]).ravel() > 0
+        if recs.height
+        else np.zeros(0, dtype=bool)
+    )
     duplicates = recs.height - recs.select("user_id", "item_id").unique().height
     return dg.AssetCheckResult(
         passed=bool(not seen.any() and duplicates == 0),
@@ -198,5 +138,130 @@ def item_neighbors(
         metadata={
             "rows": table.height,
             "items": table["item_id"].n_unique() if table.height else 0,
+        },
+    )
+
+
+@dg.asset_check(asset=item_neighbors, blocking=True)
+def item_neighbors_valid(item_neighbors: pl.DataFrame) -> dg.AssetCheckResult:
+    """No item is its own neighbour or lists a neighbour twice, and every score is finite."""
+    table = item_neighbors
+    self_pairs = table.filter(pl.col("item_id") == pl.col("neighbor_id")).height
+    duplicates = table.height - table.select("item_id", "neighbor_id").unique().height
+    non_finite = int((~np.isfinite(table["score"].to_numpy())).sum()) if table.height else 0
+    return dg.AssetCheckResult(
+        passed=self_pairs == 0 and duplicates == 0 and non_finite == 0,
+        metadata={"self_pairs": self_pairs, "duplicates": duplicates, "non_finite": non_finite},
+    )
+
+
+def _gate_value(model_evaluation: pl.DataFrame) -> float:
+    return float(model_evaluation.filter(pl.col("model") == "hybrid")["ndcg@10"][0])
+
+
+@dg.asset(group_name=GROUP, compute_kind="mlflow")
+def champion_gate(
+    context: dg.AssetExecutionContext,
+    config: GateConfig,
+    tracking: MLflowResource,
+    model_evaluation: pl.DataFrame,
+) -> dg.Output[dict]:
+    """Whether this run's hybrid would replace the champion: decided here, applied on register.
+
+    Decided before anything is published, so the push to Redis knows whether to happen while
+    registration stays the run's last step.
+    """
+    decision = tracking.registry().decide(_gate_value(model_evaluation), config.margin)
+    context.log.info(f"gate: {decision.reason}")
+    result = {
+        "promote": decision.promoted,
+        "reason": decision.reason,
+        "margin": decision.margin,
+        "validation_ndcg@10": decision.challenger_value,
+        "champion_before": decision.champion_version,
+    }
+    return dg.Output(result, metadata={"promote": decision.promoted, "gate": decision.reason})
+
+
+# Registration is the run's last step: it waits for every other asset of the training job and
+# for their blocking checks, so a run that fails anywhere never registers a version nor moves
+# `champion`. The features pushed to Redis just before are those of the model about to serve.
+@dg.asset(
+    group_name=GROUP,
+    compute_kind="mlflow",
+    deps=[
+        batch_recommendations,
+        item_neighbors,
+        dg.AssetKey("online_features"),
+        dg.AssetKey("online_popularity"),
+    ],
+)
+def registered_model(
+    context: dg.AssetExecutionContext,
+    tracking: MLflowResource,
+    interaction_matrix: InteractionMatrix,
+    training_split: SplitData,
+    hybrid_ranker: TrainedHybrid,
+    model_evaluation: pl.DataFrame,
+    champion_gate: dict,
+) -> dg.Output[dict]:
+    """The trained hybrid logged to MLflow, registered as `challenger`, promoted by the gate."""
+    registry = tracking.registry()
+    gate_value = _gate_value(model_evaluation)
+    tags = {"dagster_run_id": context.run_id, "orchestrator": "dagster"}
+    with registry.start_run(f"hybrid-{context.run_id[:8]}", tags) as run:
+        params = flatten_params("matrix.", interaction_matrix.params)
+        for name, component in hybrid_ranker.components.items():
+            params.update(flatten_params(f"{name}.", component.params))
+        params.update({f"weight.{k}": str(v) for k, v in hybrid_ranker.final.weights.items()})
+        params["users"], params["items"] = (str(v) for v in interaction_matrix.shape)
+        params["interactions"] = str(interaction_matrix.nnz)
+        mlflow.log_params(params)
+        metrics = {
+            f"{row['model']}_validation_{metric_key(col)}": float(row[col])
+            for row in model_evaluation.iter_rows(named=True)
+            for col in model_evaluation.columns
+            if col != "model"
+        }
+        metrics[GATE_METRIC] = gate_value
+        for name, component in hybrid_ranker.components.items():
+            metrics[f"{name}_fit_seconds"] = component.fit_seconds
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "evaluation.md").write_text(to_markdown(model_evaluation) + "\n")
+            model_evaluation.write_csv(folder / "evaluation.csv")
+            _evaluation_plot(model_evaluation, folder / "evaluation.png")
+            tuning = {name: c.tuning for name, c in hybrid_ranker.components.items()}
+            (folder / "tuning.json").write_text(json.dumps(tuning, indent=2, default=str))
+            mlflow.log_artifacts(str(folder), artifact_path="evaluation")
+        version = registry.log_bundle(hybrid_ranker.final)
+        run_id = run.info.run_id
+    # The gate is decided again against the champion of this moment: another run may have
+    # promoted one since champion_gate looked.
+    decision = registry.gate(version, gate_value, champion_gate["margin"])
+    context.log.info(f"model version {version}: {decision.reason}")
+    if decision.promoted != champion_gate["promote"]:
+        context.log.warning(
+            f"the champion changed during the run ({champion_gate['reason']}, now "
+            f"{decision.reason}): the features in Redis are not the champion's until the next run"
+        )
+    result = {
+        "model_name": registry.model_name,
+        "version": version,
+        "run_id": run_id,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "validation_ndcg@10": gate_value,
+        "champion_before": decision.champion_version,
+    }
+    return dg.Output(
+        result,
+        metadata={
+            "version": version,
+            "promoted": decision.promoted,
+            "gate": decision.reason,
+            "mlflow_run_id": run_id,
+            "tracking_uri": registry.tracking_uri,
         },
     )

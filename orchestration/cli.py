@@ -20,6 +20,8 @@ from training import settings
 from training.data import DataValidationError
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
+# Errors a step raises about the input itself (the user fixes the data, not the platform).
+_BAD_INPUT_ERRORS = ("DataValidationError", "NotEnoughDataError")
 
 
 def _print(text: str = "") -> None:
@@ -86,7 +88,7 @@ def _run(job: str, run_config: dict[str, Any], **kwargs: Any) -> Any:
     if not result.success:
         failure = first_failure(result)
         if failure is not None and failure[1] is not None:
-            if failure[1].cls_name == "DataValidationError":
+            if failure[1].cls_name in _BAD_INPUT_ERRORS:
                 raise DataValidationError(error_text(failure[1]))
             if failure[1].cls_name in ("FileNotFoundError", "ConnectionError"):
                 raise RuntimeError(error_text(failure[1]))
@@ -395,22 +397,32 @@ def _show_recommendations(title: str, body: dict[str, Any], catalog: pl.DataFram
         _print(str(rows.select("item_id", "title", "category", "score", "reason")))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless the option is required or has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="write a seeded synthetic shop (events, catalog, truth)")
-    p.add_argument("--users", type=int, default=5000)
-    p.add_argument("--items", type=int, default=2000)
-    p.add_argument("--events", type=int, default=300_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, default=5000, help="number of users")
+    p.add_argument("--items", type=int, default=2000, help="number of items in the catalog")
+    p.add_argument("--events", type=int, default=300_000, help="number of events")
+    p.add_argument("--seed", type=int, default=0, help="random seed: one seed, one data set")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_generate)
 
     def add_inputs(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument(
-            "--events", required=required, help="events CSV/Parquet, or a MovieLens 100k folder"
-        )
+        events_help = "events CSV/Parquet, or a MovieLens 100k folder"
+        if not required:
+            events_help += "; without it, train on what the event store already holds"
+        p.add_argument("--events", required=required, help=events_help)
         p.add_argument("--catalog", help="item catalog CSV/Parquet")
         p.add_argument("--skip-invalid", action="store_true", help="drop malformed rows (counted)")
 
@@ -424,25 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch-recommend", help="train on a file, write top-k per user as CSV")
     add_inputs(p, required=True)
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="recommendations per user")
     p.add_argument("--out", required=True, help="output CSV: user_id,item_id,rank,score")
     p.set_defaults(func=cmd_batch_recommend)
 
     p = sub.add_parser("serve", help="start the BentoML recommendation service")
-    p.add_argument("--port", type=int, default=3001)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3001, help="port the service listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address the service listens on")
     p.set_defaults(func=cmd_serve)
 
     from serving.consumer import add_arguments as add_consumer_arguments
 
-    p = sub.add_parser("consume", help="move events from the Redis stream to the event store")
+    p = sub.add_parser(
+        "consume",
+        help="move events from the Redis stream to the event store",
+        description="Move events from the Redis stream to the event store.",
+    )
     add_consumer_arguments(p)
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("up", help="Dagster UI and MLflow UI on the embedded storage")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--dagster-port", type=int, default=3000)
-    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="address both UIs listen on")
+    p.add_argument("--dagster-port", type=int, default=3000, help="port of the Dagster UI")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="port of the MLflow UI")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser(
@@ -458,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestration.analytics_cli import add_parsers as add_analytics_parsers
 
     add_analytics_parsers(sub)
+    # Subcommands do not inherit the top parser's formatter: set it on each, in one place.
+    for subparser in sub.choices.values():
+        subparser.formatter_class = HelpFormatter
     return parser
 
 

@@ -22,7 +22,7 @@ training_job = dg.define_asset_job(
 offline_job = dg.define_asset_job(
     "offline_job",
     selection=dg.AssetSelection.groups(*TRAINING_GROUPS)
-    - dg.AssetSelection.assets("registered_model").downstream()
+    - dg.AssetSelection.assets("champion_gate").downstream()
     - dg.AssetSelection.assets("online_popularity")
     - ANALYTICS_PUSHES,
     description="Train and evaluate on the given events and write batch lists; registers nothing.",

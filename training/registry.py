@@ -32,6 +32,10 @@ GATE_METRIC = "hybrid_validation_ndcg_at_10"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 BUNDLE_ARTIFACT = "bundle"
+# Logged as code rather than as a cloudpickled object: MLflow recommends it, and loading a version
+# then runs this reviewed file instead of deserialising whatever the pickle holds.
+PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_EXAMPLE_USERS = 3
 
 
 def flatten_params(prefix: str, params: dict[str, Any]) -> dict[str, str]:
@@ -161,11 +165,15 @@ class ModelRegistry:
         """Log the bundle as a pyfunc model in the active run and register it; return version."""
         with tempfile.TemporaryDirectory() as tmp:
             path = bundle.save(Path(tmp) / BUNDLE_ARTIFACT)
+            example = pd.DataFrame(
+                {"user_id": [str(u) for u in bundle.user_ids[:INPUT_EXAMPLE_USERS]]}
+            )
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=RecommenderPyfunc(),
+                python_model=PYFUNC_MODEL_CODE,
                 artifacts={BUNDLE_ARTIFACT: str(path)},
                 signature=SIGNATURE,
+                input_example=example,
                 pip_requirements=PIP_REQUIREMENTS,
                 registered_model_name=self.model_name,
             )
@@ -186,8 +194,11 @@ class ModelRegistry:
             metrics = dict(self.client.get_run(mv.run_id).data.metrics)
         return RegisteredVersion(str(mv.version), mv.run_id or "", metrics, list(mv.aliases))
 
-    def gate(self, version: str, challenger_value: float, margin: float) -> GateDecision:
-        """Promote `version` to champion if it beats the champion by `margin` (or none exists)."""
+    def decide(self, challenger_value: float, margin: float, version: str = "") -> GateDecision:
+        """What the gate decides for a challenger of this value against today's champion.
+
+        Changes nothing: the pipeline decides before it pushes features, and registers last.
+        """
         champion = self.get_version(CHAMPION)
         champ_value = champion.gate_value if champion else None
         if champion is None or champ_value is None:
@@ -198,11 +209,6 @@ class ModelRegistry:
         else:
             promoted = False
             reason = f"{challenger_value:.4f} < champion {champ_value:.4f} + margin {margin}"
-        if promoted:
-            self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
-            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
-        self.client.set_model_version_tag(self.model_name, version, "gate", reason)
-        log.info("gate for version %s: %s", version, reason)
         return GateDecision(
             version,
             promoted,
@@ -212,6 +218,16 @@ class ModelRegistry:
             margin,
             reason,
         )
+
+    def gate(self, version: str, challenger_value: float, margin: float) -> GateDecision:
+        """Promote `version` to champion if it beats the champion by `margin` (or none exists)."""
+        decision = self.decide(challenger_value, margin, version)
+        if decision.promoted:
+            self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        self.client.set_model_version_tag(self.model_name, version, "gate", decision.reason)
+        log.info("gate for version %s: %s", version, decision.reason)
+        return decision
 
     def download_uri(self, version: str) -> str:
         """Where a version's model files live, resolved through this registry's own client.

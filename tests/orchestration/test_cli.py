@@ -1,11 +1,15 @@
 """The `recsys` command line, run in-process through its `main`."""
 
+import argparse
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from orchestration.cli import main
+from orchestration.cli import build_parser, main
+from tests.conftest import make_events
+from tests.orchestration.conftest import model_versions, pipeline_registry
+from training.registry import CHAMPION
 
 
 def test_generate_writes_data_and_truth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -43,6 +47,21 @@ def test_pipeline_registers_a_champion_and_prints_metrics(
     # A second run on the same events stores nothing new and goes through the gate again.
     assert main(["pipeline"]) == 0
     assert "version 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("users", [1, 3])
+def test_pipeline_on_too_few_users_exits_2_and_registers_nothing(
+    users: int, champion: str, tmp_path: Path, capsys: pytest.CaptureFixture, redis_env: str
+) -> None:
+    events = make_events(n_users=users, n_items=20, per_user=6)
+    path = tmp_path / "small.csv"
+    events.write_csv(path)
+    assert main(["pipeline", "--events", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "need at least 10 users with at least 2 interactions (distinct items) each" in err
+    assert f"found {users} such users among {users} users" in err
+    assert model_versions() == [champion]
+    assert pipeline_registry().get_version(CHAMPION).version == champion
 
 
 def test_batch_recommend_writes_k_unseen_items_for_every_user(
@@ -115,3 +134,47 @@ def test_batch_recommend_on_movielens(movielens_dir: Path, tmp_path: Path) -> No
         schema_overrides={"user_id": pl.String, "item_id": pl.String},
     )
     assert recs.join(ratings, on=["user_id", "item_id"], how="semi").is_empty()
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def _help_of(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_help_of_every_subcommand_explains_each_option_and_its_default(
+    command: str, capsys: pytest.CaptureFixture
+) -> None:
+    shown = _help_of([command, "--help"], capsys)
+    options = [a for a in _subcommands()[command]._actions if a.dest != "help"]
+    assert options
+    for action in options:
+        name = action.option_strings[0] if action.option_strings else action.dest
+        assert action.help, f"recsys {command} {name} has no help text"
+        assert name in shown and " ".join(action.help.split()) in shown
+        if not action.required and action.default is not None and action.default is not False:
+            assert f"{action.help} (default: {action.default})" in shown, name
+
+
+def test_consume_help_and_options_are_the_consumers_own(capsys: pytest.CaptureFixture) -> None:
+    shown = _help_of(["consume", "--help"], capsys)
+    assert "Move events from the Redis stream" in shown
+    assert "--batch-size" in shown and "--until-idle" in shown
+    # The options reach the consumer's parser (its own bounds check answers, not recsys').
+    assert main(["consume", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_unknown_option_is_still_an_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", "--events", "x.csv", "--bogus"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

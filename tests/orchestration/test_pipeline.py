@@ -9,7 +9,9 @@ import pytest
 from orchestration.definitions import build_definitions
 from orchestration.environment import resources_for
 from orchestration.runner import run_job
+from tests.orchestration.conftest import model_versions
 from training import settings
+from training.event_store import open_event_store
 from training.registry import CHAMPION, ModelRegistry
 
 # Small grids keep the tests fast; the defaults are exercised by the benchmarks.
@@ -47,6 +49,7 @@ def test_definitions_load_with_every_asset_job_schedule_and_sensor() -> None:
         "popularity_model",
         "hybrid_ranker",
         "model_evaluation",
+        "champion_gate",
         "registered_model",
         "batch_recommendations",
         "item_neighbors",
@@ -112,6 +115,66 @@ def test_failed_run_registers_nothing_and_champion_keeps_serving(
     assert after.version == champion.version
     versions = _registry().client.search_model_versions(f"name='{settings.model_name()}'")
     assert len(versions) == 1
+
+
+def test_registration_is_the_last_step_and_every_check_blocks_before_it() -> None:
+    graph = build_definitions().resolve_job_def("training_job").asset_layer.asset_graph
+    registered = dg.AssetKey("registered_model")
+    before = set(graph.upstream_key_iterator(registered))
+    assert before == set(graph.executable_asset_keys) - {registered}
+    checks = graph.asset_check_keys
+    assert checks
+    for key in checks:
+        assert graph.get_check_spec(key).blocking, f"{key.name} does not block"
+        assert key.asset_key in before, f"{key.name} runs after registration"
+
+
+def test_run_that_fails_after_training_registers_nothing(
+    events_csv: Path, champion: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis is down: the pushes fail after every model was trained and checked.
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    result = run_job("training_job", _config(events_csv), persistent=False)
+    assert not result.success
+    ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
+    assert {"hybrid_ranker", "batch_recommendations", "item_neighbors"} <= ran
+    assert "registered_model" not in ran
+    assert model_versions() == [champion]
+    assert _registry().get_version(CHAMPION).version == champion
+
+
+def _one_user_one_item(n: int = 200) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "user_id": ["u1"] * n,
+            "item_id": ["i1"] * n,
+            "event_type": ["view"] * n,
+            "timestamp": [1_700_000_000 + i for i in range(n)],
+        }
+    )
+
+
+@pytest.mark.parametrize("backend", ["embedded", "postgres"])
+def test_run_on_a_poisoned_store_registers_nothing_and_champion_keeps_serving(
+    backend: str,
+    champion: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_env: str,
+) -> None:
+    if backend == "postgres":
+        monkeypatch.setenv("RECSYS_POSTGRES_URL", request.getfixturevalue("postgres_url"))
+    with open_event_store(settings.postgres_url(), settings.recsys_home_path()) as store:
+        assert store.append(_one_user_one_item()) == 200
+    result = run_job("training_job", _config(), persistent=False)
+    assert not result.success
+    from orchestration.runner import failure_message
+
+    assert "not enough data to train on" in failure_message(result)
+    ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
+    assert "registered_model" not in ran and "online_features" not in ran
+    assert model_versions() == [champion]
+    assert _registry().get_version(CHAMPION).version == champion
 
 
 def test_empty_event_store_fails_with_a_clear_message() -> None:
