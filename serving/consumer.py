@@ -145,16 +145,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)
-    return consume(parser.parse_args(list(argv) if argv is not None else None))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    problem = _bad_arguments(args)
+    if problem:
+        parser.error(problem)
+    return consume(args)
+
+
+def _bad_arguments(args: argparse.Namespace) -> str | None:
+    if args.batch_size < 1 or args.block_ms < 0 or args.claim_idle_ms < 0:
+        return "--batch-size must be >= 1; --block-ms and --claim-idle-ms >= 0"
+    return None
 
 
 def consume(args: argparse.Namespace) -> int:
     """Run the consumer with parsed `recsys consume` options until stopped (or idle)."""
-    if args.batch_size < 1 or args.block_ms < 0 or args.claim_idle_ms < 0:
-        print(
-            "error: --batch-size must be >= 1; --block-ms and --claim-idle-ms >= 0",
-            file=sys.stderr,
-        )
+    problem = _bad_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -239,14 +239,25 @@ class Ranker:
     ) -> Ranked:
         params = self.params
         filters = filters or Filters()
-        # A user with no history anywhere: the model's blend would give them nothing when it
-        # left popularity out (it can, when popularity loses on validation), so the cold-start
-        # blend serves, with or without a pushed trend list.
-        if (
-            params.cold_start_blend
-            and not len(live.recent)
+        # A user with no history anywhere gets the cold-start blend when a trend list was
+        # pushed, and also when the blend has no live list that could serve them: a trained
+        # blend leaves popularity out when it loses on validation, and the 2-hour trending list
+        # is often empty, which left a new visitor with nothing.
+        cold = (
+            not len(live.recent)
             and not len(live.candidates)
             and (model is None or model.user_index(user_id) < 0)
+        )
+        if (
+            params.cold_start_blend
+            and cold
+            and (
+                len(live.trend)
+                or not any(
+                    weights.get(name, 0) > 0 and len(getattr(live, name))
+                    for name in ("popularity", "trending")
+                )
+            )
         ):
             weights = params.cold_start_blend
         recent_w = self.anchor_weights(live.recent, now)
