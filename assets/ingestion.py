@@ -42,7 +42,9 @@ def raw_events(
     imported = skipped = 0
     with event_store.open() as store:
         if config.events_path:
-            loaded = load_events(config.events_path, skip_invalid=config.skip_invalid)
+            loaded = load_events(
+                config.events_path, skip_invalid=config.skip_invalid, keep_context=True
+            )
             skipped = loaded.skipped
             imported = store.append(loaded.frame)
             context.log.info(

@@ -39,6 +39,7 @@ def test_events_shape_the_next_recommendation(client: TestClient) -> None:
     assert post_events(client, SHOP) == {
         "accepted": 7,
         "duplicates": 0,
+        "duplicate_indices": [],
         "rejected": [],
         "unknown_items": 0,
     }
@@ -98,7 +99,13 @@ def test_events_accept_reject_and_deduplicate(client: TestClient, store: Feature
     recent = dict(zip(*store.recent_items("u1"), strict=True))
     assert recent["brand-new-item"] >= int(before) and recent["y"] == 1767323045
     again = client.post("/events", json={"events": [events[0], events[6]]}).json()
-    assert again == {"accepted": 0, "duplicates": 2, "rejected": [], "unknown_items": 0}
+    assert again == {
+        "accepted": 0,
+        "duplicates": 2,
+        "duplicate_indices": [0, 1],
+        "rejected": [],
+        "unknown_items": 0,
+    }
 
 
 @pytest.mark.parametrize(
