@@ -81,6 +81,21 @@ class EventLimits:
     max_quantity: float = DEFAULT_MAX_QUANTITY
 
 
+def value_is_valid(
+    event_type: pl.Expr, value: pl.Expr, limits: EventLimits | None = None
+) -> pl.Expr:
+    """The value rule on typed columns: null, or finite and within the rating range (ratings) or
+    a positive quantity up to max_quantity (other types). Null only where an input is null."""
+    limits = limits or EventLimits()
+    rating = event_type.cast(pl.String) == "rating"
+    in_range = (
+        pl.when(rating)
+        .then(value.is_between(limits.rating_min, limits.rating_max))
+        .otherwise((value > 0) & (value <= limits.max_quantity))
+    )
+    return value.is_null() | (value.is_finite() & in_range)
+
+
 @dataclass(frozen=True)
 class Check:
     """One rule: the column it is about, a boolean expression true for bad rows, and why."""
