@@ -171,11 +171,16 @@ def validate_events(
 
 
 def load_events(
-    path: str | Path, skip_invalid: bool = False, keep_context: bool = False
+    path: str | Path,
+    skip_invalid: bool = False,
+    keep_context: bool = False,
+    limits: EventLimits | None = None,
 ) -> LoadResult:
     """Read and validate an events CSV or Parquet file (with `context` when `keep_context`)."""
     path = Path(path)
-    return validate_events(_read_raw(path), str(path), skip_invalid, keep_context=keep_context)
+    return validate_events(
+        _read_raw(path), str(path), skip_invalid, limits=limits, keep_context=keep_context
+    )
 
 
 def read_events(path: str | Path, skip_invalid: bool = False) -> pl.DataFrame:
