@@ -3,6 +3,7 @@ import (training.data) and POST /events (serving), and event identity (event_id)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -106,28 +107,36 @@ class Check:
     column: str
     bad: pl.Expr
     reason: str
+    # When the column a row fails on is data (the first field that is not valid Unicode).
+    column_expr: pl.Expr | None = None
 
 
 @dataclass(frozen=True)
 class CheckedEvents:
-    """Raw events with every check evaluated: `bad` per row, the first reason of each bad row,
-    and the valid rows in RECORD_SCHEMA with event ids filled."""
+    """Raw events with their parsed helper columns and the contract's checks over them: `bad`
+    per row, the first reason of each bad row, and the valid rows in RECORD_SCHEMA."""
 
-    frame: pl.DataFrame  # the raw columns plus `_c<i>` masks and parsed helper columns
+    frame: pl.DataFrame  # the raw columns plus parsed helper columns (`_type`, `_ts_us`, ...)
     checks: list[Check]
+    bad_expr: pl.Expr
+    reason_expr: pl.Expr
 
     @property
     def bad(self) -> pl.Series:
-        masks = [f"_c{i}" for i in range(len(self.checks))]
-        return self.frame.select(pl.any_horizontal(masks).alias("bad"))["bad"]
+        return self.frame.select(self.bad_expr.alias("bad"))["bad"]
 
-    def reasons(self) -> pl.Series:
-        """`column: reason` of the first failed check of each row, null for valid rows."""
-        return self.frame.select(_first_reason(self.checks).alias("reason"))["reason"]
+    def reasons(self, rows: pl.Series | None = None) -> pl.Series:
+        """`column: reason` of the first failed check of each row (of the rows `rows` selects),
+        null for valid rows."""
+        frame = self.frame if rows is None else self.frame.filter(rows)
+        return frame.select(self.reason_expr.alias("reason"))["reason"]
 
     def failed(self, row: int) -> list[Check]:
         """The checks row `row` fails, in order."""
-        return [c for i, c in enumerate(self.checks) if self.frame[f"_c{i}"][row]]
+        masks = self.frame.slice(row, 1).select(
+            c.bad.fill_null(False).alias(f"_c{i}") for i, c in enumerate(self.checks)
+        )
+        return [c for i, c in enumerate(self.checks) if masks[f"_c{i}"][0]]
 
     def valid(self, keep: pl.Series | None = None) -> pl.DataFrame:
         """The rows passing every check (or the rows `keep` selects) in RECORD_SCHEMA."""
@@ -151,9 +160,16 @@ class CheckedEvents:
 def _first_reason(checks: list[Check]) -> pl.Expr:
     if not checks:
         return pl.lit(None, dtype=pl.String)
-    expr = pl.when(pl.col("_c0")).then(pl.lit(f"{checks[0].column}: {checks[0].reason}"))
-    for i, check in enumerate(checks[1:], start=1):
-        expr = expr.when(pl.col(f"_c{i}")).then(pl.lit(f"{check.column}: {check.reason}"))
+
+    def message(check: Check) -> pl.Expr:
+        if check.column_expr is not None:
+            return check.column_expr + pl.lit(f": {check.reason}")
+        return pl.lit(f"{check.column}: {check.reason}")
+
+    first, *rest = checks
+    expr = pl.when(first.bad.fill_null(False)).then(message(first))
+    for check in rest:
+        expr = expr.when(check.bad.fill_null(False)).then(message(check))
     return expr.otherwise(pl.lit(None, dtype=pl.String))
 
 
@@ -185,37 +201,37 @@ def _iso_microseconds(text: pl.Expr) -> pl.Expr:
     return pl.coalesce(parsed).dt.epoch("us").cast(pl.Float64)
 
 
-def _with_timestamps(frame: pl.DataFrame, default_us: float | None) -> pl.DataFrame:
-    """Add `_ts_us` (Float64 epoch microseconds, null when unparsable) and `_ts_given`."""
+def _timestamp_exprs(default_us: float | None) -> list[pl.Expr]:
+    """`_ts_given` and `_ts_us` (Float64 epoch microseconds) from a numeric timestamp, or the
+    default when none is given; null for text that is not a number (see `_with_iso`)."""
     text = pl.col("timestamp").str.strip_chars()
+    given = text.is_not_null() & (text != "")
     number = text.cast(pl.Float64, strict=False)
     from_number = (
         pl.when(number.abs() >= _MILLIS_THRESHOLD).then(number * 1e3).otherwise(number * 1e6)
     )
-    frame = frame.with_columns(
-        (text.is_not_null() & (text != "")).alias("_ts_given"),
-        pl.when(number.is_finite()).then(from_number.round()).alias("_ts_us"),
-    )
-    # ISO parsing is costly (eight formats): only for the rows whose timestamp is not a number.
+    parsed = pl.when(number.is_finite()).then(from_number.round())
+    ts_us = parsed if default_us is None else pl.when(given).then(parsed).otherwise(default_us)
+    return [given.alias("_ts_given"), ts_us.alias("_ts_us")]
+
+
+def _with_iso(frame: pl.DataFrame) -> pl.DataFrame:
+    """Fill `_ts_us` of the given timestamps that are not numbers from ISO-8601.
+
+    ISO parsing is costly (eight formats): only for those rows, usually none.
+    """
     text_rows = frame["_ts_given"] & frame["_ts_us"].is_null()
     n_text = int(text_rows.sum())
+    if n_text == 0:
+        return frame
     if n_text == frame.height:
-        frame = frame.with_columns(_iso_microseconds(pl.col("timestamp")).alias("_ts_us"))
-    elif n_text:
-        indexed = frame.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), "timestamp")
-        parsed = indexed.filter(text_rows).select(
-            "_row", _iso_microseconds(pl.col("timestamp")).alias("_iso")
-        )
-        iso = indexed.join(parsed, on="_row", how="left", maintain_order="left")["_iso"]
-        frame = frame.with_columns(pl.coalesce(pl.col("_ts_us"), pl.lit(iso)).alias("_ts_us"))
-    if default_us is not None:
-        frame = frame.with_columns(
-            pl.when(pl.col("_ts_given"))
-            .then(pl.col("_ts_us"))
-            .otherwise(default_us)
-            .alias("_ts_us")
-        )
-    return frame
+        return frame.with_columns(_iso_microseconds(pl.col("timestamp")).alias("_ts_us"))
+    indexed = frame.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), "timestamp")
+    parsed = indexed.filter(text_rows).select(
+        "_row", _iso_microseconds(pl.col("timestamp")).alias("_iso")
+    )
+    iso = indexed.join(parsed, on="_row", how="left", maintain_order="left")["_iso"]
+    return frame.with_columns(pl.coalesce(pl.col("_ts_us"), pl.lit(iso)).alias("_ts_us"))
 
 
 def _utc_date(epoch_seconds: int) -> str:
@@ -245,18 +261,11 @@ def canonical_context(context: Mapping[str, object]) -> str:
     return json.dumps(context, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
-def _with_context(frame: pl.DataFrame, canonical: bool) -> pl.DataFrame:
-    """Add `_context` (canonical JSON text) and `_context_problem` (a reason or null).
-
-    `canonical`: the column already holds canonical JSON of a checked object (the HTTP path,
-    where the request schema enforced the shape); file input is parsed here, once per distinct
-    value, which is a Python call per distinct context but never on the /events path.
+def _with_context(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add `_context` (canonical JSON text) and `_context_problem` (a reason or null) to file
+    input: parsed once per distinct value, a Python call each, never on the /events path (where
+    the request schema checked the shape and the text is canonical already).
     """
-    if canonical or frame["context"].null_count() == frame.height:
-        return frame.with_columns(
-            pl.col("context").alias("_context"),
-            pl.lit(None, dtype=pl.String).alias("_context_problem"),
-        )
     distinct = frame["context"].drop_nulls().unique().to_list()
     texts, problems = [], []
     for raw in distinct:
@@ -298,13 +307,19 @@ def check_events(
     Context: a flat JSON object of at most MAX_CONTEXT_BYTES bytes.
     """
     limits = limits or EventLimits()
-    frame = raw
-    for name in (*REQUIRED_EVENT_COLUMNS, *OPTIONAL_EVENT_COLUMNS):
-        if name not in frame.columns:
-            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(name))
-    frame = frame.with_columns(pl.col(c).cast(pl.String) for c in frame.columns if c != "value")
-    if "_unicode" not in frame.columns:
-        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("_unicode"))
+    absent = [
+        pl.lit(None, dtype=pl.String).alias(name)
+        for name in (*REQUIRED_EVENT_COLUMNS, *OPTIONAL_EVENT_COLUMNS, "_unicode")
+        if name not in raw.columns
+    ]
+    frame = raw.with_columns(absent) if absent else raw
+    not_text = [
+        pl.col(c).cast(pl.String)
+        for c, dtype in frame.schema.items()
+        if c != "value" and dtype != pl.String
+    ]
+    if not_text:
+        frame = frame.with_columns(not_text)
     value_given = pl.col("value").is_not_null()
     if frame.schema["value"] == pl.String:
         value_text = pl.col("value").str.strip_chars()
@@ -314,25 +329,43 @@ def check_events(
     else:
         value = pl.col("value").cast(pl.Float64)
         not_number = pl.lit(False)
+    # A missing timestamp is now to the second (as the service always did): a retry of the same
+    # id-less batch within that second derives the same ids.
+    default_us = math.floor(now) * 1e6 if missing_timestamp_is_now else None
+    canonical = context_is_canonical or frame["context"].null_count() == frame.height
     frame = frame.with_columns(
         pl.col("event_type").str.strip_chars().str.to_lowercase().alias("_type"),
         value.alias("_value"),
-        value_given.alias("_value_given"),
         not_number.alias("_value_not_number"),
+        *_timestamp_exprs(default_us),
+        *(
+            [pl.col("context").alias("_context"), pl.lit(None, pl.String).alias("_context_problem")]
+            if canonical
+            else []
+        ),
     )
-    # A missing timestamp is now to the second (as the service always did): a retry of the same
-    # id-less batch within that second derives the same ids.
-    frame = _with_timestamps(frame, math.floor(now) * 1e6 if missing_timestamp_is_now else None)
-    frame = _with_context(frame, context_is_canonical)
+    frame = _with_iso(frame)
+    if not canonical:
+        frame = _with_context(frame)
+    frame = frame.with_columns(pl.lit((now + limits.max_future_seconds) * 1e6).alias("_latest_us"))
+    return CheckedEvents(frame, *_contract(limits))
+
+
+@functools.lru_cache(maxsize=8)
+def _contract(limits: EventLimits) -> tuple[list[Check], pl.Expr, pl.Expr]:
+    """The checks over check_events' helper columns, whether a row fails any, and the first
+    reason: built once per limits (building polars expressions costs more than running them on
+    a 500-event batch)."""
     ts, val, etype = pl.col("_ts_us"), pl.col("_value"), pl.col("_type")
     rating = etype == "rating"
-    latest_us = (now + limits.max_future_seconds) * 1e6
     checks = [
         # A string no encoder accepts (a lone surrogate from JSON "\ud800") was blanked out before
         # polars saw it; its reason names the field.
-        *(
-            Check(name, pl.col("_unicode") == name, "not valid Unicode (a lone surrogate)")
-            for name in ("timestamp", *_STRING_FIELDS)
+        Check(
+            "_unicode",
+            pl.col("_unicode").is_not_null(),
+            "not valid Unicode (a lone surrogate)",
+            column_expr=pl.col("_unicode"),
         ),
         *_id_checks("user_id", required=True),
         *_id_checks("item_id", required=True),
@@ -350,7 +383,7 @@ def check_events(
         ),
         Check(
             "timestamp",
-            ts > latest_us,
+            ts > pl.col("_latest_us"),
             f"more than {limits.max_future_seconds:g} s in the future",
         ),
         Check("value", pl.col("_value_not_number"), "not a number"),
@@ -375,17 +408,41 @@ def check_events(
             f"larger than {MAX_CONTEXT_BYTES} bytes as JSON",
         ),
     ]
-    frame = frame.with_columns(c.bad.fill_null(False).alias(f"_c{i}") for i, c in enumerate(checks))
-    return CheckedEvents(frame, checks)
+    bad = pl.any_horizontal([c.bad.fill_null(False) for c in checks])
+    return checks, bad, _first_reason(checks)
+
+
+_RECORD_RAW_SCHEMA = {
+    "user_id": pl.String,
+    "item_id": pl.String,
+    "event_type": pl.String,
+    "timestamp": pl.String,
+    "value": pl.Float64,
+    "session_id": pl.String,
+    "event_id": pl.String,
+}
 
 
 def frame_from_records(records: Sequence[Mapping[str, object]]) -> pl.DataFrame:
-    """Raw events (JSON-decoded dicts) as a frame of the contract's raw columns, in one pass.
+    """Raw events (JSON-decoded dicts) as a frame of the contract's raw columns.
 
     A string no encoder accepts (JSON `"\\ud800"` decodes to a lone surrogate) cannot enter
     polars or Redis: that field becomes null and `_unicode` names it, so the event is rejected
     with a reason and the rest of the batch goes on.
     """
+    contexts = [r.get("context") for r in records]
+    has_context = any(c is not None for c in contexts)
+    context = (
+        [None if c is None else canonical_context(c) for c in contexts] if has_context else None
+    )
+    try:
+        # The common case, in one call: polars reads the dicts (numbers become timestamp text).
+        frame = pl.from_dicts(records, schema=_RECORD_RAW_SCHEMA, strict=False)
+        if context is not None:
+            frame = frame.with_columns(pl.Series("context", context, dtype=pl.String))
+        return frame
+    except (UnicodeEncodeError, OverflowError, TypeError, pl.exceptions.PolarsError):
+        pass  # a lone surrogate or an integer beyond 64 bits: field by field below
     columns: dict[str, list] = {
         name: [r.get(name) for r in records] for name in _STRING_FIELDS if name != "context"
     }
@@ -393,16 +450,13 @@ def frame_from_records(records: Sequence[Mapping[str, object]]) -> pl.DataFrame:
         t if t is None or isinstance(t, str) else repr(t)
         for t in (r.get("timestamp") for r in records)
     ]
-    columns["context"] = [
-        None if (c := r.get("context")) is None else canonical_context(c) for r in records
-    ]
-    unicode = [None] * len(records)
+    columns["context"] = context or [None] * len(records)
+    unicode: list[str | None] = [None] * len(records)
     series = []
     for name, values in columns.items():
         try:
             series.append(pl.Series(name, values, dtype=pl.String))
         except UnicodeEncodeError:
-            # Rare: find the offending values one by one (only in this column).
             for row, text in enumerate(values):
                 if text is not None and not _encodable(text):
                     values[row] = None
@@ -495,11 +549,13 @@ def check_batch(
         missing_timestamp_is_now=True,
         context_is_canonical=True,
     )
-    reasons = checked.reasons()
-    good = reasons.is_null()
-    rejected = (
-        pl.DataFrame({"index": pl.int_range(len(reasons), eager=True), "reason": reasons})
-        .filter(~good)
-        .to_dicts()
-    )
-    return CheckedBatch(checked.valid(good), good.arg_true().to_numpy(), rejected)
+    bad = checked.bad
+    rejected: list[dict[str, object]] = []
+    if bad.any():
+        # The reasons (a long when/then chain) only for the rejected rows.
+        rejected = (
+            pl.DataFrame({"index": bad.arg_true(), "reason": checked.reasons(bad)})
+            .cast({"index": pl.Int64})
+            .to_dicts()
+        )
+    return CheckedBatch(checked.valid(~bad), (~bad).arg_true().to_numpy(), rejected)
