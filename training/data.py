@@ -162,7 +162,8 @@ def validate_events(
         for check in checked.failed(row):
             value = checked.frame[check.column][row]
             shown = "" if value is None else f" ({str(value)[:40]!r})"
-            problems.append(RowProblem(row + 2, check.column, check.reason + shown))
+            reason = check.explained(checked.frame, row)
+            problems.append(RowProblem(row + 2, check.column, reason + shown))
     _, skipped = _raise_or_drop(source, frame, bad, problems, skip_invalid)
     valid = checked.valid()
     return LoadResult(

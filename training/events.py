@@ -88,8 +88,8 @@ class EventLimits:
 def value_is_valid(
     event_type: pl.Expr, value: pl.Expr, limits: EventLimits | None = None
 ) -> pl.Expr:
-    """The value rule on typed columns: null, or finite and within the rating range (ratings) or
-    a positive quantity up to max_quantity (other types). Null only where an input is null."""
+    """The value rule on typed columns: true where the value is null, or finite and within the
+    rating range (ratings) or a positive quantity up to max_quantity (other types)."""
     limits = limits or EventLimits()
     rating = event_type.cast(pl.String) == "rating"
     in_range = (
@@ -109,6 +109,14 @@ class Check:
     reason: str
     # When the column a row fails on is data (the first field that is not valid Unicode).
     column_expr: pl.Expr | None = None
+    # A helper column whose text details the reason (why a context is invalid).
+    detail: str | None = None
+
+    def explained(self, frame: pl.DataFrame, row: int) -> str:
+        """The reason for one failing row of `frame`, with its detail."""
+        if self.detail is None:
+            return self.reason
+        return f"{self.reason}: {frame[self.detail][row]}"
 
 
 @dataclass(frozen=True)
@@ -162,9 +170,9 @@ def _first_reason(checks: list[Check]) -> pl.Expr:
         return pl.lit(None, dtype=pl.String)
 
     def message(check: Check) -> pl.Expr:
-        if check.column_expr is not None:
-            return check.column_expr + pl.lit(f": {check.reason}")
-        return pl.lit(f"{check.column}: {check.reason}")
+        column = pl.lit(check.column) if check.column_expr is None else check.column_expr
+        text = column + pl.lit(f": {check.reason}")
+        return text if check.detail is None else text + pl.lit(": ") + pl.col(check.detail)
 
     first, *rest = checks
     expr = pl.when(first.bad.fill_null(False)).then(message(first))
@@ -401,7 +409,12 @@ def _contract(limits: EventLimits) -> tuple[list[Check], pl.Expr, pl.Expr]:
         ),
         *_id_checks("session_id", required=False),
         *_id_checks("event_id", required=False),
-        Check("context", pl.col("_context_problem").is_not_null(), "invalid"),
+        Check(
+            "context",
+            pl.col("_context_problem").is_not_null(),
+            "invalid",
+            detail="_context_problem",
+        ),
         Check(
             "context",
             pl.col("_context").str.len_bytes() > MAX_CONTEXT_BYTES,

@@ -108,7 +108,10 @@ def test_context_column_in_a_file(tmp_path: Path) -> None:
     assert result.frame["context"].to_list() == ['{"device":"ios","page":"home"}', None]
     assert "context" not in load_events(path, skip_invalid=True).frame.columns
     reasons = {p.line: p.reason for p in result.problems}
-    assert reasons[4].startswith("invalid") and reasons[7].startswith("larger than 1024 bytes")
+    assert reasons[4].startswith("invalid: not valid JSON")
+    assert reasons[5].startswith("invalid: not a JSON object")
+    assert reasons[6].startswith("invalid: value of 'nested' is not a string, number")
+    assert reasons[7].startswith("larger than 1024 bytes")
 
 
 def test_lone_surrogates_are_rejected_per_event_not_per_batch() -> None:
