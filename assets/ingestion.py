@@ -7,6 +7,7 @@ from pydantic import Field
 from orchestration.resources import EventStoreResource, LocalStateResource
 from training.data import load_catalog, load_events
 from training.evaluation import to_markdown
+from training.events import EARLIEST_TIMESTAMP, EventLimits
 from training.matrix import decayed_popularity
 
 
@@ -15,6 +16,11 @@ class EventImportConfig(dg.Config):
 
     events_path: str = Field(default="", description="CSV/Parquet events file to import first.")
     skip_invalid: bool = Field(default=False, description="Drop malformed rows (and count them).")
+    earliest_timestamp: int = Field(
+        default=EARLIEST_TIMESTAMP,
+        description="Events before this (epoch seconds) are invalid. The contract's 2000-01-01 "
+        "catches unit mistakes; lower it only for a historical dataset (MovieLens 100k).",
+    )
 
 
 class CatalogImportConfig(dg.Config):
@@ -42,7 +48,12 @@ def raw_events(
     imported = skipped = 0
     with event_store.open() as store:
         if config.events_path:
-            loaded = load_events(config.events_path, skip_invalid=config.skip_invalid)
+            loaded = load_events(
+                config.events_path,
+                skip_invalid=config.skip_invalid,
+                keep_context=True,
+                limits=EventLimits(earliest_timestamp=config.earliest_timestamp),
+            )
             skipped = loaded.skipped
             imported = store.append(loaded.frame)
             context.log.info(

@@ -137,6 +137,8 @@ def interaction_matrix(
             "items": n_items,
             "non_zeros": matrix.nnz,
             "density": float(matrix.nnz / max(n_users * n_items, 1)),
+            # Stored events with a non-finite or out-of-range value, left out (see the log).
+            "dropped_invalid_values": matrix.dropped_events,
             "config": dg.MetadataValue.json(config.model_dump()),
         },
     )

@@ -23,6 +23,7 @@ USER = Entity("user", "user_id", "a shopper, by the user_id of the event contrac
 ITEM = Entity("item", "item_id", "a catalog item, by item_id (unknown items are welcome)")
 GLOBAL = Entity("global", None, "one value for the whole deployment")
 STREAM = Entity("stream", None, "the durable log of accepted events")
+EVENT = Entity("event", "event_id", "one event, by its event_id: the global idempotency key")
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,11 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         "seen_event",
-        USER,
-        "{ns}:{user:<user_id>}:eid:<event_id>",
+        EVENT,
+        "{ns}:{event:<event_id>}:seen",
         "string",
-        "marks an event_id as ingested, so a retried batch is not counted twice",
+        "marks an event_id as ingested (whichever user sent it: the id is global, as in the "
+        "event store), so a retried batch or a reused id is a duplicate, never stored twice",
         ttl_seconds=FeatureConfig.dedupe_ttl,
     ),
     Feature(
@@ -294,8 +296,14 @@ class Keys:
     def cache(self, user_id: str) -> str:
         return self.user_prefix(user_id) + "cache"
 
-    def seen_event(self, user_id: str, event_id: str) -> str:
-        return self.user_prefix(user_id) + "eid:" + event_id
+    def seen_event_affixes(self) -> tuple[str, str]:
+        """(prefix, suffix) around an event_id in its `seen_event` key, for building the keys of
+        a whole batch at once; `seen_event` is the same key for one id."""
+        return f"{self.namespace}:{{event:", "}:seen"
+
+    def seen_event(self, event_id: str) -> str:
+        prefix, suffix = self.seen_event_affixes()
+        return prefix + event_id + suffix
 
     def candidates(self, user_id: str) -> str:
         return self.user_prefix(user_id) + "candidates"
@@ -320,7 +328,7 @@ class Keys:
 
 # Suffixes the Lua ingest script appends to `Keys.user_prefix` / `Keys.item_prefix`; they must
 # match the methods above, which the tests check.
-USER_SUFFIXES = {"recent": "recent", "counters": "counters", "cache": "cache", "eid": "eid:"}
+USER_SUFFIXES = {"recent": "recent", "counters": "counters", "cache": "cache"}
 ITEM_SUFFIXES = {"coview": "coview"}
 
 # Fields of the `user_profile` hash: the scores of the daily segmentation, `preferences` (JSON of

@@ -26,13 +26,14 @@ local t_pop = reference('popularity', cfg.pop_rate, KEYS[1])
 local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
 """
 
-# Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL), XADD the
+# Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL on its global
+# seen_event key, which the client builds from Keys and sends in column k), XADD the
 # event to the stream, update the user's recent items and co-view of the items the user touched
 # in the co-view window; per user once: counters, TTLs and the response cache; per item once:
 # decayed popularity, trending, first-seen and the TTL of its co-view list.
 #
 # KEYS: popularity, trending, decay, first_seen, stats, stream
-# ARGV: namespace, now, config JSON, batch JSON (columns e,u,i,t,ts,w), one stream payload per event
+# ARGV: namespace, now, config JSON, batch JSON (columns k,u,i,t,ts,w), one stream payload per event
 # Returns {accepted, new_items, duplicate positions (0-based)...}
 #
 # User and item keys are derived from the namespace inside the script, so this script needs a
@@ -43,7 +44,7 @@ local ns = ARGV[1]
 local now = tonumber(ARGV[2])
 local cfg = cjson.decode(ARGV[3])
 local b = cjson.decode(ARGV[4])
-local n = #b.e
+local n = #b.k
 
 """
     + DECAY_REFERENCES
@@ -56,7 +57,7 @@ local items, item_order = {}, {}
 for idx = 1, n do
   local uid, iid, ts, w = b.u[idx], b.i[idx], b.ts[idx], b.w[idx]
   local up = ns .. ':{user:' .. uid .. '}:'
-  if redis.call('SET', up .. 'eid:' .. b.e[idx], '1', 'NX', 'EX', cfg.dedupe_ttl) then
+  if redis.call('SET', b.k[idx], '1', 'NX', 'EX', cfg.dedupe_ttl) then
     accepted = accepted + 1
     redis.call('XADD', KEYS[6], '*', 'e', ARGV[4 + idx])
     local recent = up .. 'recent'

@@ -24,8 +24,6 @@ from feature_repo.definitions import (
     Keys,
 )
 
-# Columns of the event contract, in the order the stream payload carries them.
-EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp", "value", "session_id", "event_id")
 _PUSH_CHUNK = 500
 _MEMBER_CHUNK = 5000
 
@@ -244,6 +242,8 @@ class FeatureStore:
         if events["event_id"].null_count():
             raise ValueError("every event needs an event_id; fill them with with_event_ids()")
         now = time.time() if now is None else now
+        if "context" not in events.columns:
+            events = events.with_columns(pl.lit(None, dtype=pl.String).alias("context"))
         frame = events.select(
             pl.col("user_id").cast(pl.String),
             pl.col("item_id").cast(pl.String),
@@ -252,9 +252,11 @@ class FeatureStore:
             pl.col("value").cast(pl.Float64),
             pl.col("session_id").cast(pl.String),
             pl.col("event_id").cast(pl.String),
+            pl.col("context").cast(pl.String),
         )
+        prefix, suffix = self.keys.seen_event_affixes()
         batch = {
-            "e": frame["event_id"].to_list(),
+            "k": frame.select((prefix + pl.col("event_id") + suffix).alias("k"))["k"].to_list(),
             "u": frame["user_id"].to_list(),
             "i": frame["item_id"].to_list(),
             "t": frame["event_type"].to_list(),
@@ -297,8 +299,8 @@ class FeatureStore:
 
         distinct = list(dict.fromkeys(users))
         pipe = self.redis.pipeline(transaction=False)
-        for user, event_id in zip(users, batch["e"], strict=True):
-            pipe.set(k.seen_event(user, event_id), "1", nx=True, ex=cfg.dedupe_ttl)
+        for key in batch["k"]:
+            pipe.set(key, "1", nx=True, ex=cfg.dedupe_ttl)
         for user in distinct:
             pipe.zrange(k.recent(user), 0, -1, withscores=True)
         replies = pipe.execute()

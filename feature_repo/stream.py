@@ -10,16 +10,11 @@ import polars as pl
 import redis
 
 from feature_repo.definitions import CONSUMER_GROUP, Keys
+from training.events import RECORD_SCHEMA
 
-_PAYLOAD_SCHEMA = {
-    "user_id": pl.String,
-    "item_id": pl.String,
-    "event_type": pl.String,
-    "timestamp": pl.Int64,
-    "value": pl.Float64,
-    "session_id": pl.String,
-    "event_id": pl.String,
-}
+# The stored record, with event_type as text; payloads written before `context` existed
+# decode with a null context.
+_PAYLOAD_SCHEMA = {**RECORD_SCHEMA, "event_type": pl.String()}
 
 
 @dataclass(frozen=True)

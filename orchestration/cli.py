@@ -38,9 +38,11 @@ def _import_config(args: argparse.Namespace) -> dict[str, Any]:
     catalog = getattr(args, "catalog", None)
     skip = bool(getattr(args, "skip_invalid", False))
     if events:
-        ops["raw_events"] = {
-            "config": {"events_path": str(Path(events).resolve()), "skip_invalid": skip}
-        }
+        config: dict[str, Any] = {"events_path": str(Path(events).resolve()), "skip_invalid": skip}
+        earliest = getattr(args, "earliest_timestamp", None)
+        if earliest is not None:
+            config["earliest_timestamp"] = earliest
+        ops["raw_events"] = {"config": config}
     if catalog:
         ops["item_catalog"] = {
             "config": {"catalog_path": str(Path(catalog).resolve()), "skip_invalid": skip}
@@ -65,6 +67,10 @@ def _materialise_movielens(args: argparse.Namespace, scratch: Path) -> None:
         ml_events, ml_catalog = read_movielens(events)
         args.events = str(scratch / "movielens-events.parquet")
         ml_events.write_parquet(args.events)
+        # MovieLens 100k is from 1997-98, before the contract's 2000-01-01: its own first
+        # timestamp is the bound for this import.
+        if ml_events.height:
+            args.earliest_timestamp = int(ml_events["timestamp"].min())
         if not getattr(args, "catalog", None) and ml_catalog.height:
             args.catalog = str(scratch / "movielens-catalog.parquet")
             ml_catalog.write_parquet(args.catalog)

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+)
 from typing_extensions import TypedDict
 
-from training.data import MAX_ID_LENGTH
+from training.events import (
+    MAX_CONTEXT_KEY_LENGTH,
+    MAX_CONTEXT_KEYS,
+    MAX_CONTEXT_VALUE_LENGTH,
+    MAX_ID_LENGTH,
+)
 
-# An id of the event contract: 1..256 characters, no control characters, no outer whitespace.
-ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+# An id of the event contract: 1..256 characters, no control characters (C0, DEL, C1: the
+# class of training.events.CONTROL_CHARACTERS), no outer whitespace.
+ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
 Id = Annotated[
     str,
     StringConstraints(
@@ -184,18 +198,50 @@ class UserProfileResponse(BaseModel):
     )
 
 
+# JSON types of an event are strict (a boolean is not a number, a number is not an id); the
+# content (ids, type, time, value ranges) is checked per event by training.events, so one bad
+# event is rejected with a reason while the rest of the batch goes on.
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+ContextKey = Annotated[
+    str, StringConstraints(strict=True, min_length=1, max_length=MAX_CONTEXT_KEY_LENGTH)
+]
+ContextValue = (
+    Annotated[str, StringConstraints(strict=True, max_length=MAX_CONTEXT_VALUE_LENGTH)]
+    | StrictBool
+    | StrictInt
+    | FiniteNumber
+    | None
+)
+
+
 class RawEvent(TypedDict, total=False):
-    """One event as sent; its content is checked per event (bad ones are listed as rejected)."""
+    """One event as sent. Unknown fields are refused (422 naming them), not dropped."""
 
-    __pydantic_config__ = ConfigDict(coerce_numbers_to_str=True)  # type: ignore[misc]
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
-    user_id: str | None
-    item_id: str | None
-    event_type: str | None
-    timestamp: str | None
-    value: Annotated[float, Field(allow_inf_nan=False)] | None
-    session_id: str | None
-    event_id: str | None
+    user_id: StrictStr | None
+    item_id: StrictStr | None
+    event_type: StrictStr | None
+    timestamp: Annotated[
+        StrictStr | StrictInt | FiniteNumber | None,
+        Field(description="Epoch seconds, epoch milliseconds or ISO-8601; missing means now."),
+    ]
+    value: Annotated[
+        FiniteNumber | None,
+        Field(description="A rating (0..10) or a quantity (above 0, at most 1,000,000)."),
+    ]
+    session_id: StrictStr | None
+    event_id: Annotated[
+        StrictStr | None,
+        Field(description="Idempotency key, global: a known id (of any user) is a duplicate."),
+    ]
+    context: Annotated[
+        dict[ContextKey, ContextValue] | None,
+        Field(
+            max_length=MAX_CONTEXT_KEYS,
+            description="Flat object (device, page, free keys), at most 1 KB as JSON; stored.",
+        ),
+    ]
 
 
 class EventsRequest(_Strict):
@@ -210,6 +256,9 @@ class Rejection(BaseModel):
 class EventsResponse(BaseModel):
     accepted: int
     duplicates: int
+    duplicate_indices: list[int] = Field(
+        description="Indices of the events whose event_id was already known (not stored again)."
+    )
     rejected: list[Rejection]
     unknown_items: int = Field(
         description="Accepted events whose item the serving model does not know (new items)."

@@ -26,7 +26,6 @@ from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConf
 from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, UserProfile
 from feature_repo.stream import EventStream
 from serving.errors import install_error_handlers
-from serving.events import check_events
 from serving.metrics import service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.personalise import trend_reasons
@@ -49,7 +48,7 @@ from serving.schemas import (
 )
 from serving.settings import ServingSettings, blend_weights
 from training import settings as env
-from training.data import MAX_ID_LENGTH
+from training.events import MAX_ID_LENGTH, EventLimits, check_batch
 
 log = logging.getLogger("recsys.serving")
 
@@ -101,6 +100,7 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = ServingSettings.from_env()
+        self.limits = EventLimits(max_future_seconds=self.settings.max_future_seconds)
         self.home = env.recsys_home()
         self.metrics = service_metrics()
         self.ranker = Ranker(
@@ -469,7 +469,7 @@ class RecommendationService:
     # -- /events -------------------------------------------------------------------------------
 
     def ingest_events(self, body: EventsRequest) -> Response:
-        checked = check_events(body.events, time.time(), self.settings.max_future_seconds)
+        checked = check_batch(body.events, time.time(), self.limits)
         rejected = checked.rejected
         self.metrics.events.labels("rejected").inc(len(rejected))
         if checked.events.is_empty():
@@ -488,11 +488,11 @@ class RecommendationService:
         except (redis.RedisError, ConnectionError) as exc:
             log.error("cannot ingest events: %s", exc)
             return _json({"error": "the event store is unavailable; retry the batch"}, 503)
+        new = np.ones(checked.events.height, dtype=bool)
+        new[result.duplicate_rows] = False
         unknown = 0
         model = self.models.current.champion
         if model is not None and result.accepted:
-            new = np.ones(checked.events.height, dtype=bool)
-            new[result.duplicate_rows] = False
             unknown = int((model.item_index(checked.events["item_id"].to_numpy()[new]) < 0).sum())
         self.metrics.events.labels("accepted").inc(result.accepted)
         self.metrics.events.labels("duplicate").inc(result.duplicates)
@@ -501,6 +501,7 @@ class RecommendationService:
             {
                 "accepted": result.accepted,
                 "duplicates": result.duplicates,
+                "duplicate_indices": checked.indices[~new].tolist(),
                 "rejected": rejected,
                 "unknown_items": unknown,
             }

@@ -7,33 +7,25 @@ is set, in which case they are dropped and counted in the returned `LoadResult`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-EVENT_TYPES: tuple[str, ...] = (
-    "view",
-    "click",
-    "add_to_cart",
-    "purchase",
-    "like",
-    "share",
-    "rating",
+from training.events import (
+    CONTROL_CHARACTERS,
+    EVENT_SCHEMA,
+    EVENT_TYPE_DTYPE,
+    EVENT_TYPES,
+    MAX_ID_LENGTH,
+    OPTIONAL_EVENT_COLUMNS,
+    RECORD_SCHEMA,
+    REQUIRED_EVENT_COLUMNS,
+    EventLimits,
+    check_events,
+    with_event_ids,
 )
-EVENT_TYPE_DTYPE = pl.Enum(list(EVENT_TYPES))
-MAX_ID_LENGTH = 256
-
-EVENT_SCHEMA: dict[str, pl.DataType] = {
-    "user_id": pl.String(),
-    "item_id": pl.String(),
-    "event_type": EVENT_TYPE_DTYPE,
-    "timestamp": pl.Int64(),
-    "value": pl.Float64(),
-    "session_id": pl.String(),
-    "event_id": pl.String(),
-}
-REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 
 CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "item_id": pl.String(),
@@ -44,18 +36,6 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "in_stock": pl.Boolean(),
 }
 
-# Numbers above this are taken as epoch milliseconds rather than seconds (year 5138 in seconds).
-_MILLIS_THRESHOLD = 100_000_000_000
-_ISO_FORMATS = (
-    "%Y-%m-%dT%H:%M:%S%.f%z",
-    "%Y-%m-%dT%H:%M:%S%z",
-    "%Y-%m-%dT%H:%M:%S%.f",
-    "%Y-%m-%dT%H:%M:%S",
-    "%Y-%m-%d %H:%M:%S%.f",
-    "%Y-%m-%d %H:%M:%S",
-    "%Y-%m-%dT%H:%M",
-    "%Y-%m-%d",
-)
 _TRUE = ("true", "1", "yes", "y", "t")
 _FALSE = ("false", "0", "no", "n", "f")
 _SHOWN_PROBLEMS = 5
@@ -104,23 +84,6 @@ def _read_raw(path: Path) -> pl.DataFrame:
         raise DataValidationError(f"{path}: cannot be parsed as {suffix or 'CSV'}: {exc}") from exc
 
 
-def _parse_timestamp(col: pl.Expr) -> pl.Expr:
-    """Epoch seconds (or milliseconds) or ISO-8601 text to Int64 epoch seconds; null if neither."""
-    text = col.str.strip_chars().str.replace(r"Z$", "+00:00")
-    numeric = text.cast(pl.Float64, strict=False)
-    from_number = (
-        pl.when(numeric.abs() >= _MILLIS_THRESHOLD).then(numeric / 1000.0).otherwise(numeric)
-    ).floor()
-    parsed = [
-        text.str.strptime(pl.Datetime("us", "UTC"), fmt, strict=False)
-        if "%z" in fmt
-        else text.str.strptime(pl.Datetime("us"), fmt, strict=False).dt.replace_time_zone("UTC")
-        for fmt in _ISO_FORMATS
-    ]
-    from_iso = pl.coalesce(parsed).dt.epoch("s")
-    return pl.coalesce(from_number.cast(pl.Int64, strict=False), from_iso)
-
-
 def _bad_id(col: pl.Expr) -> pl.Expr:
     return col.is_null() | (col.str.strip_chars() == "")
 
@@ -130,7 +93,7 @@ def _id_reason(name: str) -> list[tuple[str, pl.Expr, str]]:
     return [
         (name, _bad_id(col), "missing"),
         (name, col.str.len_chars() > MAX_ID_LENGTH, f"longer than {MAX_ID_LENGTH} characters"),
-        (name, col.str.contains(r"[\x00-\x1f\x7f]"), "contains control characters"),
+        (name, col.str.contains(CONTROL_CHARACTERS), "contains control characters"),
     ]
 
 
@@ -171,91 +134,54 @@ def _raise_or_drop(
 
 
 def validate_events(
-    raw: pl.DataFrame, source: str = "events", skip_invalid: bool = False
+    raw: pl.DataFrame,
+    source: str = "events",
+    skip_invalid: bool = False,
+    now: float | None = None,
+    limits: EventLimits | None = None,
+    keep_context: bool = False,
 ) -> LoadResult:
-    """Validate raw string columns against the event contract and cast to EVENT_SCHEMA."""
+    """Validate raw string columns against the event contract (training.events) and cast them
+    to EVENT_SCHEMA (RECORD_SCHEMA, with `context`, when `keep_context`: what a store keeps).
+
+    `now` (default: the clock) and `limits` bound timestamps and values as on POST /events.
+    """
     missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in raw.columns]
     if missing:
         raise DataValidationError(
             f"{source}: missing column(s) {', '.join(missing)}; expected at least "
-            f"{', '.join(REQUIRED_EVENT_COLUMNS)} (optional: value, session_id, event_id); "
+            f"{', '.join(REQUIRED_EVENT_COLUMNS)} (optional: {', '.join(OPTIONAL_EVENT_COLUMNS)}); "
             f"found {', '.join(raw.columns) or 'none'}"
         )
-    frame = raw.with_columns(pl.col(c).cast(pl.String) for c in raw.columns)
-    for optional in ("value", "session_id", "event_id"):
-        if optional not in frame.columns:
-            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
-    frame = frame.select(list(EVENT_SCHEMA))
-    etype = pl.col("event_type").str.strip_chars().str.to_lowercase()
-    ts = _parse_timestamp(pl.col("timestamp"))
-    value_text = pl.col("value").str.strip_chars()
-    value = value_text.cast(pl.Float64, strict=False)
-    checks = [
-        *_id_reason("user_id"),
-        *_id_reason("item_id"),
-        (
-            "event_type",
-            ~etype.is_in(list(EVENT_TYPES)) | etype.is_null(),
-            f"unknown event_type; expected one of {', '.join(EVENT_TYPES)}",
-        ),
-        ("timestamp", ts.is_null(), "not epoch seconds or ISO-8601"),
-        (
-            "value",
-            value_text.is_not_null() & (value_text != "") & (value.is_null() | value.is_nan()),
-            "not a number",
-        ),
-        ("value", (etype == "rating") & value.is_null(), "a rating event needs a numeric value"),
-        (
-            "event_id",
-            pl.col("event_id").str.len_chars() > MAX_ID_LENGTH,
-            f"longer than {MAX_ID_LENGTH} characters",
-        ),
-    ]
-    bad, problems = _collect_problems(frame, checks)
-    frame, skipped = _raise_or_drop(source, frame, bad, problems, skip_invalid)
-    frame = frame.with_columns(
-        pl.col("user_id").str.strip_chars(),
-        pl.col("item_id").str.strip_chars(),
-        etype.cast(EVENT_TYPE_DTYPE).alias("event_type"),
-        ts.alias("timestamp"),
-        value.alias("value"),
-        pl.when(pl.col("session_id").str.strip_chars() == "")
-        .then(None)
-        .otherwise(pl.col("session_id"))
-        .alias("session_id"),
-        pl.when(pl.col("event_id").str.strip_chars() == "")
-        .then(None)
-        .otherwise(pl.col("event_id"))
-        .alias("event_id"),
-    )
-    return LoadResult(with_event_ids(frame), skipped, problems if skipped else [])
-
-
-def with_event_ids(frame: pl.DataFrame) -> pl.DataFrame:
-    """Fill missing event_id with a key derived from the event's content.
-
-    Re-importing the same file therefore never duplicates events, whichever store holds them.
-    """
-    derived = pl.concat_str(
-        [
-            pl.col("user_id"),
-            pl.col("item_id"),
-            pl.col("event_type").cast(pl.String),
-            pl.col("timestamp").cast(pl.String),
-            pl.col("value").cast(pl.String).fill_null(""),
-            pl.col("session_id").fill_null(""),
-        ],
-        separator="|",
-    )
-    return frame.with_columns(
-        pl.coalesce(pl.col("event_id"), pl.lit("h:") + derived).alias("event_id")
+    known = [c for c in (*REQUIRED_EVENT_COLUMNS, *OPTIONAL_EVENT_COLUMNS) if c in raw.columns]
+    frame = raw.select(pl.col(c).cast(pl.String) for c in known)
+    checked = check_events(frame, time.time() if now is None else now, limits)
+    bad = checked.bad
+    problems: list[RowProblem] = []
+    for row in bad.arg_true().head(_SHOWN_PROBLEMS).to_list():
+        for check in checked.failed(row):
+            value = checked.frame[check.column][row]
+            shown = "" if value is None else f" ({str(value)[:40]!r})"
+            reason = check.explained(checked.frame, row)
+            problems.append(RowProblem(row + 2, check.column, reason + shown))
+    _, skipped = _raise_or_drop(source, frame, bad, problems, skip_invalid)
+    valid = checked.valid()
+    return LoadResult(
+        valid if keep_context else valid.drop("context"), skipped, problems if skipped else []
     )
 
 
-def load_events(path: str | Path, skip_invalid: bool = False) -> LoadResult:
-    """Read and validate an events CSV or Parquet file."""
+def load_events(
+    path: str | Path,
+    skip_invalid: bool = False,
+    keep_context: bool = False,
+    limits: EventLimits | None = None,
+) -> LoadResult:
+    """Read and validate an events CSV or Parquet file (with `context` when `keep_context`)."""
     path = Path(path)
-    return validate_events(_read_raw(path), str(path), skip_invalid)
+    return validate_events(
+        _read_raw(path), str(path), skip_invalid, limits=limits, keep_context=keep_context
+    )
 
 
 def read_events(path: str | Path, skip_invalid: bool = False) -> pl.DataFrame:
@@ -269,6 +195,17 @@ def read_events(path: str | Path, skip_invalid: bool = False) -> pl.DataFrame:
 def empty_events() -> pl.DataFrame:
     """An empty frame with the canonical event schema."""
     return pl.DataFrame(schema=EVENT_SCHEMA)
+
+
+# Re-exported: callers import the contract from here as well as from training.events.
+__all__ = [
+    "EVENT_SCHEMA",
+    "EVENT_TYPES",
+    "EVENT_TYPE_DTYPE",
+    "MAX_ID_LENGTH",
+    "RECORD_SCHEMA",
+    "with_event_ids",
+]
 
 
 def validate_catalog(

@@ -1,5 +1,8 @@
 """The event store: every accepted event, deduplicated by event_id, in PostgreSQL or Parquet.
 
+Events are stored as RECORD_SCHEMA (the contract and its optional `context`, JSON text); stores
+written before `context` existed are read (Parquet) or migrated (PostgreSQL) in place.
+
 `open_event_store(url)` picks the backend by URL: `postgresql://...` for PostgreSQL, otherwise a
 folder of Parquet parts (the embedded default under RECSYS_HOME).
 """
@@ -15,9 +18,12 @@ from pathlib import Path
 
 import polars as pl
 
-from training.data import EVENT_SCHEMA, empty_events, with_event_ids
+from training.data import EVENT_SCHEMA, empty_events
+from training.events import RECORD_SCHEMA, empty_records, with_event_ids
 
 _INGESTED = "ingested_at"
+# What a part holds; older parts lack `context` and read with a null one.
+_PART_SCHEMA = {**RECORD_SCHEMA, _INGESTED: pl.Float64()}
 
 
 class EventStore(ABC):
@@ -28,8 +34,9 @@ class EventStore(ABC):
         """Store the events whose event_id is new; return how many were inserted."""
 
     @abstractmethod
-    def read(self, since_timestamp: int | None = None) -> pl.DataFrame:
-        """All stored events (optionally with timestamp >= since_timestamp), canonical schema."""
+    def read(self, since_timestamp: int | None = None, with_context: bool = False) -> pl.DataFrame:
+        """All stored events (optionally with timestamp >= since_timestamp) in EVENT_SCHEMA, or
+        RECORD_SCHEMA (with `context`) when `with_context`."""
 
     @abstractmethod
     def count(self) -> int:
@@ -50,12 +57,12 @@ class EventStore(ABC):
 
 
 def _prepare(events: pl.DataFrame) -> pl.DataFrame:
-    """Canonical columns and types, ids filled, duplicates within the batch dropped."""
+    """Record columns and types, ids filled, duplicates within the batch dropped."""
     frame = events
-    for name, dtype in EVENT_SCHEMA.items():
+    for name, dtype in RECORD_SCHEMA.items():
         if name not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))
-    frame = frame.select([pl.col(n).cast(t) for n, t in EVENT_SCHEMA.items()])
+    frame = frame.select([pl.col(n).cast(t) for n, t in RECORD_SCHEMA.items()])
     return with_event_ids(frame).unique("event_id", keep="first", maintain_order=True)
 
 
@@ -74,7 +81,9 @@ class ParquetEventStore(EventStore):
         parts = self._parts()
         if not parts:
             return None
-        return pl.scan_parquet(parts).unique("event_id", keep="first", maintain_order=True)
+        return pl.scan_parquet(parts, schema=_PART_SCHEMA, missing_columns="insert").unique(
+            "event_id", keep="first", maintain_order=True
+        )
 
     def append(self, events: pl.DataFrame) -> int:
         batch = _prepare(events)
@@ -105,18 +114,23 @@ class ParquetEventStore(EventStore):
         parts = self._parts()
         if len(parts) <= 1:
             return
-        merged = pl.scan_parquet(parts).unique("event_id", keep="first").collect()
+        merged = (
+            pl.scan_parquet(parts, schema=_PART_SCHEMA, missing_columns="insert")
+            .unique("event_id", keep="first")
+            .collect()
+        )
         self._write_part(merged.sort("timestamp"))
         for part in parts:
             part.unlink(missing_ok=True)
 
-    def read(self, since_timestamp: int | None = None) -> pl.DataFrame:
+    def read(self, since_timestamp: int | None = None, with_context: bool = False) -> pl.DataFrame:
         scan = self._scan()
         if scan is None:
-            return empty_events()
+            return empty_records() if with_context else empty_events()
         if since_timestamp is not None:
             scan = scan.filter(pl.col("timestamp") >= since_timestamp)
-        return scan.select(list(EVENT_SCHEMA)).sort("timestamp").collect()
+        columns = RECORD_SCHEMA if with_context else EVENT_SCHEMA
+        return scan.select(list(columns)).sort("timestamp").collect()
 
     def count(self) -> int:
         scan = self._scan()
@@ -138,12 +152,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     timestamp   BIGINT NOT NULL,
     value       DOUBLE PRECISION,
     session_id  TEXT,
+    context     TEXT,
     ingested_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
 );
+-- A table created before `context` existed gains it (NULL for the events already stored).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS context TEXT;
 CREATE INDEX IF NOT EXISTS {table}_ingested_at ON {table} (ingested_at);
 CREATE INDEX IF NOT EXISTS {table}_timestamp ON {table} (timestamp);
 """
-_COLUMNS = ", ".join(EVENT_SCHEMA)
+_COLUMNS = ", ".join(RECORD_SCHEMA)
 
 
 class PostgresEventStore(EventStore):
@@ -186,21 +203,23 @@ class PostgresEventStore(EventStore):
             )
             return cur.rowcount
 
-    def read(self, since_timestamp: int | None = None) -> pl.DataFrame:
+    def read(self, since_timestamp: int | None = None, with_context: bool = False) -> pl.DataFrame:
+        schema = RECORD_SCHEMA if with_context else EVENT_SCHEMA
         where = "" if since_timestamp is None else f" WHERE timestamp >= {int(since_timestamp)}"
-        query = f"SELECT {_COLUMNS} FROM {self.table}{where} ORDER BY timestamp"
+        query = f"SELECT {', '.join(schema)} FROM {self.table}{where} ORDER BY timestamp"
         buffer = io.BytesIO()
         with self._conn.cursor() as cur:
             with cur.copy(f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)") as copy:
                 for block in copy:
                     buffer.write(block)
+        empty = empty_records() if with_context else empty_events()
         if buffer.tell() == 0:
-            return empty_events()
+            return empty
         buffer.seek(0)
         frame = pl.read_csv(buffer, infer_schema=False)
         if frame.is_empty():
-            return empty_events()
-        return frame.select([pl.col(n).cast(t) for n, t in EVENT_SCHEMA.items()])
+            return empty
+        return frame.select([pl.col(n).cast(t) for n, t in schema.items()])
 
     def count(self) -> int:
         with self._conn.cursor() as cur:

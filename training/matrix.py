@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+
+from training.events import value_is_valid
+
+log = logging.getLogger("recsys.training")
 
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "view": 1.0,
@@ -27,6 +32,8 @@ class InteractionMatrix:
     user_ids: np.ndarray
     item_ids: np.ndarray
     params: dict = field(default_factory=dict)
+    # Events left out because their value breaks the contract (see usable_events).
+    dropped_events: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -46,7 +53,9 @@ class InteractionMatrix:
 
     def with_matrix(self, matrix: sp.csr_matrix) -> InteractionMatrix:
         """The same mappings over another matrix of the same shape (e.g. a split)."""
-        return InteractionMatrix(matrix.tocsr(), self.user_ids, self.item_ids, self.params)
+        return InteractionMatrix(
+            matrix.tocsr(), self.user_ids, self.item_ids, self.params, self.dropped_events
+        )
 
 
 def _lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -58,6 +67,23 @@ def _lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarr
     pos = np.clip(pos, 0, len(sorted_ids) - 1)
     found = sorted_ids[pos] == query
     return np.where(found, pos, -1).astype(np.int64)
+
+
+def usable_events(events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """The events whose value keeps to the contract, and how many others were left out.
+
+    The contract keeps bad values out at the door, but a store may hold events from before it
+    or written around it (a rating of 1e308 overflows every sum it enters): they are dropped
+    here, counted and logged, so that what is stored can never block training.
+    """
+    if "value" not in events.columns or events.is_empty():
+        return events, 0
+    keep = events.select(value_is_valid(pl.col("event_type"), pl.col("value")).alias("k"))["k"]
+    dropped = int((~keep).sum())
+    if dropped:
+        log.warning("left out %d event(s) whose value is non-finite or out of range", dropped)
+        events = events.filter(keep)
+    return events, dropped
 
 
 def weighted_events(
@@ -98,6 +124,9 @@ def build_interaction_matrix(
     """
     if events.is_empty():
         raise ValueError("no events: the interaction matrix would be empty")
+    events, dropped = usable_events(events)
+    if events.is_empty():
+        raise ValueError(f"no usable events: all {dropped} have a non-finite or out-of-range value")
     weighted = weighted_events(events, event_weights, half_life_days, now)
     pairs = weighted.group_by("user_id", "item_id").agg(pl.col("confidence").sum())
     users = pairs["user_id"].unique().sort()
@@ -122,7 +151,7 @@ def build_interaction_matrix(
         "half_life_days": half_life_days,
     }
     return InteractionMatrix(
-        matrix, users.to_numpy().astype(object), items.to_numpy().astype(object), params
+        matrix, users.to_numpy().astype(object), items.to_numpy().astype(object), params, dropped
     )
 
 
@@ -163,6 +192,7 @@ def decayed_popularity(
     """`item_id, score, events`: weighted event counts decayed by age, most popular first."""
     if events.is_empty():
         return pl.DataFrame(schema={"item_id": pl.String, "score": pl.Float64, "events": pl.UInt32})
+    events, _ = usable_events(events)
     weighted = weighted_events(events, event_weights, half_life_days, now)
     return (
         weighted.group_by("item_id")

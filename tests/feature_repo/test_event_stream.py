@@ -20,6 +20,9 @@ def batch(n: int, start: int = 0) -> pl.DataFrame:
             "value": [4.5 if i % 2 else None for i in range(start, start + n)],
             "session_id": [f"s{i}" if i % 3 else None for i in range(start, start + n)],
             "event_id": [f"ev-{i}" for i in range(start, start + n)],
+            "context": [
+                '{"device":"ios"}' if i % 4 == 0 else None for i in range(start, start + n)
+            ],
         }
     )
 

@@ -98,6 +98,39 @@ def test_duplicates_change_nothing(store: FeatureStore) -> None:
     assert (result.accepted, result.duplicates, list(result.duplicate_rows)) == (1, 2, [1, 2])
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_an_event_id_is_global_across_users(
+    redis_client: redis.Redis, namespace: str, sharded: bool
+) -> None:
+    store = FeatureStore(redis_client, namespace, sharded=sharded)
+    first = store.ingest(events([("alice", "a", "view", 5)]), now=NOW)
+    # Another user's event with the same id, then the same id twice in one batch.
+    second = store.ingest(events([("bob", "b", "view", 4)]), now=NOW)
+    twice = events([("carol", "c", "view", 3), ("dave", "d", "view", 2)], start_id=7)
+    third = store.ingest(twice.with_columns(pl.lit("e7").alias("event_id")), now=NOW)
+    assert (first.accepted, first.duplicates) == (1, 0)
+    assert (second.accepted, second.duplicates, list(second.duplicate_rows)) == (0, 1, [0])
+    assert (third.accepted, third.duplicates, list(third.duplicate_rows)) == (1, 1, [1])
+    # The duplicate changed no feature of its user.
+    assert len(store.recent_items("bob")) == 0 and store.counters("bob").get("view", 0) == 0
+    assert list(store.recent_items("alice").ids) == ["a"]
+    assert len(store.recent_items("dave")) == 0
+
+
+def test_context_rides_the_stream(store: FeatureStore) -> None:
+    batch = events([("u1", "a", "view", 5), ("u1", "b", "view", 4)]).with_columns(
+        pl.Series("context", ['{"device":"ios","page":"home"}', None])
+    )
+    store.ingest(batch, now=NOW)
+    stream = EventStream(store.redis, store.namespace)
+    stream.ensure_group()
+    read = stream.read("c", 10, None).events
+    assert read["context"].to_list() == ['{"device":"ios","page":"home"}', None]
+    # A batch without the column (an older caller) carries a null context.
+    store.ingest(events([("u2", "c", "view", 1)], start_id=5), now=NOW)
+    assert stream.read("c", 10, None).events["context"].to_list() == [None]
+
+
 def test_batch_is_one_round_trip(redis_client: redis.Redis, namespace: str) -> None:
     counting = CountingRedis(connection_pool=redis_client.connection_pool)
     store = FeatureStore(counting, namespace)
@@ -191,17 +224,13 @@ def test_keys_have_ttls_and_share_a_slot_per_entity(store: FeatureStore) -> None
     store.ingest(events([("u1", "a", "view", 10), ("u1", "b", "view", 5)]), now=NOW)
     store.cache_response("u1", "sig", "{}", now=NOW)
     keys = Keys(store.namespace)
-    user_keys = [
-        keys.recent("u1"),
-        keys.counters("u1"),
-        keys.seen_event("u1", "e0"),
-        keys.cache("u1"),
-    ]
+    user_keys = [keys.recent("u1"), keys.counters("u1"), keys.cache("u1")]
     assert len({key_slot(k.encode()) for k in user_keys}) == 1
-    for key in [*user_keys, keys.coview("a")]:
+    seen = [keys.seen_event("e0"), keys.seen_event("e1")]
+    for key in [*user_keys, *seen, keys.coview("a")]:
         assert store.redis.ttl(key) > 0, key
     # Every key the script wrote is one Keys spells.
-    spelled = {*user_keys, keys.seen_event("u1", "e1"), keys.coview("a")}
+    spelled = {*user_keys, *seen, keys.coview("a")}
     spelled |= {
         keys.popularity,
         keys.trending,

@@ -3,6 +3,7 @@ when a consumer is killed with SIGKILL mid-way and restarted."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -54,11 +55,62 @@ def test_events_accepted_by_the_service_reach_the_store(
     stored = open_event_store(None, recsys_home).read()
     assert stored.height == 251
     rating = stored.filter(pl.col("event_type") == "rating").row(0, named=True)
-    assert rating["value"] == 4.0 and rating["event_id"].startswith("h:u1|i1|rating|")
+    assert rating["value"] == 4.0 and rating["event_id"].startswith("h2:")
     stream = EventStream(store.redis, store.namespace)
     assert stream.length() == 0 and stream.pending() == 0
     # Nothing left, nothing stored twice.
     assert run_consumer(idle_exit=True).stored == 0
+
+
+def test_an_event_id_known_from_another_user_is_a_duplicate_not_a_silent_loss(
+    client: TestClient, recsys_home: Path
+) -> None:
+    first = {"user_id": "alice", "item_id": "a", "event_type": "view", "event_id": "shared"}
+    second = {"user_id": "bob", "item_id": "b", "event_type": "click", "event_id": "shared"}
+    assert client.post("/events", json={"events": [first]}).json()["accepted"] == 1
+    body = client.post("/events", json={"events": [{**first, "event_id": "x"}, second]}).json()
+    assert (body["accepted"], body["duplicates"], body["duplicate_indices"]) == (1, 1, [1])
+    run_consumer(idle_exit=True)
+    stored = open_event_store(None, recsys_home).read()
+    assert stored.filter(pl.col("event_id") == "shared")["user_id"].to_list() == ["alice"]
+    assert stored.height == 2
+
+
+def test_different_events_in_one_second_without_ids_are_all_stored(
+    client: TestClient, recsys_home: Path
+) -> None:
+    base = {"user_id": "u", "item_id": "i", "event_type": "view", "timestamp": NOW}
+    events = [
+        base,
+        {**base, "timestamp": NOW * 1000 + 250},  # the same second, 250 ms later
+        {**base, "context": {"page": "search"}},
+        {**base, "session_id": "s2"},
+        {**base, "event_type": "purchase", "value": 1},
+        {**base, "event_type": "purchase", "value": 2},
+    ]
+    body = client.post("/events", json={"events": events}).json()
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (6, 0, [])
+    # The very same event again (a retried request) is a duplicate.
+    again = client.post("/events", json={"events": events[:3]}).json()
+    assert (again["accepted"], again["duplicates"]) == (0, 3)
+    assert run_consumer(idle_exit=True).stored == 6
+    stored = open_event_store(None, recsys_home).read(with_context=True)
+    assert stored.height == 6 and stored["timestamp"].unique().to_list() == [NOW]
+    assert stored["context"].drop_nulls().to_list() == ['{"page":"search"}']
+
+
+@pytest.mark.postgres
+def test_context_reaches_the_postgres_store(
+    client: TestClient, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_POSTGRES_URL", postgres_url)
+    context = {"device": "ios", "page": "home", "ab": "b", "n": 3, "ok": True, "none": None}
+    event = {"user_id": "u", "item_id": "i", "event_type": "view", "context": context}
+    assert client.post("/events", json={"events": [event]}).json()["accepted"] == 1
+    assert run_consumer(idle_exit=True).stored == 1
+    with open_event_store(postgres_url, "unused") as pg:
+        stored = pg.read(with_context=True)["context"].to_list()
+    assert [json.loads(text) for text in stored] == [context]
 
 
 @pytest.mark.postgres

@@ -3,6 +3,7 @@ features, popularity fallback, caching, bad input, metrics and the OpenAPI docum
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -39,6 +40,7 @@ def test_events_shape_the_next_recommendation(client: TestClient) -> None:
     assert post_events(client, SHOP) == {
         "accepted": 7,
         "duplicates": 0,
+        "duplicate_indices": [],
         "rejected": [],
         "unknown_items": 0,
     }
@@ -98,7 +100,13 @@ def test_events_accept_reject_and_deduplicate(client: TestClient, store: Feature
     recent = dict(zip(*store.recent_items("u1"), strict=True))
     assert recent["brand-new-item"] >= int(before) and recent["y"] == 1767323045
     again = client.post("/events", json={"events": [events[0], events[6]]}).json()
-    assert again == {"accepted": 0, "duplicates": 2, "rejected": [], "unknown_items": 0}
+    assert again == {
+        "accepted": 0,
+        "duplicates": 2,
+        "duplicate_indices": [0, 1],
+        "rejected": [],
+        "unknown_items": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -160,6 +168,87 @@ def test_bad_event_batches_are_4xx_naming_the_field(
     assert response.status_code == status, response.text
     body = response.json()
     assert body["field"] == field and body["error"]
+
+
+@pytest.mark.parametrize(
+    "field", ["user_id", "item_id", "session_id", "event_id", "event_type", "timestamp"]
+)
+def test_a_lone_surrogate_rejects_that_event_only(
+    client: TestClient, store: FeatureStore, field: str
+) -> None:
+    good = [_event(user_id=f"u{n}", event_id=f"ok-{n}") for n in range(999)]
+    events = [*good[:500], _event(**{field: "bad\ud800"}), *good[500:]]
+    # As a client sends it: JSON escapes the surrogate ("\\ud800"), the bytes are valid UTF-8.
+    payload = json.dumps({"events": events}).encode()
+    response = client.post("/events", content=payload, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["accepted"] == 999
+    assert body["rejected"] == [
+        {"index": 500, "reason": f"{field}: not valid Unicode (a lone surrogate)"}
+    ]
+    assert store.stats()["accepted"] == 999
+
+
+def test_values_and_timestamps_out_of_bounds_are_rejected(client: TestClient) -> None:
+    events = [
+        _event(event_type="rating", value=1e308),
+        _event(event_type="rating", value=-1e308),
+        _event(event_type="rating", value=11),
+        _event(event_type="purchase", value=0),
+        _event(event_type="purchase", value=2e6),
+        _event(timestamp=-5),
+        _event(timestamp=99999999999999999999),
+        _event(timestamp="1999-12-31T23:59:59Z"),
+        _event(context={"blob": "x" * 250, **{f"k{n}": "y" * 250 for n in range(4)}}),
+        _event(event_type="rating", value=10, event_id="ok-rating"),
+        _event(event_type="purchase", value=3, event_id="ok-purchase"),
+    ]
+    body = client.post("/events", json={"events": events}).json()
+    reasons = {r["index"]: r["reason"] for r in body["rejected"]}
+    assert body["accepted"] == 2 and set(reasons) == set(range(9))
+    assert all(reasons[i].startswith("value: a rating must be within 0..10") for i in (0, 1, 2))
+    assert all(reasons[i].startswith("value: a quantity") for i in (3, 4))
+    assert reasons[5] == reasons[7] == "timestamp: before 2000-01-01"
+    assert reasons[6].startswith("timestamp: more than 300 s in the future")
+    assert reasons[8] == "context: larger than 1024 bytes as JSON"
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        (_event(device="ios"), "events[1].device"),
+        (_event(value=True), "events[1].value"),
+        (_event(timestamp=False), "events[1].timestamp"),
+        (_event(user_id=42), "events[1].user_id"),
+        (_event(value="4"), "events[1].value"),
+        (_event(context={"nested": {"a": 1}}), "events[1].context.nested"),
+        (_event(context=["device"]), "events[1].context"),
+        (_event(context={f"k{n}": n for n in range(21)}), "events[1].context"),
+        (_event(context={"k" * 65: 1}), "events[1].context"),
+    ],
+)
+def test_unknown_fields_and_wrong_json_types_are_422_naming_the_field(
+    client: TestClient, store: FeatureStore, event: dict, field: str
+) -> None:
+    response = client.post("/events", json={"events": [_event(event_id="fine"), event]})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["field"].startswith(field) and field in body["error"]
+    assert store.stats().get("accepted", 0) == 0
+
+
+def test_context_is_accepted_and_canonical(client: TestClient, store: FeatureStore) -> None:
+    from feature_repo.stream import EventStream
+
+    context = {"page": "home", "device": "ios", "experiment": None, "n": 2, "beta": True}
+    body = client.post("/events", json={"events": [_event(context=context)]}).json()
+    assert body["accepted"] == 1
+    stream = EventStream(store.redis, store.namespace)
+    read = stream.read("test", 10, None).events
+    assert read["context"].to_list() == [
+        '{"beta":true,"device":"ios","experiment":null,"n":2,"page":"home"}'
+    ]
 
 
 def test_bodies_over_one_megabyte_are_413(client: TestClient) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 
-from serving.events import check_events
 from serving.launcher import serve_command, serve_env
 from serving.models import ModelSet
 from serving.settings import DEFAULT_BLEND, ServingSettings, blend_weights
 from training.data import validate_events
+from training.events import check_batch
 
 
 def test_blend_defaults_without_a_model() -> None:
@@ -71,16 +72,14 @@ def test_event_checks_agree_with_the_contract() -> None:
             "event_id": "given",
         },
     ]
-    checked = check_events(raw, now, 300)
+    checked = check_batch(raw, now)
     assert checked.rejected == []
     frame = checked.events
     assert frame["user_id"].to_list() == ["u1"] * 5
     assert frame["timestamp"].to_list()[:4] == [1700000000, 1700000000, 1709528767, 1709510400]
     assert frame["event_type"].cast(str).to_list()[:2] == ["view", "click"]
-    # Derived event ids are those of the batch readers, so the store dedupes across paths.
-    contract = validate_events(
-        frame.drop("event_id").with_columns(frame["timestamp"].cast(str))
-    ).frame
+    # The same events in a file get the same derived ids, so the store dedupes across paths.
+    contract = validate_events(pl.DataFrame(raw[:4]), now=now).frame
     assert frame["event_id"].to_list()[:4] == contract["event_id"].to_list()[:4]
     assert frame["event_id"][4] == "given"
 

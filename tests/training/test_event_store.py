@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import make_events
 from training.data import EVENT_SCHEMA
 from training.event_store import EventStore, ParquetEventStore, PostgresEventStore, open_event_store
+from training.events import RECORD_SCHEMA
 
 
 def _check_store(store: EventStore) -> None:
@@ -34,8 +35,38 @@ def _check_store(store: EventStore) -> None:
     assert store.read(since_timestamp=cut).height == read.filter(pl.col("timestamp") >= cut).height
 
 
+def _check_context(store: EventStore) -> None:
+    events = make_events(n_users=2, per_user=2).with_columns(
+        pl.Series("context", ['{"device":"ios"}', None, '{"page":"home","n":3}', None])
+    )
+    assert store.append(events) == 4
+    stored = store.read(with_context=True)
+    stored = stored.filter(pl.col("event_id").is_in(events["event_id"].to_list())).sort("event_id")
+    assert dict(stored.schema) == RECORD_SCHEMA
+    assert stored["context"].to_list() == events.sort("event_id")["context"].to_list()
+    assert "context" not in store.read().columns
+
+
 def test_parquet_store(tmp_path: Path) -> None:
     _check_store(ParquetEventStore(tmp_path / "events"))
+
+
+def test_parquet_store_keeps_context_and_reads_parts_written_before_it(tmp_path: Path) -> None:
+    store = ParquetEventStore(tmp_path / "events", compact_after=2)
+    # A part as the store wrote it before `context` existed.
+    old = make_events(n_users=3, per_user=2).with_columns(pl.lit(1.0).alias("ingested_at"))
+    old.write_parquet(tmp_path / "events" / "part-00000000000000000001-old.parquet")
+    _check_context(store)
+    assert store.count() == old.height + 4
+    assert (
+        store.read(with_context=True)
+        .filter(pl.col("event_id").is_in(old["event_id"].to_list()))["context"]
+        .null_count()
+        == old.height
+    )
+    store.append(make_events(n_users=4, per_user=1, seed=9))  # compacts old and new parts
+    assert len(list((tmp_path / "events").glob("part-*.parquet"))) == 1
+    assert store.read(with_context=True)["context"].drop_nulls().len() == 2
 
 
 def test_parquet_store_compacts_small_parts(tmp_path: Path) -> None:
@@ -53,6 +84,31 @@ def test_postgres_store(postgres_url: str) -> None:
     assert isinstance(store, PostgresEventStore)
     try:
         _check_store(store)
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_store_keeps_context_and_migrates_an_old_table(postgres_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        # The table as created before `context` existed, with one event in it.
+        conn.execute(
+            "CREATE TABLE events (event_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+            "item_id TEXT NOT NULL, event_type TEXT NOT NULL, timestamp BIGINT NOT NULL, "
+            "value DOUBLE PRECISION, session_id TEXT, ingested_at DOUBLE PRECISION NOT NULL "
+            "DEFAULT extract(epoch FROM clock_timestamp()))"
+        )
+        conn.execute(
+            "INSERT INTO events (event_id, user_id, item_id, event_type, timestamp) "
+            "VALUES ('old', 'u', 'i', 'view', 1700000000)"
+        )
+    store = PostgresEventStore(postgres_url)
+    try:
+        _check_context(store)
+        old = store.read(with_context=True).filter(pl.col("event_id") == "old")
+        assert old["context"].to_list() == [None] and store.count() == 5
     finally:
         store.close()
 

@@ -89,3 +89,27 @@ def test_decayed_popularity_orders_recent_first() -> None:
     )
     table = decayed_popularity(events, half_life_days=7.0)
     assert table["item_id"].to_list() == ["new", "old"]
+
+
+def test_values_breaking_the_contract_are_left_out_and_counted() -> None:
+    events = _events(
+        [
+            ("u1", "a", "rating", 100, 4.0),
+            ("u1", "b", "rating", 100, 1e308),
+            ("u2", "a", "rating", 100, -1e308),
+            ("u2", "b", "rating", 100, float("nan")),
+            ("u2", "c", "purchase", 100, float("inf")),
+            ("u3", "c", "purchase", 100, 2.0),
+            ("u3", "a", "view", 100, None),
+        ]
+    )
+    m = build_interaction_matrix(events)
+    assert m.dropped_events == 4
+    assert np.isfinite(m.matrix.data).all()
+    assert list(m.user_ids) == ["u1", "u3"]
+    assert list(m.item_ids) == ["a", "c"]
+    np.testing.assert_allclose(m.matrix.toarray(), [[4.0, 0.0], [1.0, 10.0]])
+    popular = decayed_popularity(events, now=100)
+    assert popular["score"].is_finite().all() and popular["events"].sum() == 3
+    with pytest.raises(ValueError, match="no usable events"):
+        build_interaction_matrix(events.slice(1, 1))
