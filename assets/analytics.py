@@ -22,7 +22,7 @@ import polars as pl
 import sklearn
 from pydantic import Field
 
-from orchestration.resources import MLflowResource
+from assets.resources import MLflowResource
 from training.evaluation import to_markdown
 from training.registry import flatten_params
 from training.segments import (

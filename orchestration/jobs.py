@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.resources import EventStoreResource, LocalStateResource
+from assets.resources import EventStoreResource, LocalStateResource
 
 TRAINING_GROUPS = ("ingestion", "training", "publishing", "online")
 # The pushes of the analyses are in the `online` group but run with their analysis, not training.
