@@ -1,5 +1,5 @@
-"""What the trend analysis and the segmentation share: the reference time ("now") an analysis
-ends at."""
+"""What the trend analysis and the segmentation share: their vocabularies (segment names, trend
+types) and the reference time ("now") an analysis ends at."""
 
 from __future__ import annotations
 
@@ -7,6 +7,20 @@ import time
 from datetime import datetime
 
 import polars as pl
+
+# Kept out of segments.py and trends.py (which import them from here) so that the data generator,
+# whose ground truth uses these names, does not import sklearn and scipy with them.
+SEGMENTS: tuple[str, ...] = (
+    "browser",
+    "buyer",
+    "researcher",
+    "impulse_buyer",
+    "loyal_customer",
+    "price_sensitive",
+)
+"""Behavioural segments, and the archetypes the generator draws users from."""
+TREND_TYPES: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
+"""Trend types of items and categories, and the trends the generator gives items."""
 
 
 def reference_time(

@@ -15,18 +15,10 @@ import polars as pl
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-from training.analytics_common import reference_time
+from training.analytics_common import SEGMENTS, reference_time
 from training.evaluation import to_markdown
 from training.matrix import DEFAULT_EVENT_WEIGHTS
 
-SEGMENTS: tuple[str, ...] = (
-    "browser",
-    "buyer",
-    "researcher",
-    "impulse_buyer",
-    "loyal_customer",
-    "price_sensitive",
-)
 DAY = 86_400
 
 FEATURE_DOC: dict[str, str] = {

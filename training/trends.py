@@ -13,10 +13,9 @@ import polars as pl
 from scipy.sparse import csr_matrix
 from scipy.special import ndtr
 
-from training.analytics_common import reference_time
+from training.analytics_common import TREND_TYPES, reference_time
 from training.matrix import DEFAULT_EVENT_WEIGHTS
 
-TREND_TYPES: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
 DIRECTIONS: tuple[str, ...] = ("down", "flat", "up")
 DAY = 86_400
 
