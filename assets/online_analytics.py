@@ -9,7 +9,8 @@ from feature_repo.definitions import PREFERENCE_KEYS, PROFILE_SCORES
 from training.segments import SegmentResult
 from training.trends import TrendResult
 
-GROUP = "online"
+# In the analyses' group, not `online`: they run with their analysis, never with training.
+GROUP = "analytics"
 
 
 def profile_frame(users: pl.DataFrame) -> pl.DataFrame:
