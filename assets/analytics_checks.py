@@ -51,6 +51,17 @@ def _outside(frame: pl.DataFrame, name: str, lo: float, hi: float) -> int:
     return int(frame.select((~ok.fill_null(False)).sum()).item())
 
 
+def _range_result(problems: dict[str, int]) -> dg.AssetCheckResult:
+    """Passed when no column has a row out of range; the description names those that do."""
+    bad = {k: v for k, v in problems.items() if v}
+    return dg.AssetCheckResult(
+        passed=not bad,
+        description="rows out of range: "
+        + (", ".join(f"{k} {v}" for k, v in bad.items()) or "none"),
+        metadata={"out_of_range": dg.MetadataValue.json(problems)},
+    )
+
+
 def _freshness(newest: int | None, max_age_hours: float) -> dg.AssetCheckResult:
     """A warning when the newest analysed event is older than the limit (wall clock)."""
     warn = dg.AssetCheckSeverity.WARN
@@ -120,13 +131,7 @@ def trend_analysis_scores_in_range(trend_analysis: TrendResult) -> dg.AssetCheck
         problems[f"{table}.predicted_direction"] = int(
             (~frame["predicted_direction"].is_in(DIRECTIONS)).sum()
         )
-    bad = {k: v for k, v in problems.items() if v}
-    return dg.AssetCheckResult(
-        passed=not bad,
-        description="rows out of range: "
-        + (", ".join(f"{k} {v}" for k, v in bad.items()) or "none"),
-        metadata={"out_of_range": dg.MetadataValue.json(problems)},
-    )
+    return _range_result(problems)
 
 
 @dg.asset_check(asset=trend_analysis)
@@ -163,13 +168,7 @@ def user_segments_scores_in_range(user_segments: SegmentResult) -> dg.AssetCheck
         "churn_risk": _outside(users, "churn_risk", 0.0, 1.0),
         "lifetime_value": _outside(users, "lifetime_value", 0.0, float("inf")),
     }
-    bad = {k: v for k, v in problems.items() if v}
-    return dg.AssetCheckResult(
-        passed=not bad,
-        description="rows out of range: "
-        + (", ".join(f"{k} {v}" for k, v in bad.items()) or "none"),
-        metadata={"out_of_range": dg.MetadataValue.json(problems)},
-    )
+    return _range_result(problems)
 
 
 @dg.asset_check(asset=user_segments)
