@@ -4,7 +4,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from orchestration.resources import EventStoreResource, LocalStateResource
+from assets.resources import EventStoreResource, LocalStateResource
 from training.data import load_catalog, load_events
 from training.evaluation import to_markdown
 from training.events import EARLIEST_TIMESTAMP, EventLimits

@@ -5,8 +5,8 @@ import polars as pl
 from pydantic import Field
 
 from assets.models import TrainedHybrid
+from assets.resources import RedisFeaturesResource
 from feature_repo.definitions import ITEM_ITEM_LIST
-from orchestration.resources import RedisFeaturesResource
 
 GROUP = "online"
 

@@ -4,12 +4,13 @@ where the service serves them (/trending, /user_profile) and ranks with them."""
 import dagster as dg
 import polars as pl
 
+from assets.resources import RedisFeaturesResource
 from feature_repo.definitions import PREFERENCE_KEYS, PROFILE_SCORES
-from orchestration.resources import RedisFeaturesResource
 from training.segments import SegmentResult
 from training.trends import TrendResult
 
-GROUP = "online"
+# In the analyses' group, not `online`: they run with their analysis, never with training.
+GROUP = "analytics"
 
 
 def profile_frame(users: pl.DataFrame) -> pl.DataFrame:

@@ -13,7 +13,7 @@ import polars as pl
 from pydantic import Field
 
 from assets.models import TrainedHybrid
-from orchestration.resources import MLflowResource
+from assets.resources import MLflowResource
 from training.evaluation import to_markdown
 from training.matrix import InteractionMatrix
 from training.registry import GATE_METRIC, flatten_params, metric_key

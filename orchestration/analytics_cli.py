@@ -1,4 +1,5 @@
-"""`recsys trends` and `recsys segments`: the analytics assets' computation on files, as CSV."""
+"""`recsys trends` and `recsys segments`: the analytics assets' computation (training/trends.py,
+training/segments.py) on files, as CSV."""
 
 from __future__ import annotations
 
@@ -82,13 +83,12 @@ def _spinner(text: str) -> Any:
 
 def cmd_trends(args: argparse.Namespace) -> int:
     """Write one row per item (and optionally per category) of the `trend_analysis` asset."""
-    from assets.analytics import TrendAssetConfig, compute_trends, trend_summary
-    from training.trends import TREND_TYPES
+    from training.trends import TREND_TYPES, TrendConfig, compute_trends, trend_summary
 
     events, catalog = read_inputs(args)
     started = time.perf_counter()
     with _spinner(f"analysing trends of {events.height} events"):
-        result = compute_trends(events, catalog, TrendAssetConfig())
+        result = compute_trends(events, catalog, TrendConfig())
     summary = trend_summary(result)
     counts = ", ".join(f"{t} {int(summary[f'items_{t}'])}" for t in TREND_TYPES)
     _print(
@@ -110,12 +110,12 @@ def cmd_trends(args: argparse.Namespace) -> int:
 
 def cmd_segments(args: argparse.Namespace) -> int:
     """Write one row per user of the `user_segments` asset (lists as JSON)."""
-    from assets.analytics import SegmentAssetConfig, compute_segments, segment_profile
+    from training.segments import SegmentConfig, compute_segments, segment_profile
 
     events, catalog = read_inputs(args)
     started = time.perf_counter()
     with _spinner(f"segmenting the users of {events.height} events"):
-        result = compute_segments(events, catalog, SegmentAssetConfig())
+        result = compute_segments(events, catalog, SegmentConfig())
     profile = segment_profile(result.users)
     shares = ", ".join(
         f"{s} {v:.0%}" for s, v in zip(profile["segment"], profile["share"], strict=True)

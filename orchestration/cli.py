@@ -78,8 +78,8 @@ def _materialise_movielens(args: argparse.Namespace, scratch: Path) -> None:
 
 def _scratch_resources(scratch: Path) -> dict[str, Any]:
     """The environment's resources, but with events and catalog in a throw-away folder."""
+    from assets.resources import EventStoreResource, LocalStateResource
     from orchestration.environment import resources_for
-    from orchestration.resources import EventStoreResource, LocalStateResource
 
     resources = resources_for()
     resources["event_store"] = EventStoreResource(url="", home=str(scratch))

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import analytics, ingestion, models, online, online_analytics, publishing
+from assets import (
+    analytics,
+    analytics_checks,
+    ingestion,
+    models,
+    online,
+    online_analytics,
+    publishing,
+)
 from orchestration.environment import resources_for
 from orchestration.jobs import (
     daily_segments,
@@ -20,7 +28,15 @@ from orchestration.jobs import (
     trends_job,
 )
 
-ASSET_MODULES = (ingestion, models, publishing, online, analytics, online_analytics)
+ASSET_MODULES = (
+    ingestion,
+    models,
+    publishing,
+    online,
+    analytics,
+    analytics_checks,
+    online_analytics,
+)
 
 
 def build_definitions(resources: dict | None = None) -> dg.Definitions:

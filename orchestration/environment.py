@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from orchestration.resources import (
+from assets.resources import (
     EventStoreResource,
     LocalStateResource,
     MLflowResource,

@@ -7,46 +7,42 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.resources import EventStoreResource, LocalStateResource
+from assets.resources import EventStoreResource, LocalStateResource
 
+# A job is its groups: the analyses' pushes to Redis sit in `analytics` with the analyses, so
+# training runs the `online` group whole.
 TRAINING_GROUPS = ("ingestion", "training", "publishing", "online")
-# The pushes of the analyses are in the `online` group but run with their analysis, not training.
-ANALYTICS_PUSHES = dg.AssetSelection.assets("online_trends", "online_profiles")
 
 training_job = dg.define_asset_job(
     "training_job",
-    selection=dg.AssetSelection.groups(*TRAINING_GROUPS) - ANALYTICS_PUSHES,
+    selection=dg.AssetSelection.groups(*TRAINING_GROUPS),
     description="Ingest, build the matrix, train and tune every model, evaluate, register, gate.",
 )
-# The same graph without the registry: `recsys evaluate` and `recsys batch-recommend`.
+# The same graph without the registry and the Redis pushes: `recsys evaluate` and
+# `recsys batch-recommend`.
 offline_job = dg.define_asset_job(
     "offline_job",
-    selection=dg.AssetSelection.groups(*TRAINING_GROUPS)
-    - dg.AssetSelection.assets("champion_gate").downstream()
-    - dg.AssetSelection.assets("online_popularity")
-    - ANALYTICS_PUSHES,
+    selection=dg.AssetSelection.groups("ingestion", "training", "publishing")
+    - dg.AssetSelection.assets("champion_gate").downstream(),
     description="Train and evaluate on the given events and write batch lists; registers nothing.",
 )
 ingest_job = dg.define_asset_job(
     "ingest_job",
-    selection=dg.AssetSelection.assets(
-        "raw_events", "item_catalog", "popularity_snapshot", "online_popularity"
-    ),
+    selection=dg.AssetSelection.groups("ingestion") | dg.AssetSelection.assets("online_popularity"),
     description="Read new events from the store and refresh decayed popularity.",
 )
 
+# Each analysis job is its push to Redis and everything that push needs.
 trends_job = dg.define_asset_job(
     "trends_job",
-    selection=dg.AssetSelection.assets("trend_analysis").upstream()
-    | dg.AssetSelection.assets("online_trends"),
+    selection=dg.AssetSelection.assets("online_trends").upstream(),
     description=(
         "Trend type, strength, seasonality and bursts per item and category, pushed to Redis."
     ),
 )
 segments_job = dg.define_asset_job(
     "segments_job",
-    selection=dg.AssetSelection.assets("user_segments").upstream()
-    | dg.AssetSelection.assets("online_profiles"),
+    selection=dg.AssetSelection.assets("online_profiles").upstream(),
     description=(
         "Behavioural segments, RFM, engagement, churn risk and value per user, pushed to Redis."
     ),

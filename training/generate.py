@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+# The ground truth speaks the analyses' vocabulary, so segments and trend types can be scored
+# against it.
+from training.analytics_common import SEGMENTS, TREND_TYPES
 from training.data import CATALOG_SCHEMA, EVENT_SCHEMA, EVENT_TYPE_DTYPE
 
 DEFAULT_END = datetime(2026, 11, 1, tzinfo=UTC)
@@ -35,15 +38,7 @@ CATEGORIES: tuple[tuple[str, float], ...] = (
     ("garden", 3.5),
     ("pet_supplies", 2.8),
 )
-ARCHETYPES: tuple[str, ...] = (
-    "browser",
-    "buyer",
-    "researcher",
-    "impulse_buyer",
-    "loyal_customer",
-    "price_sensitive",
-)
-TRENDS: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
+# Per trend type, in TREND_TYPES order.
 _TREND_SHARE = np.array([0.4, 0.2, 0.2, 0.2])
 _POP_EXPONENT = 0.7
 _POP_NOISE = 0.2
@@ -52,7 +47,7 @@ _RAMP = (0.8, 0.97)
 _VOLATILE_BASE = 0.15
 N_PRICE_TIERS = 5
 
-# Per archetype, in ARCHETYPES order. Views per session are 1 + Poisson(extra_views).
+# Per archetype, in SEGMENTS order. Views per session are 1 + Poisson(extra_views).
 _ARCH_SHARE = np.array([0.22, 0.16, 0.15, 0.15, 0.14, 0.18])
 _EXTRA_VIEWS = np.array([5.0, 2.5, 14.0, 0.4, 2.0, 6.0])
 _P_CLICK = np.array([0.35, 0.70, 0.60, 0.90, 0.60, 0.60])
@@ -62,8 +57,8 @@ _P_LIKE = np.array([0.15, 0.08, 0.10, 0.05, 0.12, 0.06])
 _GAP_SECONDS = np.array([40.0, 45.0, 110.0, 12.0, 40.0, 55.0])
 _SESSION_RATE = np.array([1.0, 0.8, 0.5, 1.3, 1.5, 0.8])
 # Preferred price tier (0 = cheapest fifth of its category) for everyone but price_sensitive.
-_PRICE_SENSITIVE = ARCHETYPES.index("price_sensitive")
-_LOYAL = ARCHETYPES.index("loyal_customer")
+_PRICE_SENSITIVE = SEGMENTS.index("price_sensitive")
+_LOYAL = SEGMENTS.index("loyal_customer")
 _PRICE_SENSITIVE_TIERS = np.array([0.6, 0.27, 0.09, 0.03, 0.01])
 # price_sensitive users compare across tiers but mostly buy the cheap ones.
 _PRICE_SENSITIVE_BUY_FACTOR = np.array([1.0, 0.55, 0.15, 0.1, 0.05])
@@ -107,7 +102,7 @@ class _Catalog:
     brand: np.ndarray  # int, global brand index
     n_brands_per_cat: np.ndarray
     pop: np.ndarray  # base popularity weight, power law
-    trend: np.ndarray  # index into TRENDS
+    trend: np.ndarray  # index into TREND_TYPES
     multiplier: np.ndarray  # items x days popularity multiplier
 
 
@@ -155,13 +150,13 @@ def _make_catalog(rng: np.random.Generator, n_items: int, days: int) -> _Catalog
     pop_rank = rng.permutation(n_items) + 1
     pop = pop_rank**-_POP_EXPONENT * rng.lognormal(0.0, _POP_NOISE, n_items)
 
-    trend = rng.choice(len(TRENDS), size=n_items, p=_TREND_SHARE)
+    trend = rng.choice(len(TREND_TYPES), size=n_items, p=_TREND_SHARE)
     t = np.linspace(0.0, 1.0, days)[None, :]
     slope = rng.uniform(*_RAMP, n_items)[:, None]
     multiplier = np.ones((n_items, days))
-    rising = trend == TRENDS.index("rising")
-    falling = trend == TRENDS.index("falling")
-    volatile = trend == TRENDS.index("volatile")
+    rising = trend == TREND_TYPES.index("rising")
+    falling = trend == TREND_TYPES.index("falling")
+    volatile = trend == TREND_TYPES.index("volatile")
     multiplier[rising] = (1.0 + slope * (2.0 * t - 1.0))[rising]
     multiplier[falling] = (1.0 - slope * (2.0 * t - 1.0))[falling]
     # Volatile: a low base with several short bursts, rescaled to mean 1.
@@ -177,14 +172,14 @@ def _make_catalog(rng: np.random.Generator, n_items: int, days: int) -> _Catalog
         vol = _VOLATILE_BASE + (burst_height[:, :, None] * shape).sum(axis=1)
         multiplier[volatile] = vol / vol.mean(axis=1, keepdims=True)
     # Stable items still wobble a little from day to day.
-    stable = trend == TRENDS.index("stable")
+    stable = trend == TREND_TYPES.index("stable")
     multiplier[stable] *= rng.lognormal(0.0, 0.05, size=(int(stable.sum()), days))
     return _Catalog(category, tier, price, brand, n_brands_per_cat, pop, trend, multiplier)
 
 
 def _make_users(rng: np.random.Generator, n_users: int, days: int, catalog: _Catalog) -> _Users:
     n_cat = int(catalog.category.max()) + 1
-    archetype = rng.choice(len(ARCHETYPES), size=n_users, p=_ARCH_SHARE)
+    archetype = rng.choice(len(SEGMENTS), size=n_users, p=_ARCH_SHARE)
     taste = rng.dirichlet(np.full(n_cat, 0.3), size=n_users) + 1e-3
     taste_cum = np.cumsum(taste, axis=1)
     # Price level: a preferred tier with a softmax spread; price_sensitive users sit at the bottom.
@@ -210,7 +205,7 @@ def _make_users(rng: np.random.Generator, n_users: int, days: int, catalog: _Cat
 
     # Favourite items, from the user's favourite category, preferring stable items (staples).
     top_cat = np.argmax(taste, axis=1)
-    is_stable = catalog.trend == TRENDS.index("stable")
+    is_stable = catalog.trend == TREND_TYPES.index("stable")
     fav_weight = catalog.pop * np.where(is_stable, 1.0, 1e-3)
     order = np.argsort(catalog.category, kind="stable")
     cum = np.cumsum(fav_weight[order])
@@ -501,10 +496,10 @@ def generate(
     )
     catalog_frame = catalog_frame.select(pl.col(c).cast(t) for c, t in CATALOG_SCHEMA.items())
     truth_users = pl.DataFrame(
-        {"user_id": user_names, "archetype": pl.Series(ARCHETYPES).gather(users.archetype)}
+        {"user_id": user_names, "archetype": pl.Series(SEGMENTS).gather(users.archetype)}
     )
     truth_items = pl.DataFrame(
-        {"item_id": item_names, "trend": pl.Series(TRENDS).gather(catalog.trend)}
+        {"item_id": item_names, "trend": pl.Series(TREND_TYPES).gather(catalog.trend)}
     )
     return GeneratedData(events, catalog_frame, truth_users, truth_items)
 

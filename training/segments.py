@@ -6,6 +6,7 @@ standardised behavioural features whose clusters are named by their centroid pro
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -14,16 +15,10 @@ import polars as pl
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
+from training.analytics_common import SEGMENTS, reference_time
+from training.evaluation import to_markdown
 from training.matrix import DEFAULT_EVENT_WEIGHTS
 
-SEGMENTS: tuple[str, ...] = (
-    "browser",
-    "buyer",
-    "researcher",
-    "impulse_buyer",
-    "loyal_customer",
-    "price_sensitive",
-)
 DAY = 86_400
 
 FEATURE_DOC: dict[str, str] = {
@@ -170,16 +165,6 @@ def _logit(p: pl.Expr) -> pl.Expr:
     return (p / (1.0 - p)).log()
 
 
-def _epoch(now: datetime | int | None, events: pl.DataFrame) -> int:
-    if now is None:
-        if events.height == 0:
-            return int(datetime.now().timestamp())
-        return int(events["timestamp"].max())  # type: ignore[arg-type]
-    if isinstance(now, datetime):
-        return int(now.timestamp())
-    return int(now)
-
-
 def _with_sessions(events: pl.DataFrame, gap_s: int) -> pl.DataFrame:
     """Sort by user and time; fill missing session ids by splitting on inactivity gaps."""
     frame = events.sort("user_id", "timestamp")
@@ -234,7 +219,7 @@ def user_features(
     values: rates from smoothed counts, zero durations, the neutral price percentile.
     """
     cfg = config or SegmentConfig()
-    now_ts = _epoch(now, events)
+    now_ts = reference_time(events, now, not_after_wall_clock=False)
     frame = _with_sessions(events.filter(pl.col("timestamp") <= now_ts), cfg.session_gap_s)
     attrs = _item_attributes(catalog)
     etype = pl.col("event_type").cast(pl.String)
@@ -519,7 +504,7 @@ def segment_users(
     dropped and counted. The segmentation is learned from these events (see `fit_segments`).
     """
     cfg = config or SegmentConfig()
-    now_ts = _epoch(now, events)
+    now_ts = reference_time(events, now, not_after_wall_clock=False)
     future = events["timestamp"] > now_ts
     dropped = int(future.sum())
     events = _with_sessions(events.filter(~future), cfg.session_gap_s)
@@ -542,3 +527,84 @@ def segment_users(
     ]
     users = users.select(*leading, pl.exclude(leading)).sort("user_id")
     return SegmentResult(users, model, dict(FEATURE_DOC), dropped)
+
+
+def compute_segments(
+    events: pl.DataFrame,
+    catalog: pl.DataFrame | None,
+    config: SegmentConfig | None = None,
+    now: int | None = None,
+) -> SegmentResult:
+    """The segmentation as the `user_segments` asset and `recsys segments` run it: recency and
+    churn measured at `now`, else at the newest event but never past the wall clock."""
+    return segment_users(events, catalog, reference_time(events, now), config)
+
+
+def segment_profile(users: pl.DataFrame) -> pl.DataFrame:
+    """One row per segment: users, share and the mean scores, largest segment first."""
+    return (
+        users.group_by("segment")
+        .agg(
+            pl.len().alias("users"),
+            pl.col("engagement").mean(),
+            pl.col("churn_risk").mean(),
+            pl.col("lifetime_value").mean(),
+            pl.col("n_events").mean().alias("events"),
+            (pl.col("n_purchases") > 0).mean().alias("buyers"),
+        )
+        .with_columns((pl.col("users") / pl.col("users").sum()).alias("share"))
+        .select("segment", "users", "share", pl.exclude("segment", "users", "share"))
+        .sort(["users", "segment"], descending=[True, False])
+    )
+
+
+def feature_documentation(result: SegmentResult) -> str:
+    """Markdown: what each feature is, which were used, and how a segment is decided."""
+    model = result.model
+    lines = [
+        "# User segmentation",
+        "",
+        "## Features",
+        "",
+        "| feature | used | definition |",
+        "| --- | --- | --- |",
+    ]
+    for name, text in result.feature_doc.items():
+        lines.append(f"| {name} | {'yes' if name in model.features else 'no'} | {text} |")
+    lines += ["", "## How a segment is decided", ""]
+    if model.kmeans is None:
+        lines.append(
+            "Too few users (or no feature that varies) to learn from: users who bought are "
+            "`buyer`, the rest `browser`."
+        )
+    else:
+        lines += [
+            f"The used features are standardised and clustered by k-means (k = "
+            f"{model.kmeans.n_clusters}); each cluster is named by the segment whose signature "
+            "(weights per standardised feature, below) has the largest dot product with its "
+            "centre, one cluster per segment (Hungarian assignment).",
+            "",
+            "| segment | signature |",
+            "| --- | --- |",
+        ]
+        for segment, weights in SIGNATURES.items():
+            sig = ", ".join(f"{f} {w:+g}" for f, w in weights.items())
+            lines.append(f"| {segment} | {sig} |")
+        lines += ["", "## Cluster centres (standardised units)", "", to_markdown(model.centroids)]
+    return "\n".join(lines) + "\n"
+
+
+def segment_model_json(result: SegmentResult) -> str:
+    """The standardisation and cluster naming of a fitted segmentation, as JSON (the k-means
+    itself is logged as a model beside it)."""
+    model = result.model
+    return json.dumps(
+        {
+            "features": list(model.features),
+            "center": np.asarray(model.center).tolist(),
+            "scale": np.asarray(model.scale).tolist(),
+            "cluster_segment": model.cluster_segment,
+            "note": "segment = cluster_segment[kmeans.predict((x - center) / scale)]",
+        },
+        indent=2,
+    )

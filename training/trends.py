@@ -13,9 +13,9 @@ import polars as pl
 from scipy.sparse import csr_matrix
 from scipy.special import ndtr
 
+from training.analytics_common import TREND_TYPES, reference_time
 from training.matrix import DEFAULT_EVENT_WEIGHTS
 
-TREND_TYPES: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
 DIRECTIONS: tuple[str, ...] = ("down", "flat", "up")
 DAY = 86_400
 
@@ -81,16 +81,6 @@ class _Series:
     unique: np.ndarray  # series x days: distinct users per day
     weighted: np.ndarray  # series x days: event-type-weighted events per day
     n_events: np.ndarray
-
-
-def _epoch(now: datetime | int | float | None, events: pl.DataFrame) -> int:
-    if now is None:
-        if events.height == 0:
-            return int(datetime.now().timestamp())
-        return int(events["timestamp"].max())  # type: ignore[arg-type]
-    if isinstance(now, datetime):
-        return int(now.timestamp())
-    return int(now)
 
 
 def _fit_log_linear(
@@ -353,7 +343,7 @@ def analyze_trends(
     stable, strength 0, confidence 0.
     """
     cfg = config or TrendConfig()
-    now_ts = _epoch(now, events)
+    now_ts = reference_time(events, now, not_after_wall_clock=False)
     ts = events["timestamp"]
     future = ts > now_ts + cfg.future_tolerance_s
     dropped_future = int(future.sum())
@@ -494,3 +484,55 @@ def trend_popularity_scores(
     return result.items.select("item_id", pl.col("trend_score").alias("score")).sort(
         "score", "item_id", descending=[True, False]
     )
+
+
+def compute_trends(
+    events: pl.DataFrame,
+    catalog: pl.DataFrame | None,
+    config: TrendConfig | None = None,
+    now: int | None = None,
+) -> TrendResult:
+    """The trend analysis as the `trend_analysis` asset and `recsys trends` run it: ending at
+    `now`, else at the newest event but never past the wall clock."""
+    return analyze_trends(events, catalog, reference_time(events, now), config)
+
+
+def top_movers(items: pl.DataFrame, n: int) -> pl.DataFrame:
+    """Rising, falling, volatile or bursting items, by strength x confidence (highest first)."""
+    return (
+        items.filter((pl.col("trend_type") != "stable") | pl.col("burst"))
+        .with_columns((pl.col("strength") * pl.col("confidence")).alias("score"))
+        .sort(["score", "item_id"], descending=[True, False])
+        .head(n)
+        .select(
+            "item_id",
+            "category",
+            "trend_type",
+            "strength",
+            "confidence",
+            "log_change",
+            "velocity",
+            "burst",
+            "forecast",
+            "n_events",
+        )
+    )
+
+
+def trend_summary(result: TrendResult) -> dict[str, float]:
+    """Counts per trend type (items and categories), bursts and mean strength and confidence
+    over the items that had events."""
+    items, categories = result.items, result.categories
+    active = items.filter(pl.col("n_events") > 0)
+    summary: dict[str, float] = {"items": items.height, "categories": categories.height}
+    for kind in TREND_TYPES:
+        summary[f"items_{kind}"] = int((items["trend_type"] == kind).sum())
+        summary[f"categories_{kind}"] = int((categories["trend_type"] == kind).sum())
+    summary["bursts"] = int(items["burst"].sum())
+    summary["items_with_events"] = active.height
+    summary["mean_strength"] = float(active["strength"].mean() or 0.0)
+    summary["mean_confidence"] = float(active["confidence"].mean() or 0.0)
+    summary["window_days"] = result.window_days
+    summary["dropped_future"] = result.dropped_future
+    summary["dropped_old"] = result.dropped_old
+    return summary

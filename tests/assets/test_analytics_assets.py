@@ -8,21 +8,20 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets import analytics
+from assets import analytics, analytics_checks
 from assets.analytics import (
     EXPERIMENT,
-    EventFreshnessConfig,
     SegmentAssetConfig,
-    SegmentSharesConfig,
     TrendAssetConfig,
-    compute_segments,
-    compute_trends,
-    reference_time,
     trend_analysis,
+    user_segments,
+)
+from assets.analytics_checks import (
+    EventFreshnessConfig,
+    SegmentSharesConfig,
     trend_analysis_fresh,
     trend_analysis_no_nulls,
     trend_analysis_scores_in_range,
-    user_segments,
     user_segments_fresh,
     user_segments_no_nulls,
     user_segments_scores_in_range,
@@ -31,11 +30,12 @@ from assets.analytics import (
 from assets.ingestion import item_catalog, raw_events
 from orchestration.environment import resources_for
 from tests.conftest import make_events
+from training.analytics_common import reference_time
 from training.data import EVENT_SCHEMA
 from training.generate import GeneratedData, generate, write_generated
 from training.registry import ModelRegistry
-from training.segments import SEGMENTS, SegmentConfig
-from training.trends import TREND_TYPES, TrendConfig
+from training.segments import SEGMENTS, SegmentConfig, compute_segments
+from training.trends import TREND_TYPES, TrendConfig, compute_trends
 
 ALL_CHECKS = (
     trend_analysis_no_nulls,
@@ -95,8 +95,8 @@ def test_reference_time_is_the_newest_event_but_never_past_the_wall_clock() -> N
     )
     assert wall <= reference_time(future) <= wall + 60
     # A clock error far in the future is dropped and counted, not taken as "now".
-    assert compute_trends(future, None, TrendAssetConfig()).dropped_future == 1
-    assert compute_segments(future, None, SegmentAssetConfig()).dropped_future == 1
+    assert compute_trends(future, None, TrendConfig()).dropped_future == 1
+    assert compute_segments(future, None, SegmentConfig()).dropped_future == 1
 
 
 def test_assets_called_directly_log_runs_metadata_and_plots(shop: GeneratedData) -> None:
@@ -110,7 +110,7 @@ def test_assets_called_directly_log_runs_metadata_and_plots(shop: GeneratedData)
     )
     result = trends.value
     # The asset runs exactly the shared computation the CLI runs.
-    assert result.items.equals(compute_trends(shop.events, shop.catalog, TrendAssetConfig()).items)
+    assert result.items.equals(compute_trends(shop.events, shop.catalog, TrendConfig()).items)
     assert result.items.height == shop.catalog.height
     meta = trends.metadata
     assert meta["items"].value == shop.catalog.height
@@ -208,13 +208,13 @@ def test_definitions_loaders_find_both_assets_and_all_checks() -> None:
     keys = {k.to_user_string() for a in assets for k in a.keys}
     assert keys == {"trend_analysis", "user_segments"}
     assert all(a.group_names_by_key[k] == "analytics" for a in assets for k in a.keys)
-    checks = dg.load_asset_checks_from_modules([analytics])
+    checks = dg.load_asset_checks_from_modules([analytics, analytics_checks])
     assert {c.check_key.name for c in checks} == {c.check_key.name for c in ALL_CHECKS}
 
 
 def test_checks_pass_on_generated_data(shop: GeneratedData) -> None:
-    trends = compute_trends(shop.events, shop.catalog, TrendAssetConfig())
-    segments = compute_segments(shop.events, shop.catalog, SegmentAssetConfig())
+    trends = compute_trends(shop.events, shop.catalog, TrendConfig())
+    segments = compute_segments(shop.events, shop.catalog, SegmentConfig())
     fresh = EventFreshnessConfig()
     assert _check(trend_analysis_no_nulls, trend_analysis=trends).passed
     assert _check(trend_analysis_scores_in_range, trend_analysis=trends).passed
@@ -228,8 +228,8 @@ def test_checks_pass_on_generated_data(shop: GeneratedData) -> None:
 
 def test_freshness_checks_warn_on_old_events() -> None:
     events = make_events()  # November 2023
-    trends = compute_trends(events, None, TrendAssetConfig())
-    segments = compute_segments(events, None, SegmentAssetConfig())
+    trends = compute_trends(events, None, TrendConfig())
+    segments = compute_segments(events, None, SegmentConfig())
     for check, kwargs in (
         (trend_analysis_fresh, {"trend_analysis": trends}),
         (user_segments_fresh, {"user_segments": segments}),
@@ -242,7 +242,7 @@ def test_freshness_checks_warn_on_old_events() -> None:
 
 
 def test_null_and_range_checks_fail_on_broken_tables(shop: GeneratedData) -> None:
-    trends = compute_trends(shop.events, shop.catalog, TrendAssetConfig())
+    trends = compute_trends(shop.events, shop.catalog, TrendConfig())
     broken_items = trends.items.with_columns(
         pl.when(pl.col("item_id") == pl.col("item_id").first())
         .then(None)
@@ -263,7 +263,7 @@ def test_null_and_range_checks_fail_on_broken_tables(shop: GeneratedData) -> Non
     duplicated = dataclasses.replace(trends, items=pl.concat([trends.items, trends.items.head(2)]))
     assert not _check(trend_analysis_no_nulls, trend_analysis=duplicated).passed
 
-    segments = compute_segments(shop.events, shop.catalog, SegmentAssetConfig())
+    segments = compute_segments(shop.events, shop.catalog, SegmentConfig())
     broken_users = segments.users.with_columns(
         pl.when(pl.col("user_id") == pl.col("user_id").first())
         .then(None)
@@ -299,7 +299,7 @@ def _one_view_each(n_users: int) -> pl.DataFrame:
 
 
 def test_shares_check_fails_when_one_segment_takes_everyone() -> None:
-    degenerate = compute_segments(_one_view_each(250), None, SegmentAssetConfig())
+    degenerate = compute_segments(_one_view_each(250), None, SegmentConfig())
     assert degenerate.users["segment"].n_unique() == 1
     result = _check(
         user_segments_shares_sane, config=SegmentSharesConfig(), user_segments=degenerate
@@ -307,5 +307,5 @@ def test_shares_check_fails_when_one_segment_takes_everyone() -> None:
     assert not result.passed
     assert "100%" in result.description and "only 1 segment" in result.description
     # Too few users to judge: the same picture passes.
-    few = compute_segments(_one_view_each(50), None, SegmentAssetConfig())
+    few = compute_segments(_one_view_each(50), None, SegmentConfig())
     assert _check(user_segments_shares_sane, config=SegmentSharesConfig(), user_segments=few).passed

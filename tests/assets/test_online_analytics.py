@@ -112,4 +112,4 @@ def test_each_push_runs_with_its_analysis_and_never_with_training() -> None:
     for job in ("training_job", "offline_job"):
         assert not {"online_trends", "online_profiles"} & keys(job), job
     assets = dg.load_assets_from_modules([online_analytics])
-    assert {a.group_names_by_key[k] for a in assets for k in a.keys} == {"online"}
+    assert {a.group_names_by_key[k] for a in assets for k in a.keys} == {"analytics"}

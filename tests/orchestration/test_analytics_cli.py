@@ -7,10 +7,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from assets.analytics import SegmentAssetConfig, TrendAssetConfig, compute_segments, compute_trends
+from assets.analytics import SegmentAssetConfig, TrendAssetConfig
 from orchestration.analytics_cli import add_parsers, csv_ready
 from training.data import DataValidationError, read_catalog, read_events
 from training.generate import GeneratedData, generate, write_generated
+from training.segments import compute_segments
+from training.trends import compute_trends
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,9 @@ def test_trends_writes_one_row_per_item_as_the_asset_computes_it(
     )
     catalog = read_catalog(shop_files["catalog"])
     assert table.height == table["item_id"].n_unique() == catalog.height
-    expected = compute_trends(read_events(shop_files["events"]), catalog, TrendAssetConfig()).items
+    expected = compute_trends(
+        read_events(shop_files["events"]), catalog, TrendAssetConfig().to_trend_config()
+    ).items
     assert table["item_id"].to_list() == expected["item_id"].to_list()
     assert table["trend_type"].to_list() == expected["trend_type"].to_list()
     assert table["strength"].to_numpy() == pytest.approx(expected["strength"].to_numpy())
@@ -76,7 +80,7 @@ def test_segments_writes_one_row_per_user_with_lists_as_json(
         table.columns
     )
     expected = compute_segments(
-        events, read_catalog(shop_files["catalog"]), SegmentAssetConfig()
+        events, read_catalog(shop_files["catalog"]), SegmentAssetConfig().to_segment_config()
     ).users
     assert table["segment"].to_list() == expected["segment"].to_list()
     first = json.loads(table["top_categories"][0])

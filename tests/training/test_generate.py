@@ -8,8 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from training.analytics_common import SEGMENTS, TREND_TYPES
 from training.data import CATALOG_SCHEMA, EVENT_SCHEMA, validate_catalog, validate_events
-from training.generate import ARCHETYPES, TRENDS, GeneratedData, generate, write_generated
+from training.generate import GeneratedData, generate, write_generated
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def test_catalog_and_truth_frames(data: GeneratedData) -> None:
     assert 10 <= catalog["category"].n_unique() <= 20
     assert catalog["price"].min() > 0
     assert 0.8 < catalog["in_stock"].mean() < 0.97
-    assert set(data.truth_items["trend"].unique()) == set(TRENDS)
-    assert set(data.truth_users["archetype"].unique()) == set(ARCHETYPES)
+    assert set(data.truth_items["trend"].unique()) == set(TREND_TYPES)
+    assert set(data.truth_users["archetype"].unique()) == set(SEGMENTS)
     assert set(data.events["item_id"].unique()) <= set(catalog["item_id"])
     assert set(data.events["user_id"].unique()) <= set(data.truth_users["user_id"])
 
@@ -193,7 +194,7 @@ def _user_profile(data: GeneratedData) -> pl.DataFrame:
 
 def test_archetypes_behave_as_designed(data: GeneratedData) -> None:
     p = {row["archetype"]: row for row in _user_profile(data).iter_rows(named=True)}
-    others = list(ARCHETYPES)
+    others = list(SEGMENTS)
     # browser: the lowest conversion; buyer and impulse buyer: high conversion.
     assert p["browser"]["conversion"] == min(p[a]["conversion"] for a in others)
     assert p["buyer"]["conversion"] > 5 * p["browser"]["conversion"]

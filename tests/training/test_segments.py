@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import polars as pl
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -11,7 +14,12 @@ from training.generate import GeneratedData, generate
 from training.segments import (
     FEATURE_DOC,
     SEGMENTS,
+    SIGNATURES,
     SegmentConfig,
+    compute_segments,
+    feature_documentation,
+    segment_model_json,
+    segment_profile,
     segment_users,
     user_features,
 )
@@ -165,3 +173,58 @@ def test_device_preference_when_given(small: GeneratedData) -> None:
     users = segment_users(events, small.catalog, config=SegmentConfig(top_n=2)).users
     assert (users["device"] == "mobile").all()
     assert users["top_categories"].list.len().max() <= 2
+
+
+def test_segment_profile_shares_and_means_largest_first() -> None:
+    users = pl.DataFrame(
+        {
+            "segment": ["buyer", "browser", "browser", "browser"],
+            "engagement": [0.8, 0.1, 0.2, 0.3],
+            "churn_risk": [0.2, 0.5, 0.5, 0.8],
+            "lifetime_value": [100.0, 0.0, 0.0, 3.0],
+            "n_events": [10, 1, 2, 3],
+            "n_purchases": [2, 0, 0, 1],
+        }
+    )
+    profile = segment_profile(users)
+    assert profile.columns[:3] == ["segment", "users", "share"]
+    rows = {r["segment"]: r for r in profile.iter_rows(named=True)}
+    assert profile["segment"].to_list() == ["browser", "buyer"]
+    assert rows["browser"]["users"] == 3 and rows["browser"]["share"] == pytest.approx(0.75)
+    assert rows["browser"]["engagement"] == pytest.approx(0.2)
+    assert rows["browser"]["events"] == pytest.approx(2.0)
+    assert rows["browser"]["buyers"] == pytest.approx(1 / 3)
+    assert rows["buyer"]["lifetime_value"] == pytest.approx(100.0)
+
+
+def test_segment_model_json_reproduces_the_assigned_segments(small: GeneratedData) -> None:
+    result = compute_segments(small.events, small.catalog, SegmentConfig())
+    saved = json.loads(segment_model_json(result))
+    model = result.model
+    assert saved["features"] == list(model.features) and model.kmeans is not None
+    features = user_features(small.events, small.catalog, config=SegmentConfig())
+    features = features.join(result.users.select("user_id", "segment"), on="user_id")
+    x = (features.select(saved["features"]).to_numpy() - saved["center"]) / saved["scale"]
+    names = [saved["cluster_segment"][c] for c in model.kmeans.predict(np.nan_to_num(x))]
+    assert names == features["segment"].to_list()
+
+
+def test_feature_documentation_names_the_features_used_and_the_rule() -> None:
+    now = 1_800_000_000
+    rows = [_event("buys", "a", "purchase", now - 10, "s1"), _event("looks", "a", "view", now)]
+    tiny = segment_users(pl.DataFrame(rows, schema=EVENT_SCHEMA), now=now)
+    doc = feature_documentation(tiny)
+    assert "`buyer`, the rest `browser`" in doc and "Hungarian" not in doc
+    for name in FEATURE_DOC:
+        used = "yes" if name in tiny.model.features else "no"
+        assert f"| {name} | {used} |" in doc
+
+
+def test_feature_documentation_of_a_learned_segmentation(small: GeneratedData) -> None:
+    config = SegmentConfig(features=("conversion", "cart_rate", "tenure"), n_clusters=3)
+    result = segment_users(small.events, small.catalog, config=config)
+    doc = feature_documentation(result)
+    assert "| conversion | yes |" in doc and "| price_percentile | no |" in doc
+    assert "k = 3" in doc and "Hungarian" in doc
+    for segment in SIGNATURES:
+        assert f"| {segment} | " in doc

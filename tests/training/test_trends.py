@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import polars as pl
 import pytest
 
+from tests.conftest import make_events
 from training.data import EVENT_SCHEMA
 from training.generate import generate
-from training.trends import TrendConfig, analyze_trends, trend_popularity_scores
+from training.trends import (
+    TREND_TYPES,
+    TrendConfig,
+    analyze_trends,
+    compute_trends,
+    top_movers,
+    trend_popularity_scores,
+    trend_summary,
+)
 
 NOW = 1_800_000_000
 DAY = 86_400
@@ -245,3 +256,73 @@ def test_trend_types_match_generated_truth() -> None:
     falling = result.items.filter(pl.col("trend_type") == "falling")
     assert falling.height > 100
     assert (falling["forecast"] <= (falling["recent_score"] + falling["prior_score"]) / 2).all()
+
+
+def _mover_rows(rows: list[tuple[str, str, float, float, bool]]) -> pl.DataFrame:
+    """(item_id, trend_type, strength, confidence, burst); the other columns are filler."""
+    n = len(rows)
+    item, kind, strength, confidence, burst = (list(c) for c in zip(*rows, strict=True))
+    return pl.DataFrame(
+        {
+            "item_id": item,
+            "category": ["c"] * n,
+            "trend_type": kind,
+            "strength": strength,
+            "confidence": confidence,
+            "log_change": [0.0] * n,
+            "velocity": [0.0] * n,
+            "burst": burst,
+            "forecast": [1.0] * n,
+            "n_events": [10] * n,
+        }
+    )
+
+
+def test_top_movers_rank_non_stable_or_bursting_items_by_strength_times_confidence() -> None:
+    items = _mover_rows(
+        [
+            ("calm", "stable", 0.9, 0.9, False),
+            ("calm_burst", "stable", 0.5, 0.5, True),
+            ("up", "rising", 0.9, 0.5, False),
+            ("down", "falling", 0.8, 0.8, False),
+            ("tie_b", "volatile", 0.5, 0.9, False),
+            ("tie_a", "volatile", 0.9, 0.5, False),
+        ]
+    )
+    movers = top_movers(items, 10)
+    # 0.64, then the three at 0.45 by item id, then the burst at 0.25; "calm" is no mover.
+    assert movers["item_id"].to_list() == ["down", "tie_a", "tie_b", "up", "calm_burst"]
+    assert "score" not in movers.columns
+    assert top_movers(items, 2)["item_id"].to_list() == ["down", "tie_a"]
+
+
+def test_trend_summary_counts_items_categories_and_bursts(known: pl.DataFrame) -> None:
+    catalog = pl.DataFrame({"item_id": ["zero"], "category": ["c"]})
+    result = analyze_trends(known, catalog, NOW)
+    summary = trend_summary(result)
+    assert summary["items"] == result.items.height == 6
+    assert sum(summary[f"items_{t}"] for t in TREND_TYPES) == 6
+    assert sum(summary[f"categories_{t}"] for t in TREND_TYPES) == result.categories.height
+    assert summary["items_rising"] == summary["items_falling"] == 1
+    # "zero" is in the catalog only: it counts as an item but not in the means.
+    assert summary["items_with_events"] == 5
+    active = result.items.filter(pl.col("item_id") != "zero")
+    assert summary["mean_strength"] == pytest.approx(active["strength"].mean())
+    assert summary["bursts"] == int(result.items["burst"].sum())
+    assert summary["window_days"] == result.window_days
+
+
+def test_compute_trends_never_ends_past_the_wall_clock() -> None:
+    events = make_events()  # November 2023
+    newest = int(events["timestamp"].max())
+    before = int(time.time())
+    stray = before + 10 * 365 * DAY
+    late = events.head(1).with_columns(pl.lit(stray, dtype=pl.Int64).alias("timestamp"))
+    with_clock_error = pl.concat([events, late])
+    # The plain analysis takes the newest event as now; the pipeline's stops at the wall clock,
+    # so the stray event is dropped instead of moving the window ten years on.
+    assert analyze_trends(with_clock_error).now == stray
+    result = compute_trends(with_clock_error, None)
+    assert before <= result.now <= int(time.time()) and result.dropped_future == 1
+    assert compute_trends(events, None).now == newest
+    assert compute_trends(events, None, now=newest - DAY).now == newest - DAY

@@ -1,4 +1,5 @@
-"""Dagster resources: one per external system (event store, MLflow registry, local state)."""
+"""Dagster resources, one per external system (event store, MLflow registry, Redis features, local
+state); assets and orchestration both import them from here."""
 
 from __future__ import annotations
 
