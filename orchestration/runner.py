@@ -144,7 +144,13 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     if failure is None:
         return "the run failed"
     step, error = failure
-    return f"step {step} failed: {error_text(error)}"
+    message = f"step {step} failed: {error_text(error)}"
+    # Dagster's error names a failed check but not what it measured; its metadata says why.
+    for check in result.get_asset_check_evaluations():
+        if not check.passed:
+            found = ", ".join(f"{k}={v.value}" for k, v in check.metadata.items())
+            message += f"\n  {check.check_name} on {check.asset_key.to_user_string()}: {found}"
+    return message
 
 
 def first_failure(result: dg.ExecuteInProcessResult) -> tuple[str, Any] | None:

@@ -9,8 +9,10 @@ import pytest
 from orchestration.definitions import build_definitions
 from orchestration.environment import resources_for
 from orchestration.runner import run_job
+from tests.conftest import make_events
 from tests.orchestration.conftest import model_versions
 from training import settings
+from training.data import EVENT_TYPES
 from training.event_store import open_event_store
 from training.registry import CHAMPION, ModelRegistry
 
@@ -154,9 +156,33 @@ def _one_user_one_item(n: int = 200) -> pl.DataFrame:
     )
 
 
-@pytest.mark.parametrize("backend", ["embedded", "postgres"])
+def _zero_ratings() -> pl.DataFrame:
+    """Plenty of users and items, but every event is a rating of 0: a matrix of no confidence."""
+    return make_events().with_columns(
+        pl.lit("rating").cast(pl.Enum(EVENT_TYPES)).alias("event_type"),
+        pl.lit(0.0).alias("value"),
+        pl.lit(None, dtype=pl.String).alias("event_id"),
+    )
+
+
+# (events written straight into the store, what the failure says)
+POISONS = {
+    "one-user-one-item": (_one_user_one_item, "not enough data to train on"),
+    "zero-ratings": (_zero_ratings, "interaction_matrix_not_empty on interaction_matrix"),
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "poison"),
+    [
+        ("embedded", "one-user-one-item"),
+        ("postgres", "one-user-one-item"),
+        ("embedded", "zero-ratings"),
+    ],
+)
 def test_run_on_a_poisoned_store_registers_nothing_and_champion_keeps_serving(
     backend: str,
+    poison: str,
     champion: str,
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
@@ -164,13 +190,15 @@ def test_run_on_a_poisoned_store_registers_nothing_and_champion_keeps_serving(
 ) -> None:
     if backend == "postgres":
         monkeypatch.setenv("RECSYS_POSTGRES_URL", request.getfixturevalue("postgres_url"))
+    make, expected = POISONS[poison]
+    events = make()
     with open_event_store(settings.postgres_url(), settings.recsys_home_path()) as store:
-        assert store.append(_one_user_one_item()) == 200
+        assert store.append(events) == events.height
     result = run_job("training_job", _config(), persistent=False)
     assert not result.success
     from orchestration.runner import failure_message
 
-    assert "not enough data to train on" in failure_message(result)
+    assert expected in failure_message(result)
     ran = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
     assert "registered_model" not in ran and "online_features" not in ran
     assert model_versions() == [champion]
