@@ -76,6 +76,18 @@ ERRORS = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
     413: {"model": ErrorResponse, "description": "Body larger than the limit"},
     422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
+    503: {
+        "model": ErrorResponse,
+        "description": "A dependency (Redis) is down and no fallback can answer; retry later",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    },
+}
+# A URL whose path segment no route takes (e.g. a user id with a newline) is not the route's.
+PATH_ERRORS = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "No route takes this path"},
 }
 
 # The endpoints are a FastAPI app mounted with `@bentoml.asgi_app`; each route calls the worker's
@@ -709,7 +721,7 @@ async def events(body: Annotated[EventsRequest, Body(examples=[EVENTS_EXAMPLE])]
 @app.get(
     "/users/{user_id}/activity",
     response_model=UserActivityResponse,
-    responses=ERRORS,
+    responses=PATH_ERRORS,
     summary="A user's recent items and event counters",
 )
 async def user_activity(
@@ -751,7 +763,7 @@ async def user_profile(body: UserProfileRequest) -> Response:
 @app.get(
     "/users/{user_id}/profile",
     response_model=UserProfileResponse,
-    responses=ERRORS,
+    responses=PATH_ERRORS,
     summary="The same as POST /user_profile",
 )
 async def user_profile_by_path(
