@@ -293,46 +293,44 @@ class RecommendationService:
             names.append(NEIGHBORS_LIST)
         if model is None or model.item_item is None:
             names.append(ITEM_ITEM_LIST)
-        try:
-            if degraded:
-                raise _Skipped
-            found = self.store.read_request(
-                body.user_id,
-                signature,
-                self.store.config.recent_cap,
-                self.settings.candidates_per_source,
-                self.settings.anchors,
-                names,
-                self.settings.per_anchor,
-                now,
-            )
-            if found.cached is not None:
-                self.metrics.cache.labels("hit").inc()
-                self.metrics.variant.labels(variant).inc()
-                return _envelope(found.cached, request_id, started, cached=True)
-            self.metrics.cache.labels("miss").inc()
-            glob, degraded = self._global_lists(now)
-            top = self.settings.candidates_per_source
-            popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
-            trend, reasons = self._trend_list(now)
-            live = LiveFeatures(
-                recent=found.recent,
-                candidates=found.candidates,
-                popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
-                trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
-                trend=trend,
-                trend_reasons=reasons,
-                profile=UserProfile.from_hash(body.user_id, found.profile),
-                coview=found.lists.get("coview", []),
-                neighbors=found.lists.get(NEIGHBORS_LIST, []),
-                item_item=found.lists.get(ITEM_ITEM_LIST, []),
-            )
-        except REDIS_DOWN as exc:
-            # Without Redis the model still answers; the response just lacks live signals.
-            self.redis_outage.failed(exc)
-            degraded = True
-        except _Skipped:
-            pass
+        # While Redis is known to be down the request does not wait on it.
+        if not degraded:
+            try:
+                found = self.store.read_request(
+                    body.user_id,
+                    signature,
+                    self.store.config.recent_cap,
+                    self.settings.candidates_per_source,
+                    self.settings.anchors,
+                    names,
+                    self.settings.per_anchor,
+                    now,
+                )
+                if found.cached is not None:
+                    self.metrics.cache.labels("hit").inc()
+                    self.metrics.variant.labels(variant).inc()
+                    return _envelope(found.cached, request_id, started, cached=True)
+                self.metrics.cache.labels("miss").inc()
+                glob, degraded = self._global_lists(now)
+                top = self.settings.candidates_per_source
+                popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
+                trend, reasons = self._trend_list(now)
+                live = LiveFeatures(
+                    recent=found.recent,
+                    candidates=found.candidates,
+                    popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
+                    trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
+                    trend=trend,
+                    trend_reasons=reasons,
+                    profile=UserProfile.from_hash(body.user_id, found.profile),
+                    coview=found.lists.get("coview", []),
+                    neighbors=found.lists.get(NEIGHBORS_LIST, []),
+                    item_item=found.lists.get(ITEM_ITEM_LIST, []),
+                )
+            except REDIS_DOWN as exc:
+                # Without Redis the model still answers; the response just lacks live signals.
+                self.redis_outage.failed(exc)
+                degraded = True
         if degraded:
             if model is None:
                 raise self._unavailable("no model is loaded")
@@ -795,10 +793,6 @@ def _envelope(
         f'{payload[:-1]},"request_id":"{request_id}","latency_ms":{latency:.3f},'
         f'"cached":{"true" if cached else "false"},"degraded":{"true" if degraded else "false"}}}'
     )
-
-
-class _Skipped(Exception):
-    """Redis is known to be down: the request does not wait on it."""
 
 
 # Around BentoML's router, whose own 404 and 405 answers are plain text.
