@@ -230,9 +230,15 @@ class RecommendationService:
             return None
 
     def __is_ready__(self) -> bool:
+        # While Redis is known to be down the probe says so; a probe request does not wait on it.
+        if self.redis_outage.down:
+            return False
         try:
             return bool(self.store.redis.ping())
-        except (redis.RedisError, ConnectionError):
+        except REDIS_DOWN as exc:
+            self.redis_outage.failed(exc)
+            return False
+        except redis.RedisError:
             return False
 
     @property

@@ -219,7 +219,9 @@ def test_deleted_champion_alias_keeps_the_last_good_model(
         assert recommend(client, user_id="u1")["model_version"] == "1"
 
 
-def test_registry_unreachable_at_start_serves_the_cached_bundle_then_recovers(
+@pytest.mark.parametrize("fault", ["unreachable", "raising"])
+def test_registry_down_at_start_serves_the_cached_bundle_then_recovers(
+    fault: str,
     champion: Registered,
     service_app,
     monkeypatch: pytest.MonkeyPatch,
@@ -228,8 +230,10 @@ def test_registry_unreachable_at_start_serves_the_cached_bundle_then_recovers(
     with TestClient(service_app) as client:
         assert recommend(client, user_id="u1")["model_version"] == "1"
     caplog.set_level(logging.INFO)
-    # Nothing listens on the port: the registry is down when the service (re)starts.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    # The registry is down when the service (re)starts: nothing listens on the port, or the
+    # client raises at once (a URI MLflow has no store for).
+    dead = f"http://127.0.0.1:{free_port()}" if fault == "unreachable" else "nowhere://registry"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
     started = time.monotonic()
     with TestClient(service_app) as client:
         print(f"start with the registry down took {time.monotonic() - started:.2f} s")
