@@ -1,4 +1,5 @@
-"""Bad input becomes a 4xx JSON error naming the field; oversized bodies a 413, never a 5xx."""
+"""Every error is JSON: bad input a 4xx naming the field, oversized bodies a 413, an unavailable
+dependency a 503 with Retry-After, a bug a 500 logged once per kind instead of once per request."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("recsys.serving")
 DEFAULT_MAX_BODY_BYTES = 1_048_576
+
+
+class DependencyUnavailable(Exception):
+    """No source can answer the request while a dependency is down: a 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BodyTooLarge(HTTPException):
@@ -99,17 +108,113 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), None)
+    response = _error(exc.status_code, str(exc.detail), None)
+    # A 405 keeps its Allow header.
+    response.headers.update(exc.headers or {})
+    return response
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
-    return _error(500, "internal error; see the service log", None)
+async def _unavailable(request: Request, exc: DependencyUnavailable) -> JSONResponse:
+    response = _error(503, str(exc), None)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+class CatchAll:
+    """A bug answers a JSON 500 and is logged with its traceback once per (route, exception type,
+    place); the exception stops here.
+
+    FastAPI's handler for `Exception` re-raises after answering, so the ASGI server logs a second
+    traceback per request and drops the keep-alive connection: this middleware runs inside it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.seen: dict[tuple[str, str, str], int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            self._log(scope, exc)
+            if not started:
+                await _error(500, "internal error; see the service log", None)(scope, receive, send)
+
+    def _log(self, scope: Scope, exc: Exception) -> None:
+        route = getattr(scope.get("route"), "path", scope.get("path", "?"))
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+        key = (route, type(exc).__name__, where)
+        count = self.seen.get(key, 0)
+        self.seen[key] = count + 1
+        if count == 0:
+            log.error("unhandled error on %s (logged once per kind)", route, exc_info=exc)
+
+
+class JSONNotFound:
+    """BentoML's outer router answers unknown paths and methods in plain text: make them JSON.
+
+    Installed on the BentoML service (around its router), not on the FastAPI app, which only
+    sees the paths it serves.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced: int | None = None
+
+        async def rewritten(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                headers = dict(message.get("headers", ()))
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    replaced = message["status"]
+                    allow = headers.get(b"allow")
+                    body = _error(replaced, _REASONS[replaced], None)
+                    if allow is not None:
+                        body.headers["Allow"] = allow.decode()
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": replaced,
+                            "headers": body.raw_headers,
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body.body})
+                    return
+            if replaced is not None:
+                return  # the plain-text body, replaced above
+            await send(message)
+
+        await self.app(scope, receive, rewritten)
+
+
+_REASONS = {404: "not found", 405: "method not allowed"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """JSON errors for validation, HTTP and unexpected failures; the body size limit."""
+    """JSON errors for validation, HTTP errors, unavailable dependencies and bugs; the body size
+    limit."""
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(DependencyUnavailable, _unavailable)
     app.add_middleware(BodySizeLimit)
+    # Added last, so outermost of the app's own middleware: it also catches BodySizeLimit's.
+    app.add_middleware(CatchAll)

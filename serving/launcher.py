@@ -33,7 +33,8 @@ def serve_command(port: int, host: str) -> list[str]:
 
 def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of the server: RECSYS_* and REDIS_URL pass through unchanged;
-    RECSYS_SERVE_WORKERS (default: one per CPU) becomes BentoML's worker count."""
+    RECSYS_SERVE_WORKERS (default: one per CPU) becomes BentoML's worker count; BentoML's home
+    (its metrics files) is under RECSYS_HOME unless BENTOML_HOME is set."""
     environ = dict(os.environ if base is None else base)
     workers = environ.get("RECSYS_SERVE_WORKERS", "cpu_count")
     if workers != "cpu_count" and (not workers.isdigit() or int(workers) < 1):
@@ -43,8 +44,12 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     environ["BENTOML_CONFIG_OPTIONS"] = f"{existing} {option}".strip()
     environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     # Make RECSYS_HOME absolute so every worker resolves the same folder whatever its cwd.
+    home = Path(environ.get("RECSYS_HOME", ".recsys")).expanduser().resolve()
     if "RECSYS_HOME" in environ:
-        environ["RECSYS_HOME"] = str(Path(environ["RECSYS_HOME"]).expanduser().resolve())
+        environ["RECSYS_HOME"] = str(home)
+    # `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts: with the
+    # shared default (~/bentoml) a second server on the host wipes the first one's metrics.
+    environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
     return environ
 
 

@@ -1,5 +1,6 @@
 """The served models: champion and challenger from the MLflow registry, hot-swapped when a new
-version is promoted, and the last good model kept when the registry cannot be reached."""
+version is promoted, and the last good model kept when the registry cannot be reached or no longer
+names a champion."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from serving.outage import Outage
 from serving.ranking import ServingModel
 from training.hybrid import HybridRecommender
 
@@ -86,6 +88,10 @@ class ModelManager:
         self.current = ModelSet(challenger_share=challenger_share)
         self.last_error: str | None = None
         self.last_check: float | None = None
+        # One warning per registry outage, not one per poll.
+        self.outage = Outage("model registry", errors=(Exception,))
+        # The version kept while the registry names no champion (warned about once).
+        self.orphaned: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -102,16 +108,26 @@ class ModelManager:
         # its schema migrated) once rather than raced, and bundles are downloaded once.
         with _file_lock(self.state_file.with_name("registry.lock")):
             ok = self.refresh()
-        if ok:
+        if ok and self.current.champion is not None:
             return self.current
+        # The registry is down, or names no champion (alias deleted): the last good copy serves,
+        # as it would have had the service not restarted.
         models = self._load_last_good()
         if models.champion is not None:
-            log.warning(
-                "model registry unreachable (%s); serving last good version %s from disk",
-                self.last_error,
-                models.champion.version,
-            )
-            self._swap(models)
+            if ok:
+                self.orphaned = models.champion.version
+                log.warning(
+                    "the model registry names no champion; serving the last good version %s "
+                    "from disk until it names one",
+                    models.champion.version,
+                )
+            else:
+                log.warning(
+                    "model registry unreachable (%s); serving last good version %s from disk",
+                    self.last_error,
+                    models.champion.version,
+                )
+            self._swap(ModelSet(models.champion, self.current.challenger, self.challenger_share))
         return self.current
 
     def refresh(self) -> bool:
@@ -127,7 +143,17 @@ class ModelManager:
                 loaded: dict[str, ServingModel | None] = {}
                 for variant, info in wanted.items():
                     have = current[variant]
-                    if info is None:
+                    if info is None and variant == CHAMPION and have is not None:
+                        # A deleted champion alias is an operator's or a script's mistake far
+                        # more often than a wish to serve nothing: keep what serves.
+                        loaded[variant] = have
+                        if self.orphaned != have.version:
+                            self.orphaned = have.version
+                            log.warning(
+                                "the model registry names no champion; keeping version %s",
+                                have.version,
+                            )
+                    elif info is None:
                         loaded[variant] = None
                     elif have is not None and have.version == info.version:
                         loaded[variant] = have
@@ -140,9 +166,14 @@ class ModelManager:
             # Any registry failure (network, auth, a corrupt artifact) keeps the last good models.
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("model registry check failed, keeping current models: %s", exc)
+                self.outage.failed(exc)
+                # The next check builds a new client: a failed one may keep a dead connection.
+                self._registry = None
                 return False
             self.last_error = None
+            self.outage.recovered()
+            if wanted[CHAMPION] is not None:
+                self.orphaned = None
             models = ModelSet(loaded[CHAMPION], loaded[CHALLENGER], self.challenger_share)
             if models != self.current:
                 self._swap(models)
@@ -161,6 +192,8 @@ class ModelManager:
             self.on_change(models)
 
     def _save_last_good(self, models: ModelSet) -> None:
+        if models.champion is None and models.challenger is None:
+            return  # nothing serves: the last good record stays for the next start
         state = {
             variant: {"version": m.version, "path": str(self.registry.bundle_path(m.version))}
             for variant, m in ((CHAMPION, models.champion), (CHALLENGER, models.challenger))

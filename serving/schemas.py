@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,16 +24,14 @@ from training.events import (
 )
 
 # An id of the event contract: 1..256 characters, no control characters (C0, DEL, C1: the
-# class of training.events.CONTROL_CHARACTERS), no outer whitespace.
-ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+# class of training.events.CONTROL_CHARACTERS), not blank; outer whitespace is stripped. The
+# pattern holds for the text as sent (what the OpenAPI says): a control character is refused even
+# where stripping would have removed it (`"\fu1"`), as /events refuses it.
+ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 Id = Annotated[
     str,
-    StringConstraints(
-        strip_whitespace=True,
-        min_length=1,
-        max_length=MAX_ID_LENGTH,
-        pattern=ID_PATTERN,
-    ),
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN),
+    AfterValidator(str.strip),
 ]
 Category = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 
@@ -41,7 +40,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Filters(_Strict):
+def _request(*examples: dict[str, Any]) -> ConfigDict:
+    """A request body's config: unknown fields and loose types (`k: true`, `k: "5"`,
+    `exclude_seen: 0`) are 422s rather than guesses, and its examples are in the OpenAPI."""
+    return ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": list(examples)})
+
+
+DEGRADED = Field(
+    default=False,
+    description="True when a dependency (Redis) was down and the answer comes from a fallback: "
+    "the last lists read or the model's training-time popularity and neighbours.",
+)
+
+
+class Filters(BaseModel):
     """Business rules applied after scoring."""
 
     categories: list[Category] | None = Field(
@@ -53,8 +65,21 @@ class Filters(_Strict):
     in_stock_only: bool = True
     exclude_item_ids: list[Id] | None = Field(default=None, max_length=1000)
 
+    model_config = _request({"categories": ["shoes"], "price_max": 80.0, "in_stock_only": True})
 
-class RecommendRequest(_Strict):
+
+class RecommendRequest(BaseModel):
+    model_config = _request(
+        {"user_id": "u42", "k": 10},
+        {
+            "user_id": "u42",
+            "k": 5,
+            "exclude_seen": False,
+            "context": {"device": "mobile", "page": "home"},
+            "filters": {"categories": ["shoes"], "price_max": 80.0},
+        },
+    )
+
     user_id: Id
     k: int = Field(default=10, ge=1, le=100)
     context: dict[str, Any] | None = Field(
@@ -86,14 +111,19 @@ class RecommendResponse(BaseModel):
     request_id: str
     latency_ms: float
     cached: bool = False
+    degraded: bool = DEGRADED
 
 
-class SimilarItemsRequest(_Strict):
+class SimilarItemsRequest(BaseModel):
+    model_config = _request({"item_id": "i12", "k": 5})
+
     item_id: Id
     k: int = Field(default=10, ge=1, le=100)
 
 
-class PopularRequest(_Strict):
+class PopularRequest(BaseModel):
+    model_config = _request({"k": 10}, {"k": 5, "category": "shoes"})
+
     k: int = Field(default=10, ge=1, le=100)
     category: Category | None = None
 
@@ -108,9 +138,12 @@ class ItemsResponse(BaseModel):
     items: list[ScoredItem]
     model_version: str | None
     request_id: str
+    degraded: bool = DEGRADED
 
 
-class TrendingRequest(_Strict):
+class TrendingRequest(BaseModel):
+    model_config = _request({"k": 10}, {"k": 5, "category": "shoes"})
+
     k: int = Field(default=10, ge=1, le=100)
     category: Category | None = Field(
         default=None, description="Only items of this category (`unknown`: items without one)."
@@ -167,9 +200,12 @@ class TrendingResponse(BaseModel):
         default=None, description="End of the analysed window (epoch seconds)."
     )
     request_id: str
+    degraded: bool = DEGRADED
 
 
-class UserProfileRequest(_Strict):
+class UserProfileRequest(BaseModel):
+    model_config = _request({"user_id": "u42"})
+
     user_id: Id
 
 

@@ -4,30 +4,34 @@ user activity and profiles over the registry's champion and the real-time featur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
+import importlib.metadata
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import anyio
 import bentoml
 import numpy as np
 import redis
-from fastapi import FastAPI, Query
+from fastapi import Body, FastAPI, Query
 from fastapi import Path as PathParam
 from starlette.responses import Response
 
 from feature_repo.connection import connect
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
-from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, UserProfile
+from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, TrendList, UserProfile
 from feature_repo.stream import EventStream
-from serving.errors import install_error_handlers
-from serving.metrics import service_metrics
+from serving.errors import DependencyUnavailable, JSONNotFound, install_error_handlers
+from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
+from serving.outage import REDIS_DOWN, Outage
 from serving.personalise import trend_reasons
 from serving.ranking import LiveFeatures, Ranker, RankingParams
 from serving.schemas import (
@@ -51,6 +55,12 @@ from training import settings as env
 from training.events import MAX_ID_LENGTH, EventLimits, check_batch
 
 log = logging.getLogger("recsys.serving")
+T = TypeVar("T")
+# While Redis is down requests skip it; a probe checks it this often, so this is also about how
+# long a recovery takes to be noticed and what Retry-After says.
+REDIS_PROBE_SECONDS = 1.0
+_NO_ITEMS = ScoredItems(np.empty(0, dtype=object), np.empty(0))
+_NO_LISTS = GlobalLists(_NO_ITEMS, _NO_ITEMS, _NO_ITEMS)
 
 HOT_PATHS = [
     "/recommend",
@@ -65,18 +75,41 @@ ERRORS = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
     413: {"model": ErrorResponse, "description": "Body larger than the limit"},
     422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
+    503: {
+        "model": ErrorResponse,
+        "description": "A dependency (Redis) is down and no fallback can answer; retry later",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    },
+}
+# A URL whose path segment no route takes (e.g. a user id with a newline) is not the route's.
+PATH_ERRORS = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "No route takes this path"},
 }
 
 # The endpoints are a FastAPI app mounted with `@bentoml.asgi_app`; each route calls the worker's
 # service instance. BentoML adds /healthz, /readyz, /metrics and the OpenAPI document.
+TITLE = "recsys-platform recommendation service"
+DESCRIPTION = (
+    "Real-time recommendations over the registry's champion model blended with live features, "
+    "and event ingestion. Errors are JSON `{error, field}`; while Redis is down, answers that "
+    "have a fallback come with `degraded: true`, the others are 503 with `Retry-After`."
+)
 app = FastAPI(
-    title="recsys",
-    description="Real-time recommendations and event ingestion.",
+    title=TITLE,
+    description=DESCRIPTION,
+    version=importlib.metadata.version("recsys-platform"),
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
 )
 install_error_handlers(app)
+
+
+# Before the service's app is built: BentoML's request metrics label by route, not raw path.
+label_http_metrics_by_route()
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -127,6 +160,12 @@ class RecommendationService:
         )
         self._models_changed(self.models.current)
         self.models.load_initial()
+        self.redis_outage = Outage(
+            "Redis",
+            probe=lambda: self.store.redis.ping(),
+            probe_seconds=REDIS_PROBE_SECONDS,
+            on_recovery=self._ensure_group,
+        )
         self._store: FeatureStore | None = None
         self._store_lock = threading.Lock()
         self._global: tuple[float, GlobalLists] | None = None
@@ -149,8 +188,16 @@ class RecommendationService:
 
     @bentoml.on_startup
     def start(self) -> None:
-        """Open Redis, make sure the stream's consumer group exists, start the registry poller."""
-        EventStream(self.store.redis, self.store.namespace).ensure_group()
+        """Open Redis, make sure the stream's consumer group exists, start the registry poller.
+
+        Redis down at start is an outage like any other: the service starts degraded and the
+        group is created when Redis is back (the group starts from the stream's first entry, so
+        nothing written before is skipped).
+        """
+        try:
+            self._ensure_group()
+        except REDIS_DOWN as exc:
+            self.redis_outage.failed(exc)
         self.models.start()
         # Everything loaded so far lives as long as the worker: keep it out of the cyclic GC's
         # full passes, which otherwise stall requests for milliseconds.
@@ -160,11 +207,38 @@ class RecommendationService:
     @bentoml.on_shutdown
     def stop(self) -> None:
         self.models.stop()
+        self.redis_outage.stop()
+
+    def _ensure_group(self) -> None:
+        EventStream(self.store.redis, self.store.namespace).ensure_group()
+
+    def _unavailable(self, what: str) -> DependencyUnavailable:
+        return DependencyUnavailable(
+            f"Redis is unavailable and {what}; retry later", self.redis_outage.retry_after
+        )
+
+    def _live(self, read: Callable[[], T]) -> T | None:
+        """`read()` of Redis, or None while Redis is down (then no request waits on it)."""
+        if self.redis_outage.down:
+            self.metrics.degraded.inc()
+            return None
+        try:
+            return read()
+        except REDIS_DOWN as exc:
+            self.redis_outage.failed(exc)
+            self.metrics.degraded.inc()
+            return None
 
     def __is_ready__(self) -> bool:
+        # While Redis is known to be down the probe says so; a probe request does not wait on it.
+        if self.redis_outage.down:
+            return False
         try:
             return bool(self.store.redis.ping())
-        except (redis.RedisError, ConnectionError):
+        except REDIS_DOWN as exc:
+            self.redis_outage.failed(exc)
+            return False
+        except redis.RedisError:
             return False
 
     @property
@@ -183,15 +257,19 @@ class RecommendationService:
         }
         self.metrics.show_models(shown or {"popularity": "live"})
 
-    def _global_lists(self, now: float) -> GlobalLists:
-        """Popularity and trending, shared by every request of this worker for a few ms."""
+    def _global_lists(self, now: float) -> tuple[GlobalLists, bool]:
+        """Popularity and trending, shared by every request of this worker for a few ms, and
+        whether they are degraded: while Redis is down, the last lists read (or none)."""
         cached = self._global
         if cached is not None and now - cached[0] < self.settings.global_lists_ttl:
-            return cached[1]
+            return cached[1], False
         # Deeper than the ranker needs: /popular filters it by category.
-        lists = self.store.global_lists(max(500, self.settings.candidates_per_source), now)
+        depth = max(500, self.settings.candidates_per_source)
+        lists = self._live(lambda: self.store.global_lists(depth, now))
+        if lists is None:
+            return (cached[1] if cached is not None else _NO_LISTS), True
         self._global = (now, lists)
-        return lists
+        return lists, False
 
     def _trend_list(self, now: float) -> tuple[ScoredItems, np.ndarray]:
         """The trend analysis' top items and their reasons, reused for `trends_ttl` seconds (the
@@ -215,49 +293,54 @@ class RecommendationService:
         version = model.version if model is not None else None
         filters = body.filters.model_dump_json() if body.filters else ""
         signature = f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}"
-        live, cacheable = LiveFeatures(), True
+        live, degraded = LiveFeatures(), self.redis_outage.down
         names = ["coview"]
         if model is None or "item2vec" not in model.components:
             names.append(NEIGHBORS_LIST)
         if model is None or model.item_item is None:
             names.append(ITEM_ITEM_LIST)
-        try:
-            found = self.store.read_request(
-                body.user_id,
-                signature,
-                self.store.config.recent_cap,
-                self.settings.candidates_per_source,
-                self.settings.anchors,
-                names,
-                self.settings.per_anchor,
-                now,
-            )
-            if found.cached is not None:
-                self.metrics.cache.labels("hit").inc()
-                self.metrics.variant.labels(variant).inc()
-                return _envelope(found.cached, request_id, started, cached=True)
-            self.metrics.cache.labels("miss").inc()
-            glob = self._global_lists(now)
-            top = self.settings.candidates_per_source
-            popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
-            trend, reasons = self._trend_list(now)
-            live = LiveFeatures(
-                recent=found.recent,
-                candidates=found.candidates,
-                popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
-                trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
-                trend=trend,
-                trend_reasons=reasons,
-                profile=UserProfile.from_hash(body.user_id, found.profile),
-                coview=found.lists.get("coview", []),
-                neighbors=found.lists.get(NEIGHBORS_LIST, []),
-                item_item=found.lists.get(ITEM_ITEM_LIST, []),
-            )
-        except (redis.RedisError, ConnectionError) as exc:
-            # Without Redis the model still answers; the response just lacks live signals.
-            log.warning("feature store unavailable, serving without live features: %s", exc)
+        # While Redis is known to be down the request does not wait on it.
+        if not degraded:
+            try:
+                found = self.store.read_request(
+                    body.user_id,
+                    signature,
+                    self.store.config.recent_cap,
+                    self.settings.candidates_per_source,
+                    self.settings.anchors,
+                    names,
+                    self.settings.per_anchor,
+                    now,
+                )
+                if found.cached is not None:
+                    self.metrics.cache.labels("hit").inc()
+                    self.metrics.variant.labels(variant).inc()
+                    return _envelope(found.cached, request_id, started, cached=True)
+                self.metrics.cache.labels("miss").inc()
+                glob, degraded = self._global_lists(now)
+                top = self.settings.candidates_per_source
+                popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
+                trend, reasons = self._trend_list(now)
+                live = LiveFeatures(
+                    recent=found.recent,
+                    candidates=found.candidates,
+                    popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
+                    trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
+                    trend=trend,
+                    trend_reasons=reasons,
+                    profile=UserProfile.from_hash(body.user_id, found.profile),
+                    coview=found.lists.get("coview", []),
+                    neighbors=found.lists.get(NEIGHBORS_LIST, []),
+                    item_item=found.lists.get(ITEM_ITEM_LIST, []),
+                )
+            except REDIS_DOWN as exc:
+                # Without Redis the model still answers; the response just lacks live signals.
+                self.redis_outage.failed(exc)
+                degraded = True
+        if degraded:
+            if model is None:
+                raise self._unavailable("no model is loaded")
             self.metrics.degraded.inc()
-            cacheable = False
         features_done = time.perf_counter()
         ranked = self.ranker.recommend(
             model,
@@ -284,16 +367,13 @@ class RecommendationService:
             },
             separators=(",", ":"),
         )
-        if cacheable and self.settings.cache_ttl > 0:
-            try:
-                self.store.cache_response(body.user_id, signature, payload, now)
-            except (redis.RedisError, ConnectionError) as exc:
-                log.warning("cannot cache a response: %s", exc)
+        if not degraded and self.settings.cache_ttl > 0:
+            self._live(lambda: self.store.cache_response(body.user_id, signature, payload, now))
         done = time.perf_counter()
         self.metrics.stage_latency.labels("features").observe(features_done - started)
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
-        return _envelope(payload, request_id, started, cached=False)
+        return _envelope(payload, request_id, started, cached=False, degraded=degraded)
 
     # -- /similar_items and /popular -----------------------------------------------------------
 
@@ -311,50 +391,64 @@ class RecommendationService:
                     {"item_id": model.item_ids[j], "score": round(float(s), 6), "reason": "similar"}
                     for j, s in zip(found[0][valid], scores[0][valid], strict=True)
                 ]
+        degraded = False
         if not items:
             fallbacks = (
                 ("coview", "viewed together"),
                 (ITEM_ITEM_LIST, "often chosen together"),
                 (NEIGHBORS_LIST, "similar"),
             )
-            lists = self.store.item_lists([body.item_id], [n for n, _ in fallbacks], body.k)
-            for name, reason in fallbacks:
+            names = [n for n, _ in fallbacks]
+            lists = self._live(lambda: self.store.item_lists([body.item_id], names, body.k))
+            degraded = lists is None
+            for name, reason in fallbacks if lists is not None else ():
                 scored = lists[name][0]
                 if len(scored):
                     items = _scored_items(scored, reason, body.k)
                     break
         if not items:
-            items = _scored_items(self._popular(body.k, None), "popular right now", body.k)
+            popular, stale = self._popular(body.k, None)
+            degraded = degraded or stale
+            items = _scored_items(popular, "popular right now", body.k)
             items = [i for i in items if i["item_id"] != body.item_id]
+        if degraded and not items and model is None:
+            raise self._unavailable("no model is loaded")
         return _json(
             {
                 "items": items,
                 "model_version": model.version if model else None,
                 "request_id": uuid.uuid4().hex,
+                "degraded": degraded,
             }
         )
 
     def popular(self, body: PopularRequest) -> Response:
         """Most popular items now (decayed live popularity), optionally of one category."""
         model = self.models.current.champion
-        items = _scored_items(self._popular(body.k, body.category), "popular right now", body.k)
+        popular, degraded = self._popular(body.k, body.category)
+        items = _scored_items(popular, "popular right now", body.k)
+        if degraded and not items and model is None:
+            raise self._unavailable("no model is loaded")
         return _json(
             {
                 "items": items,
                 "model_version": model.version if model else None,
                 "request_id": uuid.uuid4().hex,
+                "degraded": degraded,
             }
         )
 
-    def _popular(self, k: int, category: str | None) -> ScoredItems:
-        glob = self._global_lists(time.time())
+    def _popular(self, k: int, category: str | None) -> tuple[ScoredItems, bool]:
+        """The k most popular items (of a category), and whether Redis was down: then the last
+        lists read, topped up from the model's training-time popularity."""
+        glob, degraded = self._global_lists(time.time())
         live = glob.popularity if len(glob.popularity) else glob.batch_popularity
         model = self.models.current.champion
         ids = np.asarray(live.ids, dtype=object)
         scores = live.scores
         if category is not None:
             if model is None:
-                return ScoredItems(ids[:0], scores[:0])
+                return ScoredItems(ids[:0], scores[:0]), degraded
             idx = model.item_index(ids) if len(ids) else np.empty(0, dtype=int)
             keep = (idx >= 0) & (model.category[np.maximum(idx, 0)] == category)
             ids, scores = ids[keep], scores[keep]
@@ -370,14 +464,17 @@ class RecommendationService:
             fill = extra[order] / max(extra[order].max() if len(order) else 1.0, 1e-12) * top * 0.5
             ids = np.concatenate([ids, model.item_ids[order].astype(object)])
             scores = np.concatenate([scores, fill])
-        return ScoredItems(ids[:k], scores[:k])
+        return ScoredItems(ids[:k], scores[:k]), degraded
 
     # -- /trending and profiles ----------------------------------------------------------------
 
     def trending(self, body: TrendingRequest) -> Response:
         """The trend analysis' top items (of a category) with their trend, and the categories'
         trends; where the analysis has no list, live trending and popular items."""
-        found = self.store.trending_items(body.k, body.category)
+        found = self._live(lambda: self.store.trending_items(body.k, body.category))
+        degraded = found is None
+        if found is None:
+            found = TrendList(_NO_ITEMS, [], [])
         categories = [
             {"category": c["category"], "trend_score": c.get("trend_score"), **_trend_fields(c)}
             for c in found.categories[: body.k]
@@ -402,11 +499,12 @@ class RecommendationService:
             ]
             source = "trend_analysis"
         else:
-            items = [
-                {**item, "category": body.category, **_trend_fields({})}
-                for item in self._live_trending(body.k, body.category)
-            ]
+            live, stale = self._live_trending(body.k, body.category)
+            degraded = degraded or stale
+            items = [{**item, "category": body.category, **_trend_fields({})} for item in live]
             source = "live" if items else "none"
+        if degraded and not items and self.models.current.champion is None:
+            raise self._unavailable("no model is loaded")
         return _json(
             {
                 "items": items,
@@ -414,21 +512,23 @@ class RecommendationService:
                 "source": source,
                 "analysed_at": found.analysed_at,
                 "request_id": uuid.uuid4().hex,
+                "degraded": degraded,
             }
         )
 
-    def _live_trending(self, k: int, category: str | None) -> list[dict]:
+    def _live_trending(self, k: int, category: str | None) -> tuple[list[dict], bool]:
         """The fallback of /trending where the trend analysis has no list: the live 2-hour
         trending list, then live decayed popularity, then the batch loop's popularity, then the
-        model's training-time popularity, each item once; its reason names its list.
+        model's training-time popularity, each item once; its reason names its list. The flag
+        says Redis was down (then the last lists read, if any, and the model's popularity).
 
         Categories are named as in the trend analysis (`unknown`: items the model's catalog
         gives no category or does not list), so a category needs a model.
         """
         model = self.models.current.champion
         if category is not None and model is None:
-            return []
-        glob = self._global_lists(time.time())
+            return [], self.redis_outage.down
+        glob, degraded = self._global_lists(time.time())
 
         def trained() -> ScoredItems:
             if model is None:
@@ -455,11 +555,13 @@ class RecommendationService:
                 items.setdefault(item["item_id"], item)
             if len(items) >= k:
                 break
-        return list(items.values())[:k]
+        return list(items.values())[:k], degraded
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""
-        profile = self.store.user_profile(user_id)
+        profile = self._live(lambda: self.store.user_profile(user_id))
+        if profile is None:
+            raise self._unavailable("profiles live only there")
         rule = self.settings.segment_rules.get(profile.segment)
         body = dataclasses.asdict(profile)
         body["known"] = profile.known
@@ -483,11 +585,13 @@ class RecommendationService:
                 },
                 422,
             )
-        try:
-            result = self.store.ingest(checked.events)
-        except (redis.RedisError, ConnectionError) as exc:
-            log.error("cannot ingest events: %s", exc)
-            return _json({"error": "the event store is unavailable; retry the batch"}, 503)
+        result = self._live(lambda: self.store.ingest(checked.events))
+        if result is None:
+            # Nothing of the batch was stored: the client retries all of it (event ids dedupe).
+            raise DependencyUnavailable(
+                "the event store (Redis) is unavailable; retry the batch",
+                self.redis_outage.retry_after,
+            )
         new = np.ones(checked.events.height, dtype=bool)
         new[result.duplicate_rows] = False
         unknown = 0
@@ -511,8 +615,12 @@ class RecommendationService:
 
     def user_activity(self, user_id: str, n: int) -> Response:
         """The user's recent items (newest first) and event counters."""
-        recent = self.store.recent_items(user_id, n)
-        counters = self.store.counters(user_id)
+        found = self._live(
+            lambda: (self.store.recent_items(user_id, n), self.store.counters(user_id))
+        )
+        if found is None:
+            raise self._unavailable("user activity lives only there")
+        recent, counters = found
         model = self.models.current.champion
         return _json(
             {
@@ -529,6 +637,39 @@ class RecommendationService:
 
 # -- HTTP routes: module-level functions (no per-request dependency injection) over the one
 # service instance of this worker --------------------------------------------------------------
+
+
+# In the route rather than on EventsRequest, which its own branch rewrites.
+EVENTS_EXAMPLE = {
+    "events": [
+        {"user_id": "u42", "item_id": "i12", "event_type": "view", "timestamp": 1767323045},
+        {
+            "user_id": "u42",
+            "item_id": "i12",
+            "event_type": "purchase",
+            "timestamp": "2026-01-02T03:05:00Z",
+            "value": 1,
+            "event_id": "order-981-1",
+        },
+    ]
+}
+
+
+@app.get("/docs.json", include_in_schema=False)
+async def openapi_document() -> Response:
+    """BentoML's OpenAPI document (our routes and its /healthz, /readyz, /metrics) with this
+    project's title, description and version instead of BentoML's boilerplate."""
+    return _json(_openapi())
+
+
+@functools.cache
+def _openapi() -> dict:
+    spec = RecommendationService.openapi_spec.asdict()
+    spec["info"] = {"title": TITLE, "description": DESCRIPTION, "version": app.version}
+    # BentoML says 3.0.2, but the schemas FastAPI and pydantic write are OpenAPI 3.1 (JSON Schema
+    # 2020-12: `type: null`, `examples` lists), so validators read them right.
+    spec["openapi"] = "3.1.0"
+    return spec
 
 
 # A user id in a URL path: the rules of `Id` in a request body.
@@ -577,7 +718,7 @@ async def popular(body: PopularRequest) -> Response:
     responses=ERRORS,
     summary="Ingest 1 to 1,000 events; each accepted one is in the durable stream",
 )
-async def events(body: EventsRequest) -> Response:
+async def events(body: Annotated[EventsRequest, Body(examples=[EVENTS_EXAMPLE])]) -> Response:
     # Validation and the Redis script take milliseconds: off the event loop.
     return await anyio.to_thread.run_sync(_service().ingest_events, body)
 
@@ -585,7 +726,7 @@ async def events(body: EventsRequest) -> Response:
 @app.get(
     "/users/{user_id}/activity",
     response_model=UserActivityResponse,
-    responses=ERRORS,
+    responses=PATH_ERRORS,
     summary="A user's recent items and event counters",
 )
 async def user_activity(
@@ -627,7 +768,7 @@ async def user_profile(body: UserProfileRequest) -> Response:
 @app.get(
     "/users/{user_id}/profile",
     response_model=UserProfileResponse,
-    responses=ERRORS,
+    responses=PATH_ERRORS,
     summary="The same as POST /user_profile",
 )
 async def user_profile_by_path(
@@ -650,10 +791,16 @@ def _scored_items(scored, reason: str, k: int) -> list[dict]:
     ]
 
 
-def _envelope(payload: str, request_id: str, started: float, cached: bool) -> str:
+def _envelope(
+    payload: str, request_id: str, started: float, cached: bool, degraded: bool = False
+) -> str:
     """Wrap a cached-or-fresh `{items, model_version, variant}` JSON object with request fields."""
     latency = (time.perf_counter() - started) * 1000.0
     return (
         f'{payload[:-1]},"request_id":"{request_id}","latency_ms":{latency:.3f},'
-        f'"cached":{"true" if cached else "false"}}}'
+        f'"cached":{"true" if cached else "false"},"degraded":{"true" if degraded else "false"}}}'
     )
+
+
+# Around BentoML's router, whose own 404 and 405 answers are plain text.
+RecommendationService.add_asgi_middleware(JSONNotFound)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -199,3 +202,64 @@ def seen_items(bundle: HybridRecommender, user_id: str) -> set[str]:
 
 def catalog_of(bundle: HybridRecommender) -> dict[str, dict]:
     return {r["item_id"]: r for r in bundle.catalog.iter_rows(named=True)}
+
+
+FAULT_PORTS = range(3400, 3500)
+
+
+def free_port() -> int:
+    """A free port of the range this project's tests use for their own servers."""
+    for port in FAULT_PORTS:
+        with socket.socket() as sock:
+            with contextlib.suppress(OSError):
+                sock.bind(("127.0.0.1", port))
+                return port
+    raise RuntimeError(f"no free port in {FAULT_PORTS}")
+
+
+class RedisServer:
+    """A redis-server of this test on a port of its own, nothing kept on disk: killed (SIGKILL)
+    and restarted on the same port."""
+
+    def __init__(self, port: int, folder: Path) -> None:
+        self.port = port
+        self.folder = folder
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(redis.ConnectionError):
+                if probe.ping():
+                    break
+            assert self.process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        probe.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(
+    namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[RedisServer]:
+    """The service's REDIS_URL points at a redis-server this test can kill."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    monkeypatch.setenv("REDIS_URL", server.url)
+    try:
+        yield server
+    finally:
+        server.kill()

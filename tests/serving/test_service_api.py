@@ -124,6 +124,15 @@ def test_events_accept_reject_and_deduplicate(client: TestClient, store: Feature
         ({"user_id": "   "}, 422, "user_id"),
         ({"user_id": "u", "filters": {"price_min": -1}}, 422, "filters.price_min"),
         ({"user_id": "u", "unexpected": 1}, 422, "unexpected"),
+        # Strict types: no guessing that true, "5" or 0 meant a number or a flag.
+        ({"user_id": "u", "k": True}, 422, "k"),
+        ({"user_id": "u", "k": "5"}, 422, "k"),
+        ({"user_id": "u", "k": 5.0}, 422, "k"),
+        ({"user_id": "u", "exclude_seen": 0}, 422, "exclude_seen"),
+        ({"user_id": "u", "exclude_seen": "false"}, 422, "exclude_seen"),
+        ({"user_id": 42}, 422, "user_id"),
+        ({"user_id": "u", "filters": {"in_stock_only": 1}}, 422, "filters.in_stock_only"),
+        ({"user_id": "u", "filters": {"colour": "red"}}, 422, "filters.colour"),
     ],
 )
 def test_bad_recommend_requests_are_4xx_naming_the_field(
@@ -368,3 +377,137 @@ def test_without_a_model_pushed_lists_and_batch_candidates_serve(
     similar = client.post("/similar_items", json={"item_id": "kettle", "k": 2}).json()["items"]
     assert [i["item_id"] for i in similar] == ["teapot", "mug"]
     assert similar[0]["reason"] == "often chosen together"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        ("/popular", {"k": "5"}, "k"),
+        ("/popular", {"k": 3, "category": 7}, "category"),
+        ("/trending", {"k": True}, "k"),
+        ("/similar_items", {"item_id": 12}, "item_id"),
+        ("/similar_items", {"item_id": "i1", "n": 3}, "n"),
+        ("/user_profile", {"user_id": "u", "verbose": True}, "verbose"),
+    ],
+)
+def test_every_request_model_is_strict_and_names_the_field(
+    client: TestClient, path: str, payload: dict, field: str
+) -> None:
+    response = client.post(path, json=payload)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+
+
+def test_recommend_accepts_integral_floats_for_float_fields(client: TestClient) -> None:
+    # Strictness is about types that were never meant: a price of 5 (an int) is a price.
+    response = client.post(
+        "/recommend", json={"user_id": "u", "filters": {"price_min": 5, "price_max": 9.5}}
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/no/such/path", 404, None),
+        ("POST", "/users/u1/nothing", 404, None),
+        ("GET", "/recommend", 405, "POST"),
+        ("DELETE", "/events", 405, "POST"),
+        ("POST", "/healthz", 405, "GET"),
+        ("PUT", "/users/u1/profile", 405, "GET"),
+    ],
+)
+def test_unknown_paths_and_methods_answer_json(
+    client: TestClient, method: str, path: str, status: int, allow: str | None
+) -> None:
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]
+    if allow is not None:
+        assert allow in response.headers["allow"]
+
+
+def test_a_bug_answers_a_json_500_logged_once(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    import bentoml
+
+    service = bentoml.get_current_service()
+
+    def broken(user_id: str):
+        raise ZeroDivisionError("a bug")
+
+    service.user_profile = broken  # fault injection: the route calls the instance's method
+    for n in range(20):
+        # The TestClient re-raises what escapes the app: nothing does.
+        response = client.get(f"/users/u{n}/profile")
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal error; see the service log", "field": None}
+    tracebacks = [r for r in caplog.records if r.exc_info and "unhandled error" in r.getMessage()]
+    assert len(tracebacks) == 1
+    assert "/users/{user_id}/profile" in tracebacks[0].getMessage()
+
+
+def test_metrics_are_labelled_by_route_not_by_path(client: TestClient) -> None:
+    import uuid
+
+    for path in ("/users/warm-up/profile", "/users/warm-up/activity", "/no/such/path"):
+        client.get(path)
+    before = client.get("/metrics").text
+    ids = [uuid.uuid4().hex for _ in range(2000)]
+    for n, user_id in enumerate(ids):
+        kind = ("profile", "activity")[n % 2]
+        assert client.get(f"/users/{user_id}/{kind}").status_code == 200
+    for user_id in ids[:200]:
+        client.get(f"/scan/{user_id}")  # unknown paths share one label too
+    after = client.get("/metrics").text
+    print(f"/metrics: {len(before):,} bytes before, {len(after):,} after 2,200 random paths")
+    assert not any(user_id in after for user_id in ids)
+    assert 'endpoint="/users/{user_id}/profile",http_response_code="200"' in after
+    assert 'endpoint="/users/{user_id}/activity",http_response_code="200"' in after
+    assert 'endpoint="unmatched",http_response_code="404"' in after
+    # Only counts change, no label set is added: the size stays within a few digits per line.
+    assert len(after) - len(before) < len(before.splitlines()) * 8
+
+
+def test_openapi_carries_the_project_and_an_example_per_body(client: TestClient) -> None:
+    from importlib.metadata import version
+
+    spec = client.get("/docs.json").json()
+    info = spec["info"]
+    assert info["version"] == version("recsys-platform")
+    assert info["title"].startswith("recsys-platform")
+    assert "BentoML" not in info["description"] and "contact" not in info
+    schemas = spec["components"]["schemas"]
+    bodies = 0
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            body = operation.get("requestBody")
+            if body is None:
+                continue
+            bodies += 1
+            media = body["content"]["application/json"]
+            schema = media["schema"]
+            examples = schema.get("examples") or media.get("examples")
+            if not examples and "$ref" in schema:
+                examples = schemas[schema["$ref"].rsplit("/", 1)[1]].get("examples")
+            assert examples, f"{method.upper()} {path} has no example body"
+    assert bodies == 6
+
+
+@pytest.mark.parametrize(
+    ("path", "model"),
+    [
+        ("/recommend", "RecommendRequest"),
+        ("/similar_items", "SimilarItemsRequest"),
+        ("/popular", "PopularRequest"),
+        ("/trending", "TrendingRequest"),
+        ("/user_profile", "UserProfileRequest"),
+    ],
+)
+def test_documented_examples_are_accepted(client: TestClient, path: str, model: str) -> None:
+    spec = client.get("/docs.json").json()
+    for example in spec["components"]["schemas"][model]["examples"]:
+        response = client.post(path, json=example)
+        assert response.status_code == 200, (example, response.text)

@@ -4,12 +4,15 @@ with SIGKILL in the middle of a load loses none of the events it acknowledged.""
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from feature_repo.connection import clear_namespace, connect
 from feature_repo.stream import EventStream
 from serving.consumer import run_consumer
 from serving.launcher import serve_command, serve_env
-from tests.serving.conftest import shutdown_embedded
+from tests.serving.conftest import RedisServer, shutdown_embedded
+from tests.serving.conftest import free_port as fault_port
 from training.event_store import open_event_store
 
 pytestmark = pytest.mark.slow
@@ -34,8 +38,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def bentoml_serve(home: Path, workers: int) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
+def bentoml_serve(
+    home: Path, workers: int, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = port or free_port()
     env = serve_env({**os.environ, "RECSYS_SERVE_WORKERS": str(workers)})
     log_path = home.parent / f"serve-{port}.log"
     with open(log_path, "w") as log:
@@ -178,3 +184,67 @@ def test_sigkill_mid_load_loses_no_accepted_event(server_env: str, recsys_home: 
     stored = set(open_event_store(None, recsys_home).read()["event_id"])
     assert accepted <= stored, f"{len(accepted - stored)} accepted events were lost"
     assert stats.stored == len(stored)
+
+
+def test_redis_outage_over_a_socket_keeps_connections_and_logs_once(
+    recsys_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bentoml serve` while its Redis is killed and restarted: one keep-alive connection
+    carries every request (none is closed by the server), no 500, one log line each way."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv("RECSYS_MODEL_POLL_SECONDS", "0")
+    monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", f"e2e-faults-{time.time_ns()}")
+    redis_server = RedisServer(fault_port(), tmp_path)
+    redis_server.start()
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    port = fault_port()
+    routes = [
+        ("POST", "/recommend", {"user_id": "a", "k": 3}),
+        ("POST", "/popular", {"k": 3}),
+        ("POST", "/trending", {"k": 3}),
+        ("POST", "/similar_items", {"item_id": "boots", "k": 3}),
+        ("POST", "/user_profile", {"user_id": "a"}),
+        ("GET", "/users/a/activity", None),
+        ("POST", "/events", {"events": [{"user_id": "a", "item_id": "hat", "event_type": "view"}]}),
+        ("GET", "/no/such/path", None),
+    ]
+    try:
+        with bentoml_serve(recsys_home, workers=1, port=port) as (url, _):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+            def request(method: str, path: str, body: dict | None) -> tuple[int, bool]:
+                payload = json.dumps(body) if body is not None else None
+                headers = {"content-type": "application/json"} if body is not None else {}
+                conn.request(method, path, body=payload, headers=headers)
+                response = conn.getresponse()
+                json.loads(response.read())  # every answer is JSON
+                return response.status, response.will_close
+
+            statuses: Counter = Counter()
+            closed = 0
+            for method, path, body in routes:
+                status, will_close = request(method, path, body)
+                closed += will_close
+            sock = conn.sock
+            redis_server.kill()
+            for _ in range(25):
+                for method, path, body in routes:
+                    status, will_close = request(method, path, body)
+                    statuses[status] += 1
+                    closed += will_close
+            print("over a socket while Redis is down:", dict(statuses))
+            redis_server.start()
+            started = time.monotonic()
+            while request("GET", "/users/a/activity", None)[0] != 200:
+                assert time.monotonic() - started < 30, "the service did not recover"
+                time.sleep(0.05)
+            print(f"Redis recovery noticed after {time.monotonic() - started:.2f} s")
+            assert request("POST", *routes[6][1:]) == (200, False)
+            assert conn.sock is sock and closed == 0
+            conn.close()
+        assert 500 not in statuses and set(statuses) <= {200, 404, 503}
+        log = (recsys_home.parent / f"serve-{port}.log").read_text()
+        assert log.count("Redis unavailable") == 1 and log.count("Redis back after") == 1
+        assert "Traceback" not in log
+    finally:
+        redis_server.kill()

@@ -106,6 +106,9 @@ def test_launcher_command_and_environment(tmp_path: Path) -> None:
     env = serve_env({"RECSYS_SERVE_WORKERS": "3", "RECSYS_HOME": "rel/home"})
     assert "services.recsys.workers=3" in env["BENTOML_CONFIG_OPTIONS"]
     assert Path(env["RECSYS_HOME"]).is_absolute()
+    # Each RECSYS_HOME has its own BentoML home: a second server does not wipe its metrics.
+    assert env["BENTOML_HOME"] == str(Path(env["RECSYS_HOME"]) / "bentoml")
+    assert serve_env({"BENTOML_HOME": "/srv/bentoml"})["BENTOML_HOME"] == "/srv/bentoml"
     assert "services.recsys.workers=cpu_count" in serve_env({})["BENTOML_CONFIG_OPTIONS"]
     with pytest.raises(ValueError, match="RECSYS_SERVE_WORKERS"):
         serve_env({"RECSYS_SERVE_WORKERS": "zero"})
