@@ -4,7 +4,9 @@ service as an ASGI app, and a small hybrid registered as champion in a throwaway
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +23,7 @@ from starlette.testclient import TestClient
 from feature_repo.connection import clear_namespace, connect
 from feature_repo.store import FeatureStore
 from tests.conftest import make_catalog, make_events
+from training import settings
 from training.hybrid import HybridRecommender
 from training.registry import GATE_METRIC, ModelRegistry
 
@@ -59,12 +62,12 @@ def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def empty_registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An MLflow store shared by tests that run without a model (created once: it is slow)."""
-    path = tmp_path_factory.mktemp("mlflow-empty")
-    uri = f"sqlite:///{path / 'mlflow.db'}"
-    ModelRegistry(uri, "nothing-registered").get_version("champion")
-    return uri
+def empty_registry_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store, created once (its schema migration is slow) and copied into each
+    test's RECSYS_HOME, where the service looks by default."""
+    path = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
+    ModelRegistry(f"sqlite:///{path}", settings.DEFAULT_MODEL_NAME).get_version("champion")
+    return path
 
 
 @pytest.fixture
@@ -73,17 +76,18 @@ def namespace(
     redis_url: str,
     redis_client: redis.Redis,
     metrics_dir: Path,
-    empty_registry_uri: str,
+    empty_registry_db: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     """This test's Redis namespace (deleted afterwards) and a service environment without a
-    registered model; tests that need one point MLFLOW_TRACKING_URI elsewhere."""
+    registered model: the default MLflow store under RECSYS_HOME, empty (no
+    MLFLOW_TRACKING_URI, as a user runs it); the champion fixtures register there."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", name)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_registry_uri)
-    monkeypatch.setenv("RECSYS_MODEL_NAME", f"none-{name}")
     monkeypatch.setenv("RECSYS_MODEL_POLL_SECONDS", "0")
+    recsys_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_registry_db, recsys_home / "mlflow.db")
     yield name
     clear_namespace(redis_client, name)
 
@@ -116,7 +120,7 @@ class Registered:
 
     tracking_uri: str
     model_name: str
-    bundle: HybridRecommender
+    bundle: HybridRecommender | None
     registry: ModelRegistry
 
     def register(self, bundle: HybridRecommender, value: float, promote: bool) -> str:
@@ -154,45 +158,47 @@ def trained_bundle() -> HybridRecommender:
     return train_hybrid()
 
 
-def _registry(root: Path, bundle: HybridRecommender) -> Registered:
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    name = "test-hybrid"
-    registry = ModelRegistry(uri, name, (root / "mlruns").as_uri(), cache_dir=root / "cache")
+def _registry(db: Path, artifacts: Path, bundle: HybridRecommender | None) -> Registered:
+    """The registered model the service serves by default, in the MLflow store `db`; with a
+    bundle, registered and promoted as champion version 1."""
+    uri = f"sqlite:///{db}"
+    name = settings.DEFAULT_MODEL_NAME
+    registry = ModelRegistry(uri, name, (artifacts / "mlruns").as_uri(), cache_dir=artifacts / "c")
     registered = Registered(uri, name, bundle, registry)
-    registered.register(bundle, 0.3, promote=True)
-    return registered
-
-
-def _serve_from(registered: Registered, monkeypatch: pytest.MonkeyPatch) -> Registered:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.tracking_uri)
-    monkeypatch.setenv("RECSYS_MODEL_NAME", registered.model_name)
+    if bundle is not None:
+        registered.register(bundle, 0.3, promote=True)
     return registered
 
 
 @pytest.fixture(scope="session")
 def shared_registry(
-    trained_bundle: HybridRecommender, tmp_path_factory: pytest.TempPathFactory
-) -> Registered:
-    return _registry(tmp_path_factory.mktemp("registry"), trained_bundle)
-
-
-@pytest.fixture
-def served_champion(
-    shared_registry: Registered, namespace: str, monkeypatch: pytest.MonkeyPatch
-) -> Registered:
-    """The service serves `trained_bundle` as champion version 1 (tests must not register)."""
-    return _serve_from(shared_registry, monkeypatch)
-
-
-@pytest.fixture
-def champion(
     trained_bundle: HybridRecommender,
-    tmp_path: Path,
-    namespace: str,
-    monkeypatch: pytest.MonkeyPatch,
+    empty_registry_db: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Registered:
-    """A registry of this test's own with `trained_bundle` as champion version 1."""
-    return _serve_from(_registry(tmp_path / "registry", trained_bundle), monkeypatch)
+    root = tmp_path_factory.mktemp("registry")
+    shutil.copyfile(empty_registry_db, root / "mlflow.db")
+    return _registry(root / "mlflow.db", root, trained_bundle)
+
+
+@pytest.fixture
+def served_champion(shared_registry: Registered, namespace: str, recsys_home: Path) -> Registered:
+    """The service serves `trained_bundle` as champion version 1 from its default store (a copy
+    of the session's registry: what a test changes there stays in the test)."""
+    shutil.copyfile(Path(shared_registry.tracking_uri.removeprefix("sqlite:///")), _default_db())
+    return dataclasses.replace(
+        _registry(_default_db(), recsys_home, None), bundle=shared_registry.bundle
+    )
+
+
+@pytest.fixture
+def champion(trained_bundle: HybridRecommender, tmp_path: Path, namespace: str) -> Registered:
+    """`trained_bundle` registered as champion version 1 in this test's default store."""
+    return _registry(_default_db(), tmp_path / "registry", trained_bundle)
+
+
+def _default_db() -> Path:
+    return Path(settings.mlflow_tracking_uri().removeprefix("sqlite:///"))
 
 
 def seen_items(bundle: HybridRecommender, user_id: str) -> set[str]:
