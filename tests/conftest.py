@@ -139,6 +139,21 @@ def make_catalog(n_items: int = 40) -> pl.DataFrame:
     )
 
 
+def tiny_bundle():  # noqa: ANN201 - a training.hybrid.HybridRecommender
+    """ALS and popularity on make_events(), blended: a real bundle in about a second, for tests
+    of the registry and the pipeline that need a version to register."""
+    from training.train import blend, fit_component, interactions_from, split_training_data
+
+    events = make_events()
+    interactions = interactions_from(events)
+    data = split_training_data(events, interactions, 0.2, seed=0)
+    results = {
+        name: fit_component(name, params, data.train, data.validation, interactions.matrix)
+        for name, params in {"als": {"factors": 4, "num_threads": 1}, "popularity": {}}.items()
+    }
+    return blend(results, data, make_catalog())[0]
+
+
 @pytest.fixture
 def events_csv(tmp_path: Path) -> Path:
     path = tmp_path / "events.csv"

@@ -6,9 +6,8 @@ import mlflow
 import pytest
 
 from orchestration.environment import resources_for
-from tests.conftest import make_catalog, make_events
+from tests.conftest import tiny_bundle
 from training.registry import GATE_METRIC, ModelRegistry
-from training.train import blend, fit_component, interactions_from, split_training_data
 
 
 def pipeline_registry() -> ModelRegistry:
@@ -22,14 +21,7 @@ def champion() -> str:
 
     Registered straight through the registry, which is several times faster than a training run.
     """
-    events = make_events()
-    interactions = interactions_from(events)
-    data = split_training_data(events, interactions, 0.2, seed=0)
-    results = {
-        name: fit_component(name, params, data.train, data.validation, interactions.matrix)
-        for name, params in {"als": {"factors": 4, "num_threads": 1}, "popularity": {}}.items()
-    }
-    bundle = blend(results, data, make_catalog())[0]
+    bundle = tiny_bundle()
     registry = pipeline_registry()
     with registry.start_run("champion-fixture"):
         mlflow.log_metric(GATE_METRIC, 0.3)

@@ -7,21 +7,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import make_catalog, make_events
+from tests.conftest import tiny_bundle
 from training.registry import CHALLENGER, CHAMPION, GATE_METRIC, ModelRegistry
-from training.train import blend, fit_component, interactions_from, split_training_data
 
 
 @pytest.fixture(scope="module")
 def bundle():  # noqa: ANN201
-    events = make_events()
-    interactions = interactions_from(events)
-    data = split_training_data(events, interactions, 0.2, seed=0)
-    results = {
-        name: fit_component(name, params, data.train, data.validation, interactions.matrix)
-        for name, params in {"als": {"factors": 4, "num_threads": 1}, "popularity": {}}.items()
-    }
-    return blend(results, data, make_catalog())[0]
+    return tiny_bundle()
 
 
 def _register(registry: ModelRegistry, bundle, value: float) -> str:  # noqa: ANN001
