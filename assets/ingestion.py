@@ -7,8 +7,8 @@ from pydantic import Field
 from assets.resources import EventStoreResource, LocalStateResource
 from training.data import load_catalog, load_events
 from training.evaluation import to_markdown
-from training.events import EARLIEST_TIMESTAMP, EventLimits
-from training.matrix import decayed_popularity
+from training.events import EARLIEST_TIMESTAMP
+from training.matrix import decayed_popularity, usable_events
 
 
 class EventImportConfig(dg.Config):
@@ -46,13 +46,14 @@ def raw_events(
 ) -> dg.Output[pl.DataFrame]:
     """Every event in the event store (after importing `events_path`, when given)."""
     imported = skipped = 0
+    limits = event_store.limits(config.earliest_timestamp)
     with event_store.open() as store:
         if config.events_path:
             loaded = load_events(
                 config.events_path,
                 skip_invalid=config.skip_invalid,
                 keep_context=True,
-                limits=EventLimits(earliest_timestamp=config.earliest_timestamp),
+                limits=limits,
             )
             skipped = loaded.skipped
             imported = store.append(loaded.frame)
@@ -61,6 +62,8 @@ def raw_events(
                 f"({loaded.frame.height - imported} already stored, {skipped} invalid skipped)"
             )
         events = store.read()
+    # Stored before the contract (or its bounds) changed: left out of training, counted.
+    events, out_of_contract = usable_events(events, limits)
     if events.is_empty():
         raise dg.Failure(
             "the event store is empty: import events first "
@@ -76,6 +79,7 @@ def raw_events(
             "span": _span(events),
             "imported": imported,
             "skipped_invalid": skipped,
+            "stored_out_of_contract": out_of_contract,
             "event_types": dg.MetadataValue.md(
                 "\n".join(f"- {r[0]}: {r[1]}" for r in counts.iter_rows())
             ),

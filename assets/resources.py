@@ -13,6 +13,13 @@ from feature_repo.connection import connect
 from feature_repo.store import FeatureStore
 from training.data import empty_catalog
 from training.event_store import EventStore, open_event_store
+from training.events import (
+    DEFAULT_MAX_FUTURE_SECONDS,
+    DEFAULT_MAX_QUANTITY,
+    DEFAULT_RATING_RANGE,
+    EARLIEST_TIMESTAMP,
+    EventLimits,
+)
 from training.registry import ModelRegistry
 
 
@@ -48,6 +55,25 @@ class EventStoreResource(dg.ConfigurableResource):
 
     url: str = Field(default="", description="postgresql://... or empty for the embedded store.")
     home: str = Field(description="Folder of the embedded store (RECSYS_HOME).")
+    # The event contract's configurable bounds (RECSYS_RATING_RANGE, ...), as /events has them.
+    max_future_seconds: float = Field(
+        default=DEFAULT_MAX_FUTURE_SECONDS, description="How far ahead of now a timestamp may be."
+    )
+    rating_min: float = Field(default=DEFAULT_RATING_RANGE[0], description="Lowest rating.")
+    rating_max: float = Field(default=DEFAULT_RATING_RANGE[1], description="Highest rating.")
+    max_quantity: float = Field(
+        default=DEFAULT_MAX_QUANTITY, description="Largest value of a non-rating event."
+    )
+
+    def limits(self, earliest_timestamp: int = EARLIEST_TIMESTAMP) -> EventLimits:
+        """The bounds an event must keep to, to be stored or trained on."""
+        return EventLimits(
+            max_future_seconds=self.max_future_seconds,
+            earliest_timestamp=earliest_timestamp,
+            rating_min=self.rating_min,
+            rating_max=self.rating_max,
+            max_quantity=self.max_quantity,
+        )
 
     def open(self) -> EventStore:
         """A connected store; close it (or use it as a context manager) when done."""

@@ -33,10 +33,19 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
     """
     env = env or environment_name()
     home = str(settings.recsys_home_path())
+    bounds = settings.event_limits()
+    limits = {
+        "max_future_seconds": bounds.max_future_seconds,
+        "rating_min": bounds.rating_min,
+        "rating_max": bounds.rating_max,
+        "max_quantity": bounds.max_quantity,
+    }
     if env == "local":
         return {
             "state": LocalStateResource(home=home),
-            "event_store": EventStoreResource(url=settings.postgres_url() or "", home=home),
+            "event_store": EventStoreResource(
+                url=settings.postgres_url() or "", home=home, **limits
+            ),
             "tracking": MLflowResource(
                 tracking_uri=settings.mlflow_tracking_uri(),
                 model_name=settings.model_name(),
@@ -49,7 +58,9 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
         }
     return {
         "state": LocalStateResource(home=home),
-        "event_store": EventStoreResource(url=dg.EnvVar("RECSYS_POSTGRES_URL"), home=home),
+        "event_store": EventStoreResource(
+            url=dg.EnvVar("RECSYS_POSTGRES_URL"), home=home, **limits
+        ),
         "tracking": MLflowResource(
             tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
             model_name=settings.model_name(),

@@ -52,7 +52,7 @@ from serving.schemas import (
 )
 from serving.settings import ServingSettings, blend_weights
 from training import settings as env
-from training.events import MAX_ID_LENGTH, EventLimits, check_batch
+from training.events import MAX_ID_LENGTH, check_batch
 
 log = logging.getLogger("recsys.serving")
 T = TypeVar("T")
@@ -133,7 +133,7 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = ServingSettings.from_env()
-        self.limits = EventLimits(max_future_seconds=self.settings.max_future_seconds)
+        self.limits = env.event_limits()
         self.home = env.recsys_home()
         self.metrics = service_metrics()
         self.ranker = Ranker(

@@ -7,8 +7,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from training.events import DEFAULT_MAX_FUTURE_SECONDS
-
 # The design's blend when the training run gives no weights: co-view 0.4, embedding 0.3,
 # popularity 0.2, recency 0.1. Trending, the trend analysis' list, the batch loop's candidates
 # and its pushed item-item lists join with smaller shares.
@@ -91,7 +89,6 @@ class ServingSettings:
     challenger_share: float = 0.1
     poll_seconds: float = 30.0
     cache_ttl: int = 60
-    max_future_seconds: float = DEFAULT_MAX_FUTURE_SECONDS
     max_body_bytes: int = 1_048_576
     global_lists_ttl: float = 0.05
     candidates_per_source: int = 100
@@ -129,7 +126,6 @@ class ServingSettings:
             challenger_share=_float("RECSYS_CHALLENGER_SHARE", 0.1),
             poll_seconds=_float("RECSYS_MODEL_POLL_SECONDS", 30.0),
             cache_ttl=int(_float("RECSYS_CACHE_TTL", 60)),
-            max_future_seconds=_float("RECSYS_MAX_FUTURE_SECONDS", DEFAULT_MAX_FUTURE_SECONDS),
             max_body_bytes=int(_float("RECSYS_MAX_BODY_BYTES", 1_048_576)),
             global_lists_ttl=_float("RECSYS_GLOBAL_LISTS_TTL", 0.05),
         )

@@ -85,6 +85,16 @@ class EventLimits:
     max_quantity: float = DEFAULT_MAX_QUANTITY
 
 
+# No configuration of the contract admits a value this large; a larger one (1e308) overflows the
+# sums of every confidence it enters, so training leaves it out whatever the configured bounds.
+MAX_SAFE_VALUE = 1e9
+
+
+def value_is_safe(value: pl.Expr) -> pl.Expr:
+    """True where the value is null, or finite and small enough to sum without overflow."""
+    return value.is_null() | (value.is_finite() & (value.abs() <= MAX_SAFE_VALUE))
+
+
 def value_is_valid(
     event_type: pl.Expr, value: pl.Expr, limits: EventLimits | None = None
 ) -> pl.Expr:

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from training.events import value_is_valid
+from training.events import EventLimits, value_is_safe, value_is_valid
 
 log = logging.getLogger("recsys.training")
 
@@ -69,16 +69,26 @@ def _lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarr
     return np.where(found, pos, -1).astype(np.int64)
 
 
-def usable_events(events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+def usable_events(
+    events: pl.DataFrame, limits: EventLimits | None = None
+) -> tuple[pl.DataFrame, int]:
     """The events whose value keeps to the contract, and how many others were left out.
 
     The contract keeps bad values out at the door, but a store may hold events from before it
-    or written around it (a rating of 1e308 overflows every sum it enters): they are dropped
-    here, counted and logged, so that what is stored can never block training.
+    or written around it (a rating of 1e308 overflows every sum it enters): they are dropped,
+    counted and logged, so that what is stored can never block training. With `limits`, the
+    configured bounds (the import does this); without, only what no configuration admits (the
+    matrix and popularity do this, so a configured rating range of 0..100 is not undone here).
     """
     if "value" not in events.columns or events.is_empty():
         return events, 0
-    keep = events.select(value_is_valid(pl.col("event_type"), pl.col("value")).alias("k"))["k"]
+    value = pl.col("value")
+    rule = (
+        value_is_safe(value)
+        if limits is None
+        else value_is_valid(pl.col("event_type"), value, limits)
+    )
+    keep = events.select(rule.alias("k"))["k"]
     dropped = int((~keep).sum())
     if dropped:
         log.warning("left out %d event(s) whose value is non-finite or out of range", dropped)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.events import EventLimits
 
 DEFAULT_MODEL_NAME = "recsys-hybrid"
 
@@ -68,3 +72,38 @@ def dagster_home() -> Path:
     """`DAGSTER_HOME`, or `$RECSYS_HOME/dagster` (not created)."""
     explicit = os.environ.get("DAGSTER_HOME")
     return Path(explicit).expanduser().resolve() if explicit else recsys_home_path() / "dagster"
+
+
+def event_limits() -> EventLimits:
+    """The event contract's configurable bounds, the same for `/events` and file import:
+    `RECSYS_MAX_FUTURE_SECONDS` (how far ahead of now a timestamp may be), `RECSYS_RATING_RANGE`
+    (`min,max` of a rating's value) and `RECSYS_MAX_QUANTITY` (the largest other value)."""
+    from training.events import (
+        DEFAULT_MAX_FUTURE_SECONDS,
+        DEFAULT_MAX_QUANTITY,
+        DEFAULT_RATING_RANGE,
+        EventLimits,
+    )
+
+    def number(name: str, default: float) -> float:
+        text = os.environ.get(name, "").strip()
+        try:
+            return float(text) if text else default
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {text!r}") from None
+
+    low, high = DEFAULT_RATING_RANGE
+    text = os.environ.get("RECSYS_RATING_RANGE", "").strip()
+    if text:
+        try:
+            low, high = (float(part) for part in text.split(","))
+        except ValueError:
+            raise ValueError(f"RECSYS_RATING_RANGE must be 'min,max', got {text!r}") from None
+        if not low < high:
+            raise ValueError(f"RECSYS_RATING_RANGE: min must be below max, got {text!r}")
+    return EventLimits(
+        max_future_seconds=number("RECSYS_MAX_FUTURE_SECONDS", DEFAULT_MAX_FUTURE_SECONDS),
+        rating_min=low,
+        rating_max=high,
+        max_quantity=number("RECSYS_MAX_QUANTITY", DEFAULT_MAX_QUANTITY),
+    )

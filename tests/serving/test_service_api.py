@@ -511,3 +511,20 @@ def test_documented_examples_are_accepted(client: TestClient, path: str, model: 
     for example in spec["components"]["schemas"][model]["examples"]:
         response = client.post(path, json=example)
         assert response.status_code == 200, (example, response.text)
+
+
+@pytest.fixture
+def ratings_one_to_five(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shop with 1-5 stars (set before the `client` fixture starts the service)."""
+    monkeypatch.setenv("RECSYS_RATING_RANGE", "1,5")
+
+
+def test_the_configured_rating_range_bounds_events(ratings_one_to_five, client: TestClient) -> None:
+    events = [
+        {"user_id": "u1", "item_id": "i1", "event_type": "rating", "value": value}
+        for value in (4, 6, 0.5)
+    ]
+    body = client.post("/events", json={"events": events}).json()
+    assert body["accepted"] == 1
+    assert [r["index"] for r in body["rejected"]] == [1, 2]
+    assert all("1..5" in r["reason"] or "1.0..5.0" in r["reason"] for r in body["rejected"])

@@ -177,3 +177,52 @@ def _blake2b(text: str) -> str:
     import hashlib
 
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def test_configured_bounds_are_the_same_for_the_import_and_the_stored_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RECSYS_RATING_RANGE and friends reach the file import and the training read alike; a
+    wider range is not undone by the matrix's own guard."""
+    import dagster as dg
+
+    from assets.ingestion import EventImportConfig, raw_events
+    from orchestration.environment import resources_for
+    from training import settings
+    from training.matrix import build_interaction_matrix
+
+    monkeypatch.setenv("RECSYS_RATING_RANGE", "0,100")
+    monkeypatch.setenv("RECSYS_MAX_QUANTITY", "5")
+    limits = settings.event_limits()
+    assert (limits.rating_min, limits.rating_max, limits.max_quantity) == (0.0, 100.0, 5.0)
+    store = resources_for("local")["event_store"]
+    assert store.limits() == limits
+    path = tmp_path / "events.csv"
+    pl.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u3"],
+            "item_id": ["a", "b", "c"],
+            "event_type": ["rating", "rating", "purchase"],
+            "timestamp": ["1700000000"] * 3,
+            "value": ["55", "101", "6"],
+        }
+    ).write_csv(path)
+    with pytest.raises(DataValidationError) as bad:
+        load_events(path, limits=store.limits())
+    assert "2 invalid row(s)" in str(bad.value)
+    loaded = load_events(path, skip_invalid=True, limits=store.limits())
+    assert loaded.frame["value"].to_list() == [55.0]
+    assert build_interaction_matrix(loaded.frame).dropped_events == 0
+
+    # An event stored before the bounds were narrowed is left out of training, and counted.
+    with store.open() as opened:
+        opened.append(loaded.frame)
+    monkeypatch.setenv("RECSYS_RATING_RANGE", "1,5")
+    narrowed = resources_for("local")["event_store"]
+    with pytest.raises(dg.Failure, match="event store is empty"):
+        raw_events(dg.build_asset_context(), EventImportConfig(), narrowed)
+
+    for wrong in ("5", "a,b", "5,1"):
+        monkeypatch.setenv("RECSYS_RATING_RANGE", wrong)
+        with pytest.raises(ValueError, match="RECSYS_RATING_RANGE"):
+            settings.event_limits()
