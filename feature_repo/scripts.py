@@ -26,6 +26,44 @@ local t_pop = reference('popularity', cfg.pop_rate, KEYS[1])
 local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
 """
 
+# Shared by both ingest scripts (after DECAY_REFERENCES): add_item adds one accepted event to
+# its item's decayed totals and first-seen time; write_items adds the totals to popularity
+# (KEYS[1]), trending (KEYS[2]) and first-seen (KEYS[4]), the batch's counts to the stats
+# (KEYS[5]), and returns how many items are new.
+ITEM_TOTALS = r"""
+local items, item_order = {}, {}
+local function add_item(iid, ts, w)
+  local it = items[iid]
+  if not it then
+    it = {pop = 0, trend = 0, first = ts}
+    items[iid] = it
+    item_order[#item_order + 1] = iid
+  end
+  it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
+  it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
+  if ts < it.first then it.first = ts end
+end
+local function write_items(accepted, duplicates)
+  local new_items = 0
+  for _, iid in ipairs(item_order) do
+    local it = items[iid]
+    if it.pop > 0 then
+      redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
+      redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
+    end
+    new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
+  end
+  if accepted > 0 then
+    redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
+    redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
+  end
+  if duplicates > 0 then
+    redis.call('HINCRBY', KEYS[5], 'duplicates', duplicates)
+  end
+  return new_items
+end
+"""
+
 # Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL on its global
 # seen_event key, which the client builds from Keys and sends in column k), XADD the
 # event to the stream, update the user's recent items and co-view of the items the user touched
@@ -48,11 +86,11 @@ local n = #b.k
 
 """
     + DECAY_REFERENCES
+    + ITEM_TOTALS
     + r"""
-local accepted, new_items = 0, 0
+local accepted = 0
 local out = {0, 0}
 local users, user_order = {}, {}
-local items, item_order = {}, {}
 
 for idx = 1, n do
   local uid, iid, ts, w = b.u[idx], b.i[idx], b.ts[idx], b.w[idx]
@@ -92,15 +130,7 @@ for idx = 1, n do
     end
     local et = b.t[idx]
     u.counts[et] = (u.counts[et] or 0) + 1
-    local it = items[iid]
-    if not it then
-      it = {pop = 0, trend = 0, first = ts}
-      items[iid] = it
-      item_order[#item_order + 1] = iid
-    end
-    it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
-    it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
-    if ts < it.first then it.first = ts end
+    add_item(iid, ts, w)
   else
     out[#out + 1] = idx - 1
   end
@@ -118,24 +148,11 @@ for _, uid in ipairs(user_order) do
   redis.call('DEL', u.prefix .. 'cache')
 end
 for _, iid in ipairs(item_order) do
-  local it = items[iid]
   -- An item's own events keep its co-view list alive.
   redis.call('EXPIRE', ns .. ':{item:' .. iid .. '}:coview', cfg.coview_ttl)
-  if it.pop > 0 then
-    redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
-    redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
-  end
-  new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
-end
-if accepted > 0 then
-  redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
-  redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
-end
-if #out > 2 then
-  redis.call('HINCRBY', KEYS[5], 'duplicates', #out - 2)
 end
 out[1] = accepted
-out[2] = new_items
+out[2] = write_items(accepted, #out - 2)
 return out
 """
 )
@@ -151,38 +168,12 @@ local cfg = cjson.decode(ARGV[2])
 local b = cjson.decode(ARGV[3])
 """
     + DECAY_REFERENCES
+    + ITEM_TOTALS
     + r"""
-local items, order = {}, {}
 for idx = 1, #b.i do
-  local iid, ts, w = b.i[idx], b.ts[idx], b.w[idx]
-  local it = items[iid]
-  if not it then
-    it = {pop = 0, trend = 0, first = ts}
-    items[iid] = it
-    order[#order + 1] = iid
-  end
-  it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
-  it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
-  if ts < it.first then it.first = ts end
+  add_item(b.i[idx], b.ts[idx], b.w[idx])
 end
-local new_items = 0
-for _, iid in ipairs(order) do
-  local it = items[iid]
-  if it.pop > 0 then
-    redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
-    redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
-  end
-  new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
-end
-local accepted, dups = tonumber(ARGV[4]), tonumber(ARGV[5])
-if accepted > 0 then
-  redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
-  redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
-end
-if dups > 0 then
-  redis.call('HINCRBY', KEYS[5], 'duplicates', dups)
-end
-return new_items
+return write_items(tonumber(ARGV[4]), tonumber(ARGV[5]))
 """
 )
 
