@@ -3,6 +3,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+
+class Scripts:
+    """Runs the scripts of this module on one client by SHA, loading each the first time it is
+    run and again when Redis lost it."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._shas: dict[str, str] = {}
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[object]) -> Any:
+        """EVALSHA the script `name` (INGEST, REQUEST_READ, ...) with `keys` and `args`."""
+        sha = self._shas.get(name)
+        if sha is not None:
+            try:
+                return self.redis.evalsha(sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                pass  # Redis restarted or SCRIPT FLUSH ran: load it again below.
+        sha = self.redis.script_load(globals()[name])
+        self._shas[name] = sha
+        return self.redis.evalsha(sha, len(keys), *keys, *args)
+
+
 # Shared by both ingest scripts (after `now` and `cfg` are set): decayed scores are stored
 # relative to a reference time per list, kept in the decay hash (KEYS[3]) for popularity
 # (KEYS[1]) and trending (KEYS[2]); t_pop and t_trend are those reference times.
@@ -75,7 +102,7 @@ end
 # Returns {accepted, new_items, duplicate positions (0-based)...}
 #
 # User and item keys are derived from the namespace inside the script, so this script needs a
-# single Redis node; FeatureStore uses the sharded path on Redis Cluster.
+# single Redis node; on Redis Cluster, ClusterIngest (feature_repo/ingest.py) does its work.
 INGEST = (
     r"""
 local ns = ARGV[1]
@@ -157,7 +184,7 @@ return out
 """
 )
 
-# The {global} part of an ingest for the sharded (Redis Cluster) path, where every other update
+# The {global} part of an ingest on Redis Cluster (ClusterIngest), where every other update
 # is a plain command in a pipeline: decayed popularity, trending, first-seen and stats.
 # KEYS: popularity, trending, decay, first_seen, stats
 # ARGV: now, config JSON, accepted events JSON (columns i, ts, w), accepted, duplicates
@@ -177,24 +204,6 @@ return write_items(tonumber(ARGV[4]), tonumber(ARGV[5]))
 """
 )
 
-# The per-request read of one user's keys (one slot): the cached response for a signature (and
-# nothing else when there is one), else recent items, batch candidates and the profile hash, flat.
-# KEYS: cache, recent, candidates, profile. ARGV: signature, now, cache ttl, n recent,
-# n candidates.
-USER_READ = r"""
-local hit = redis.call('HGET', KEYS[1], ARGV[1])
-if hit then
-  local sep = string.find(hit, '|', 1, true)
-  if sep and tonumber(string.sub(hit, 1, sep - 1)) + tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
-    return {string.sub(hit, sep + 1)}
-  end
-end
-return {false,
-        redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES'),
-        redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES'),
-        redis.call('HGETALL', KEYS[4])}
-"""
-
 # Everything one recommendation request reads, in one round trip: the cached response for a
 # signature (and nothing else when there is one), else recent items, batch candidates, the
 # profile hash and, for each of the newest n_anchors recent items, the top-k of each named
@@ -202,7 +211,8 @@ return {false,
 # KEYS: cache, recent, candidates, profile.
 # ARGV: signature, now, cache ttl, n recent, n candidates, n anchors, k, item key prefix head
 #       (`<ns>:{item:`), item key prefix tail (`}:`), list key suffixes...
-# Like INGEST, it derives item keys, so it needs a single Redis node.
+# Like INGEST, it derives item keys, so it needs a single Redis node; with n anchors 0 it
+# touches only the user's keys (one slot), and so runs on Redis Cluster too (ClusterReads).
 REQUEST_READ = r"""
 local hit = redis.call('HGET', KEYS[1], ARGV[1])
 if hit then
