@@ -50,6 +50,13 @@ class Ingest(ABC):
                 "dedupe_ttl": config.dedupe_ttl,
                 "pop_rate": config.popularity_rate,
                 "trend_rate": config.trending_rate,
+                # INGEST builds these keys for the ids it reads; Keys stays their one spelling.
+                "keys": {
+                    "recent": keys.affixes(keys.recent),
+                    "counters": keys.affixes(keys.counters),
+                    "cache": keys.affixes(keys.cache),
+                    "coview": keys.affixes(keys.coview),
+                },
             }
         )
 
@@ -116,7 +123,6 @@ class SingleNodeIngest(Ingest):
             "INGEST",
             [k.popularity, k.trending, k.decay, k.first_seen, k.stats, k.stream],
             [
-                k.namespace,
                 repr(float(batch.now)),
                 self._cfg_json,
                 json.dumps(batch.columns),

@@ -55,8 +55,7 @@ class Reads:
         names = list(list_names)
         now = time.time() if now is None else now
         keys = self.keys
-        head = keys.item_prefix("\0")
-        head, tail = head.split("\0")
+        head, tail = keys.affixes(keys.item_prefix)
         suffixes = [
             (keys.coview("\0") if name == "coview" else keys.item_list("\0", name))[
                 len(keys.item_prefix("\0")) :

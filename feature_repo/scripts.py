@@ -98,18 +98,22 @@ end
 # decayed popularity, trending, first-seen and the TTL of its co-view list.
 #
 # KEYS: popularity, trending, decay, first_seen, stats, stream
-# ARGV: namespace, now, config JSON, batch JSON (columns k,u,i,t,ts,w), one stream payload per event
+# ARGV: now, config JSON, batch JSON (columns k,u,i,t,ts,w), one stream payload per event
 # Returns {accepted, new_items, duplicate positions (0-based)...}
 #
-# User and item keys are derived from the namespace inside the script, so this script needs a
-# single Redis node; on Redis Cluster, ClusterIngest (feature_repo/ingest.py) does its work.
+# User and item keys are built inside the script, from the (prefix, suffix) around the id that
+# the config's `keys` carries from Keys, so this script needs a single Redis node; on Redis
+# Cluster, ClusterIngest (feature_repo/ingest.py) does its work.
 INGEST = (
     r"""
-local ns = ARGV[1]
-local now = tonumber(ARGV[2])
-local cfg = cjson.decode(ARGV[3])
-local b = cjson.decode(ARGV[4])
+local now = tonumber(ARGV[1])
+local cfg = cjson.decode(ARGV[2])
+local b = cjson.decode(ARGV[3])
 local n = #b.k
+local function key_of(kind, id)
+  local affixes = cfg.keys[kind]
+  return affixes[1] .. id .. affixes[2]
+end
 
 """
     + DECAY_REFERENCES
@@ -121,11 +125,10 @@ local users, user_order = {}, {}
 
 for idx = 1, n do
   local uid, iid, ts, w = b.u[idx], b.i[idx], b.ts[idx], b.w[idx]
-  local up = ns .. ':{user:' .. uid .. '}:'
   if redis.call('SET', b.k[idx], '1', 'NX', 'EX', cfg.dedupe_ttl) then
     accepted = accepted + 1
-    redis.call('XADD', KEYS[6], '*', 'e', ARGV[4 + idx])
-    local recent = up .. 'recent'
+    redis.call('XADD', KEYS[6], '*', 'e', ARGV[3 + idx])
+    local recent = key_of('recent', uid)
     if redis.call('ZADD', recent, 'NX', ts, iid) == 1 then
       -- A new item in the user's window is co-viewed after each item still in the window.
       local prev = redis.call('ZREVRANGEBYSCORE', recent, '+inf', ts - cfg.coview_seconds,
@@ -134,7 +137,7 @@ for idx = 1, n do
       for _, j in ipairs(prev) do
         if j ~= iid and done < cfg.coview_items then
           done = done + 1
-          local ck = ns .. ':{item:' .. j .. '}:coview'
+          local ck = key_of('coview', j)
           if tonumber(redis.call('ZINCRBY', ck, 1, iid)) == 1 then
             -- A new member: the key may be new (give it a TTL) and may be over its cap.
             redis.call('EXPIRE', ck, cfg.coview_ttl)
@@ -151,7 +154,7 @@ for idx = 1, n do
     end
     local u = users[uid]
     if not u then
-      u = {prefix = up, counts = {}}
+      u = {counts = {}}
       users[uid] = u
       user_order[#user_order + 1] = uid
     end
@@ -165,18 +168,18 @@ end
 
 for _, uid in ipairs(user_order) do
   local u = users[uid]
-  local counters = u.prefix .. 'counters'
+  local counters = key_of('counters', uid)
   for et, c in pairs(u.counts) do
     redis.call('HINCRBY', counters, et, c)
   end
   redis.call('HSET', counters, 'last_seen', now)
   redis.call('EXPIRE', counters, cfg.counters_ttl)
-  redis.call('EXPIRE', u.prefix .. 'recent', cfg.recent_ttl)
-  redis.call('DEL', u.prefix .. 'cache')
+  redis.call('EXPIRE', key_of('recent', uid), cfg.recent_ttl)
+  redis.call('DEL', key_of('cache', uid))
 end
 for _, iid in ipairs(item_order) do
   -- An item's own events keep its co-view list alive.
-  redis.call('EXPIRE', ns .. ':{item:' .. iid .. '}:coview', cfg.coview_ttl)
+  redis.call('EXPIRE', key_of('coview', iid), cfg.coview_ttl)
 end
 out[1] = accepted
 out[2] = write_items(accepted, #out - 2)
