@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import redis
 
 from feature_repo.definitions import FeatureConfig, Keys
 from feature_repo.scripts import Scripts
@@ -30,13 +29,10 @@ class Batch:
 class Ingest(ABC):
     """What both backends share: the batch's checks, weights and columns; `_apply` writes it."""
 
-    def __init__(
-        self, client: redis.Redis, keys: Keys, config: FeatureConfig, scripts: Scripts
-    ) -> None:
-        self.redis = client
-        self.keys = keys
-        self.config = config
+    def __init__(self, scripts: Scripts, keys: Keys, config: FeatureConfig) -> None:
         self.scripts = scripts
+        self.redis = scripts.redis  # the scripts' client: plain commands go the same way
+        self.keys, self.config = keys, config
         self._weights = {k: float(v) for k, v in config.event_weights.items()}
         self._cfg_json = json.dumps(
             {

@@ -8,7 +8,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import redis
 
 from feature_repo.definitions import FeatureConfig, Keys
 from feature_repo.scripts import Scripts
@@ -29,13 +28,10 @@ from feature_repo.types import (
 class Reads:
     """Request reads of one namespace on one Redis node."""
 
-    def __init__(
-        self, client: redis.Redis, keys: Keys, config: FeatureConfig, scripts: Scripts
-    ) -> None:
-        self.redis = client
-        self.keys = keys
-        self.config = config
+    def __init__(self, scripts: Scripts, keys: Keys, config: FeatureConfig) -> None:
         self.scripts = scripts
+        self.redis = scripts.redis  # the scripts' client: plain commands go the same way
+        self.keys, self.config = keys, config
         self._event_types = set(config.event_weights)
 
     def read_request(

@@ -51,8 +51,8 @@ class FeatureStore:
             cluster = isinstance(client, RedisCluster)
         ingest: type[Ingest] = ClusterIngest if cluster else SingleNodeIngest
         reads: type[Reads] = ClusterReads if cluster else Reads
-        self._ingest = ingest(client, self.keys, self.config, self.scripts)
-        self._reads = reads(client, self.keys, self.config, self.scripts)
+        self._ingest = ingest(self.scripts, self.keys, self.config)
+        self._reads = reads(self.scripts, self.keys, self.config)
         self._pushes = Pushes(client, self.keys, self.config)
 
     @property
