@@ -329,6 +329,11 @@ class Keys:
     def item_list(self, item_id: str, name: str) -> str:
         return self.item_prefix(item_id) + "list:" + name
 
+    @staticmethod
+    def staging(key: str) -> str:
+        """Where a push writes `key`'s replacement before it RENAMEs it over `key` (same slot)."""
+        return key + ":staging"
+
     def pattern(self) -> str:
         """SCAN pattern matching every key of the namespace."""
         return f"{self.namespace}:*"

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import polars as pl
 import redis
+from redis.cluster import RedisCluster
 
 from feature_repo.definitions import (
     NEIGHBORS_LIST,
@@ -26,7 +27,9 @@ _MEMBER_CHUNK = 5000
 class Pushes:
     """Offline pushes of one namespace (the batch loop, after a promotion or an analysis)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, config: FeatureConfig) -> None:
+    def __init__(
+        self, client: redis.Redis | RedisCluster, keys: Keys, config: FeatureConfig
+    ) -> None:
         self.redis = client
         self.keys = keys
         self.config = config
@@ -58,7 +61,7 @@ class Pushes:
         """Replace the batch loop's popularity from `item_id, score`; returns items written."""
         self._require(frame, ("item_id", "score"))
         target = self.keys.batch_popularity
-        staging = target + ":staging"
+        staging = Keys.staging(target)
         ids = frame["item_id"].cast(pl.String).to_list()
         scores = frame["score"].cast(pl.Float64).to_list()
         pipe = self.redis.pipeline(transaction=False)
@@ -167,9 +170,7 @@ class Pushes:
         )
         names = groups["category"].to_list()
 
-        def staged(key: str) -> str:
-            return key + ":staging"
-
+        staged = Keys.staging
         previous = self.redis.hget(keys.trend_meta, "lists")
         old_names = set(json.loads(previous)) if previous else set()
         writes: list[tuple[str, list, list]] = [
@@ -250,7 +251,7 @@ class Pushes:
             pipe = self.redis.pipeline(transaction=False)
             for i in range(start, min(start + _PUSH_CHUNK, len(owners))):
                 key = key_of(owners[i])
-                staging = key + ":staging"
+                staging = Keys.staging(key)
                 pipe.delete(staging)
                 pipe.zadd(staging, dict(zip(members[i], scores[i], strict=True)))
                 pipe.expire(staging, ttl)

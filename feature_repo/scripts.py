@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 
 class Scripts:
     """Runs the scripts of this module on one client by SHA, loading each the first time it is
     run and again when Redis lost it."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster) -> None:
         self.redis = client
         self._shas: dict[str, str] = {}
 
