@@ -8,9 +8,12 @@ import numpy as np
 import polars as pl
 import pytest
 import redis
+from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from feature_repo.definitions import FEATURES, FeatureConfig, Keys
+from feature_repo.ingest import ClusterIngest, SingleNodeIngest
+from feature_repo.reads import ClusterReads, Reads
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
 from feature_repo.types import RequestFeatures, ScoredItems
@@ -381,3 +384,11 @@ def test_the_sharded_path_for_redis_cluster_matches_the_script(
         assert EventStream(redis_client, namespace + "-sharded").length() == frame.height
     finally:
         clear_namespace(redis_client, namespace + "-sharded")
+
+
+def test_the_kind_of_client_picks_the_backends(redis_client: redis.Redis, namespace: str) -> None:
+    # A RedisCluster that was never connected: FeatureStore only looks at its kind.
+    cluster = FeatureStore(RedisCluster.__new__(RedisCluster), namespace)
+    assert type(cluster._ingest) is ClusterIngest and type(cluster._reads) is ClusterReads
+    single = FeatureStore(redis_client, namespace)
+    assert type(single._ingest) is SingleNodeIngest and type(single._reads) is Reads
