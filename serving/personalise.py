@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from feature_repo.store import UserProfile
+from feature_repo.types import UserProfile
 from serving.settings import SegmentRule
 
 if TYPE_CHECKING:

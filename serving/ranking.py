@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from feature_repo.store import EMPTY, ScoredItems, UserProfile
+from feature_repo.types import EMPTY, ScoredItems, UserProfile
 from serving.personalise import SegmentBoost, segment_boost
 from serving.schemas import Filters
 from serving.settings import (

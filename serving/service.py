@@ -26,8 +26,9 @@ from starlette.responses import Response
 
 from feature_repo.connection import connect
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
-from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, TrendList, UserProfile
+from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
+from feature_repo.types import GlobalLists, ScoredItems, TrendList, UserProfile
 from serving.errors import DependencyUnavailable, JSONNotFound, install_error_handlers
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet

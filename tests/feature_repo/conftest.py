@@ -44,3 +44,12 @@ def namespace(redis_client: redis.Redis) -> Iterator[str]:
 @pytest.fixture
 def store(redis_client: redis.Redis, namespace: str) -> FeatureStore:
     return FeatureStore(redis_client, namespace)
+
+
+@pytest.fixture(params=[False, True], ids=["single-node", "cluster"])
+def either_store(
+    request: pytest.FixtureRequest, redis_client: redis.Redis, namespace: str
+) -> FeatureStore:
+    """A store on each backend in turn: a test using it runs the single-node (Lua) path and the
+    Redis Cluster (per-slot) path on the one test server."""
+    return FeatureStore(redis_client, namespace, cluster=request.param)

@@ -9,7 +9,8 @@ import redis
 from redis.crc import key_slot
 
 from feature_repo.definitions import FEATURES_BY_NAME, PROFILE_FIELDS, Keys
-from feature_repo.store import FeatureStore, UserProfile
+from feature_repo.store import FeatureStore
+from feature_repo.types import UserProfile
 
 NOW = 1_800_000_000.0
 
@@ -129,9 +130,11 @@ def test_request_reads_carry_the_profile_in_the_same_round_trip(
     assert CountingRedis.sent == 1
 
     assert UserProfile.from_hash("thrifty", found.profile).segment == "price_sensitive"
-    state = store.read_user("fan", "sig", 10, 10, now=NOW)
+    state = store.read_request("fan", "sig", 10, 10, 0, [], 0, now=NOW)
     assert UserProfile.from_hash("fan", state.profile).segment == "loyal_customer"
-    assert not UserProfile.from_hash("nobody", store.read_user("nobody", "s", 1, 1).profile).known
+    assert not UserProfile.from_hash(
+        "nobody", store.read_request("nobody", "s", 1, 1, 0, [], 0).profile
+    ).known
 
 
 def test_trend_lists_global_and_per_category(store: FeatureStore) -> None:

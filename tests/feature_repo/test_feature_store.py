@@ -8,11 +8,15 @@ import numpy as np
 import polars as pl
 import pytest
 import redis
+from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from feature_repo.definitions import FEATURES, FeatureConfig, Keys
+from feature_repo.ingest import ClusterIngest, SingleNodeIngest
+from feature_repo.reads import ClusterReads, Reads
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
+from feature_repo.types import RequestFeatures, ScoredItems
 
 NOW = 1_800_000_000.0
 
@@ -31,6 +35,28 @@ def events(rows: list[tuple], start_id: int = 0) -> pl.DataFrame:
         },
         schema_overrides={"value": pl.Float64, "session_id": pl.String},
     )
+
+
+def coviewed(store: FeatureStore, item_ids: list[str], k: int) -> list[ScoredItems]:
+    """Items co-viewed after each of `item_ids`, read as the service reads them."""
+    return store.item_lists(item_ids, ["coview"], k)["coview"]
+
+
+def read_user(
+    store: FeatureStore, user_id: str, signature: str, n_recent: int, n_candidates: int, **kw
+) -> RequestFeatures:
+    """The request read without per-item lists: the cached response or the user's features."""
+    return store.read_request(user_id, signature, n_recent, n_candidates, 0, [], 0, **kw)
+
+
+def popular(store: FeatureStore, k: int, now: float) -> ScoredItems:
+    """The live popularity the service reads (decayed to `now`)."""
+    return store.global_lists(k, now).popularity
+
+
+def stats(store: FeatureStore) -> dict[str, int]:
+    """The deployment counters the ingest keeps (accepted, duplicates, new_items)."""
+    return {name: int(value) for name, value in store.redis.hgetall(store.keys.stats).items()}
 
 
 class CountingRedis(redis.Redis):
@@ -64,29 +90,37 @@ def test_ingest_updates_every_feature(store: FeatureStore) -> None:
     assert counters["last_seen"] == pytest.approx(NOW)
 
     # Co-view is directional: items touched after `a` by the same users.
-    after_a, after_b, after_c = store.coviewed(["a", "b", "c"], 10)
+    after_a, after_b, after_c = coviewed(store, ["a", "b", "c"], 10)
     assert dict(zip(after_a.ids, after_a.scores, strict=True)) == {"c": 2.0, "b": 1.0}
     assert dict(zip(after_b.ids, after_b.scores, strict=True)) == {"c": 1.0}
     assert len(after_c) == 0
 
     # Popularity weighs purchase 10 and a rating its value, decayed from the event times.
-    pop = store.popular(10, now=NOW)
+    pop = popular(store, 10, now=NOW)
     rate = store.config.popularity_rate
     expected_c = 10 * math.exp(-rate * 30) + 4 * math.exp(-rate * 10)
     assert pop.ids[0] == "c"
     assert pop.scores[0] == pytest.approx(expected_c, rel=1e-9)
-    assert store.stats() == {"accepted": 5, "new_items": 3}
+    assert stats(store) == {"accepted": 5, "new_items": 3}
     assert EventStream(store.redis, store.namespace).length() == 5
 
 
 def test_duplicates_change_nothing(store: FeatureStore) -> None:
     batch = events([("u1", "a", "view", 5), ("u1", "b", "click", 4)])
     store.ingest(batch, now=NOW)
-    before = (store.counters("u1"), store.popular(5, now=NOW), store.coviewed(["a"], 5))
+    before = (
+        store.counters("u1"),
+        popular(store, 5, now=NOW),
+        coviewed(store, ["a"], 5),
+    )
     again = store.ingest(batch, now=NOW)
     assert (again.accepted, again.duplicates) == (0, 2)
     assert list(again.duplicate_rows) == [0, 1]
-    after = (store.counters("u1"), store.popular(5, now=NOW), store.coviewed(["a"], 5))
+    after = (
+        store.counters("u1"),
+        popular(store, 5, now=NOW),
+        coviewed(store, ["a"], 5),
+    )
     assert before[0] == after[0]
     np.testing.assert_array_equal(before[1].scores, after[1].scores)
     np.testing.assert_array_equal(before[2][0].scores, after[2][0].scores)
@@ -98,11 +132,11 @@ def test_duplicates_change_nothing(store: FeatureStore) -> None:
     assert (result.accepted, result.duplicates, list(result.duplicate_rows)) == (1, 2, [1, 2])
 
 
-@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("cluster", [False, True])
 def test_an_event_id_is_global_across_users(
-    redis_client: redis.Redis, namespace: str, sharded: bool
+    redis_client: redis.Redis, namespace: str, cluster: bool
 ) -> None:
-    store = FeatureStore(redis_client, namespace, sharded=sharded)
+    store = FeatureStore(redis_client, namespace, cluster=cluster)
     first = store.ingest(events([("alice", "a", "view", 5)]), now=NOW)
     # Another user's event with the same id, then the same id twice in one batch.
     second = store.ingest(events([("bob", "b", "view", 4)]), now=NOW)
@@ -160,19 +194,19 @@ def test_coview_window_and_cap(redis_client, namespace) -> None:
         now=NOW,
     )
     store.ingest(events([("u", "z", "view", 70)], start_id=10), now=NOW)
-    after_x, after_y = store.coviewed(["x", "y"], 10)
+    after_x, after_y = coviewed(store, ["x", "y"], 10)
     assert set(after_x.ids) == set()
     assert set(after_y.ids) == {"w", "z"}
     # Re-touching an item already in the window adds no co-view.
     store.ingest(events([("u", "y", "click", 60)], start_id=20), now=NOW)
-    assert dict(zip(*store.coviewed(["w"], 10)[0], strict=True)) == {"z": 1.0}
+    assert dict(zip(*coviewed(store, ["w"], 10)[0], strict=True)) == {"z": 1.0}
 
     # The cap keeps the strongest pairs.
     for n, other in enumerate(["p", "p", "q", "r"]):
         pair = [(f"v{n}", "hub", "view", 50), (f"v{n}", other, "view", 49)]
         store.ingest(events(pair, start_id=100 + 10 * n), now=NOW)
     # r was the third member: the weakest (q: 1, ties broken by name) made room for it.
-    hub = store.coviewed(["hub"], 10)[0]
+    hub = coviewed(store, ["hub"], 10)[0]
     assert list(hub.ids) == ["p", "r"] and list(hub.scores) == [2.0, 1.0]
 
 
@@ -180,12 +214,12 @@ def test_popularity_decays_with_half_life(redis_client, namespace) -> None:
     config = FeatureConfig(popularity_half_life=100.0, trending_half_life=10.0)
     store = FeatureStore(redis_client, namespace, config)
     store.ingest(events([("u1", "new", "view", 0), ("u2", "old", "view", 100)]), now=NOW)
-    pop = store.popular(2, now=NOW)
+    pop = popular(store, 2, now=NOW)
     scores = dict(zip(pop.ids, pop.scores, strict=True))
     assert scores["new"] == pytest.approx(1.0) and scores["old"] == pytest.approx(0.5)
-    later = dict(zip(*store.popular(2, now=NOW + 100), strict=True))
+    later = dict(zip(*popular(store, 2, now=NOW + 100), strict=True))
     assert later["new"] == pytest.approx(0.5) and later["old"] == pytest.approx(0.25)
-    trend = dict(zip(*store.trending(2, now=NOW), strict=True))
+    trend = dict(zip(*store.global_lists(2, now=NOW).trending, strict=True))
     assert trend["old"] == pytest.approx(2.0**-10)
 
 
@@ -199,25 +233,26 @@ def test_decay_reference_is_rebased_before_overflow(redis_client, namespace) -> 
         pl.lit(int(later)).alias("timestamp")
     )
     store.ingest(batch, now=later)
-    pop = store.popular(5, now=later)
+    pop = popular(store, 5, now=later)
     assert pop.ids[0] == "b" and pop.scores[0] == pytest.approx(1.0)
     stored = store.redis.zrange(store.keys.popularity, 0, -1, withscores=True)
     assert all(math.isfinite(score) for _, score in stored)
 
 
-def test_cache_is_invalidated_by_the_users_events(store: FeatureStore) -> None:
+def test_cache_is_invalidated_by_the_users_events(either_store: FeatureStore) -> None:
+    store = either_store
     store.cache_response("u1", "sig", '{"items": []}', now=NOW)
     store.cache_response("u2", "sig", '{"other": 1}', now=NOW)
-    assert store.read_user("u1", "sig", 10, 10, now=NOW + 1).cached == '{"items": []}'
-    assert store.read_user("u1", "other-sig", 10, 10, now=NOW + 1).cached is None
+    assert read_user(store, "u1", "sig", 10, 10, now=NOW + 1).cached == '{"items": []}'
+    assert read_user(store, "u1", "other-sig", 10, 10, now=NOW + 1).cached is None
     # Expired by age even if the hash lives on.
     ttl = store.config.cache_ttl
-    assert store.read_user("u1", "sig", 10, 10, now=NOW + ttl + 1).cached is None
+    assert read_user(store, "u1", "sig", 10, 10, now=NOW + ttl + 1).cached is None
 
     store.ingest(events([("u1", "a", "view", 0)]), now=NOW)
-    state = store.read_user("u1", "sig", 10, 10, now=NOW + 1)
+    state = read_user(store, "u1", "sig", 10, 10, now=NOW + 1)
     assert state.cached is None and list(state.recent.ids) == ["a"]
-    assert store.read_user("u2", "sig", 10, 10, now=NOW + 1).cached == '{"other": 1}'
+    assert read_user(store, "u2", "sig", 10, 10, now=NOW + 1).cached == '{"other": 1}'
 
 
 def test_keys_have_ttls_and_share_a_slot_per_entity(store: FeatureStore) -> None:
@@ -251,7 +286,8 @@ def test_feature_definitions_cover_the_key_schema() -> None:
         Keys("bad{ns}")
 
 
-def test_offline_pushes_replace_lists(store: FeatureStore) -> None:
+def test_offline_pushes_replace_lists(either_store: FeatureStore) -> None:
+    store = either_store
     first = pl.DataFrame(
         {"item_id": ["a", "a", "b"], "neighbor_id": ["b", "c", "a"], "score": [0.9, 0.5, 0.7]}
     )
@@ -266,13 +302,15 @@ def test_offline_pushes_replace_lists(store: FeatureStore) -> None:
     store.push_batch_candidates(
         pl.DataFrame({"user_id": ["u", "u"], "item_id": ["x", "y"], "score": [1.0, 2.0]})
     )
-    assert list(store.read_user("u", "s", 5, 5, now=NOW).candidates.ids) == ["y", "x"]
+    assert list(read_user(store, "u", "s", 5, 5, now=NOW).candidates.ids) == ["y", "x"]
 
-    # Without live events, popularity falls back to the batch loop's.
+    # Before live events only the batch loop's popularity is there (the service falls back to
+    # it); live events make the live list.
     store.push_popularity(pl.DataFrame({"item_id": ["p", "q"], "score": [3.0, 7.0]}))
-    assert list(store.popular(5, now=NOW).ids) == ["q", "p"]
+    lists = store.global_lists(5, now=NOW)
+    assert len(lists.popularity) == 0 and list(lists.batch_popularity.ids) == ["q", "p"]
     store.ingest(events([("u", "live", "view", 0)]), now=NOW)
-    assert list(store.popular(5, now=NOW).ids) == ["live"]
+    assert list(popular(store, 5, now=NOW).ids) == ["live"]
     with pytest.raises(ValueError, match="neighbor_id"):
         store.push_item_lists("x", pl.DataFrame({"item_id": ["a"], "score": [1.0]}))
 
@@ -288,7 +326,7 @@ def test_script_is_loaded_again_when_redis_lost_it(store: FeatureStore) -> None:
     store.ingest(events([("u", "a", "view", 0)]), now=NOW)
     # As after a Redis restart: the cached SHA is unknown to the server (no SCRIPT FLUSH here,
     # the server may be shared).
-    store._shas["INGEST"] = "0" * 40
+    store.scripts._shas["INGEST"] = "0" * 40
     assert store.ingest(events([("u", "b", "view", 0)], start_id=1), now=NOW).accepted == 1
 
 
@@ -304,7 +342,7 @@ def test_the_sharded_path_for_redis_cluster_matches_the_script(
     # Some events come twice: within a batch and across batches.
     frame = pl.concat([frame, frame.slice(100, 40), frame.slice(1000, 20)])
     script = FeatureStore(redis_client, namespace)
-    sharded = FeatureStore(redis_client, namespace + "-sharded", sharded=True)
+    sharded = FeatureStore(redis_client, namespace + "-sharded", cluster=True)
     try:
         for start in range(0, frame.height, 500):
             part = frame.slice(start, 500)
@@ -321,14 +359,17 @@ def test_the_sharded_path_for_redis_cluster_matches_the_script(
             assert script.counters(user) == sharded.counters(user)
         item_ids = frame["item_id"].unique().sort().to_list()
         for left, right in zip(
-            script.coviewed(item_ids, 500), sharded.coviewed(item_ids, 500), strict=True
+            coviewed(script, item_ids, 500), coviewed(sharded, item_ids, 500), strict=True
         ):
             assert dict(zip(*left, strict=True)) == dict(zip(*right, strict=True))
-        pop_a, pop_b = script.popular(100, now=NOW), sharded.popular(100, now=NOW)
+        pop_a, pop_b = (
+            popular(script, 100, now=NOW),
+            popular(sharded, 100, now=NOW),
+        )
         assert dict(zip(pop_a.ids, pop_a.scores.round(9), strict=True)) == dict(
             zip(pop_b.ids, pop_b.scores.round(9), strict=True)
         )
-        assert script.stats() == sharded.stats()
+        assert stats(script) == stats(sharded)
         # The request read falls back to per-slot commands and reads the same.
         user = frame["user_id"][0]
         read_a = script.read_request(user, "s", 100, 10, 5, ["coview"], 20, now=NOW)
@@ -338,8 +379,16 @@ def test_the_sharded_path_for_redis_cluster_matches_the_script(
             assert list(left.ids) == list(right.ids)
         # The stream carries every accepted event; the sharded path also the duplicates (it
         # appends before deduplicating, and the event store drops them).
-        accepted = script.stats()["accepted"]
+        accepted = stats(script)["accepted"]
         assert EventStream(redis_client, namespace).length() == accepted
         assert EventStream(redis_client, namespace + "-sharded").length() == frame.height
     finally:
         clear_namespace(redis_client, namespace + "-sharded")
+
+
+def test_the_kind_of_client_picks_the_backends(redis_client: redis.Redis, namespace: str) -> None:
+    # A RedisCluster that was never connected: FeatureStore only looks at its kind.
+    cluster = FeatureStore(RedisCluster.__new__(RedisCluster), namespace)
+    assert type(cluster._ingest) is ClusterIngest and type(cluster._reads) is ClusterReads
+    single = FeatureStore(redis_client, namespace)
+    assert type(single._ingest) is SingleNodeIngest and type(single._reads) is Reads

@@ -102,7 +102,7 @@ def test_training_job_on_embedded_defaults_registers_a_champion(
     assert store.namespace == redis_env
     lists = store.item_lists(["i1"], ["itemitem", "neighbors"], k=5)
     assert len(lists["itemitem"][0]) > 0 and len(lists["neighbors"][0]) > 0
-    assert len(store.popular(5)) == 5
+    assert len(store.global_lists(5).batch_popularity) == 5
 
 
 def test_failed_run_registers_nothing_and_champion_keeps_serving(

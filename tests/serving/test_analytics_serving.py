@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from starlette.testclient import TestClient
 
-from feature_repo.store import ScoredItems, UserProfile
+from feature_repo.types import ScoredItems, UserProfile
 from serving.personalise import trend_reasons
 from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel, price_percentiles
 from serving.schemas import Filters

@@ -121,7 +121,7 @@ def test_a_new_visitor_gets_popular_items_when_the_model_left_popularity_out(
     has never seen, with no live history, must still get items, not an empty list."""
     import numpy as np
 
-    from feature_repo.store import ScoredItems
+    from feature_repo.types import ScoredItems
     from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel
 
     model = ServingModel(trained_bundle, "1", "champion")

@@ -1,0 +1,238 @@
+"""Applying a batch of events to the real-time features: one Lua script on a single Redis node
+(`SingleNodeIngest`), per-slot commands on Redis Cluster (`ClusterIngest`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from feature_repo.definitions import FeatureConfig, Keys
+from feature_repo.scripts import Scripts
+from feature_repo.types import IngestResult
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch as the scripts take it: columns k (seen_event key), u, i, t, ts, w
+    (weight), and one stream payload (JSON) per event."""
+
+    columns: dict[str, list]
+    payloads: list[str]
+    now: float
+
+
+class Ingest(ABC):
+    """What both backends share: the batch's checks, weights and columns; `_apply` writes it."""
+
+    def __init__(self, scripts: Scripts, keys: Keys, config: FeatureConfig) -> None:
+        self.scripts = scripts
+        self.redis = scripts.redis  # the scripts' client: plain commands go the same way
+        self.keys, self.config = keys, config
+        self._weights = {k: float(v) for k, v in config.event_weights.items()}
+        self._cfg_json = json.dumps(
+            {
+                "recent_cap": config.recent_cap,
+                "coview_items": config.coview_window_items,
+                "coview_seconds": config.coview_window_seconds,
+                "coview_cap": config.coview_cap,
+                "coview_ttl": config.coview_ttl,
+                "counters_ttl": config.counters_ttl,
+                "recent_ttl": config.recent_ttl,
+                "dedupe_ttl": config.dedupe_ttl,
+                "pop_rate": config.popularity_rate,
+                "trend_rate": config.trending_rate,
+                # INGEST builds these keys for the ids it reads; Keys stays their one spelling.
+                "keys": {
+                    "recent": keys.affixes(keys.recent),
+                    "counters": keys.affixes(keys.counters),
+                    "cache": keys.affixes(keys.cache),
+                    "coview": keys.affixes(keys.coview),
+                },
+            }
+        )
+
+    def ingest(self, events: pl.DataFrame, now: float | None = None) -> IngestResult:
+        """Apply a batch of validated events (the event contract, event_id set).
+
+        New events update every feature and are appended to the stream; events whose event_id
+        was ingested within `dedupe_ttl` are reported as duplicates and change nothing.
+        """
+        if events.is_empty():
+            return IngestResult(0, 0, np.empty(0, dtype=np.int64), 0)
+        if events["event_id"].null_count():
+            raise ValueError("every event needs an event_id; fill them with with_event_ids()")
+        return self._apply(self._batch(events, time.time() if now is None else now))
+
+    @abstractmethod
+    def _apply(self, batch: Batch) -> IngestResult:
+        """Write a batch to Redis: dedupe, every feature, the stream."""
+
+    def _batch(self, events: pl.DataFrame, now: float) -> Batch:
+        if "context" not in events.columns:
+            events = events.with_columns(pl.lit(None, dtype=pl.String).alias("context"))
+        frame = events.select(
+            pl.col("user_id").cast(pl.String),
+            pl.col("item_id").cast(pl.String),
+            pl.col("event_type").cast(pl.String),
+            pl.col("timestamp").cast(pl.Int64),
+            pl.col("value").cast(pl.Float64),
+            pl.col("session_id").cast(pl.String),
+            pl.col("event_id").cast(pl.String),
+            pl.col("context").cast(pl.String),
+        )
+        prefix, suffix = self.keys.seen_event_affixes()
+        columns = {
+            "k": frame.select((prefix + pl.col("event_id") + suffix).alias("k"))["k"].to_list(),
+            "u": frame["user_id"].to_list(),
+            "i": frame["item_id"].to_list(),
+            "t": frame["event_type"].to_list(),
+            "ts": frame["timestamp"].to_list(),
+            "w": self._event_weights(frame).tolist(),
+        }
+        # One JSON document per event for the stream; JSON escapes newlines inside strings, so
+        # splitting the NDJSON text on "\n" is exact.
+        payloads = frame.write_ndjson().split("\n")[: frame.height]
+        return Batch(columns, payloads, now)
+
+    def _event_weights(self, events: pl.DataFrame) -> np.ndarray:
+        """Confidence of each event: its type's weight, a rating's value (never negative)."""
+        etype = pl.col("event_type").cast(pl.String)
+        weight = (
+            pl.when(etype == "rating")
+            .then(pl.col("value").fill_null(1.0).clip(lower_bound=0.0))
+            .otherwise(etype.replace_strict(self._weights, default=1.0, return_dtype=pl.Float64))
+        )
+        return events.select(weight.alias("w"))["w"].to_numpy()
+
+
+class SingleNodeIngest(Ingest):
+    """The whole batch is the INGEST script: one round trip, atomic."""
+
+    def _apply(self, batch: Batch) -> IngestResult:
+        k = self.keys
+        reply = self.scripts.run(
+            "INGEST",
+            [k.popularity, k.trending, k.decay, k.first_seen, k.stats, k.stream],
+            [
+                repr(float(batch.now)),
+                self._cfg_json,
+                json.dumps(batch.columns),
+                *batch.payloads,
+            ],
+        )
+        accepted, new_items, *dups = reply
+        return IngestResult(
+            int(accepted), len(dups), np.asarray(dups, dtype=np.int64), int(new_items)
+        )
+
+
+class ClusterIngest(Ingest):
+    """The ingest as plain commands, for Redis Cluster, where a script may touch one slot.
+
+    Round trip 1 appends every event to the stream (so an event is durable before it is marked
+    seen; the event store drops the duplicates this lets through). Round trip 2 marks event ids
+    seen (SET NX) and reads the users' recent items. Round trip 3 writes the user and co-view
+    updates, worked out here exactly as the INGEST script does them; the {global} updates are
+    one script (INGEST_GLOBAL) in their slot.
+    """
+
+    def _apply(self, batch: Batch) -> IngestResult:
+        k, cfg, columns = self.keys, self.config, batch.columns
+        users = columns["u"]
+        pipe = self.redis.pipeline(transaction=False)
+        for payload in batch.payloads:
+            pipe.xadd(k.stream, {"e": payload})
+        pipe.execute()
+
+        distinct = list(dict.fromkeys(users))
+        pipe = self.redis.pipeline(transaction=False)
+        for key in columns["k"]:
+            pipe.set(key, "1", nx=True, ex=cfg.dedupe_ttl)
+        for user in distinct:
+            pipe.zrange(k.recent(user), 0, -1, withscores=True)
+        replies = pipe.execute()
+        new = np.array([bool(r) for r in replies[: len(users)]], dtype=bool)
+        recent = {u: dict(pairs) for u, pairs in zip(distinct, replies[len(users) :], strict=True)}
+        accepted_rows = np.flatnonzero(new).tolist()
+
+        self._write_users_and_coview(columns, accepted_rows, recent, batch.now)
+
+        accepted = {name: [columns[name][r] for r in accepted_rows] for name in ("i", "ts", "w")}
+        new_items = self.scripts.run(
+            "INGEST_GLOBAL",
+            [k.popularity, k.trending, k.decay, k.first_seen, k.stats],
+            [
+                repr(float(batch.now)),
+                self._cfg_json,
+                json.dumps(accepted),
+                len(accepted_rows),
+                len(users) - len(accepted_rows),
+            ],
+        )
+        duplicates = np.flatnonzero(~new)
+        return IngestResult(len(accepted_rows), len(duplicates), duplicates, int(new_items))
+
+    def _write_users_and_coview(
+        self,
+        columns: dict[str, list],
+        accepted_rows: list[int],
+        recent: dict[str, dict[str, float]],
+        now: float,
+    ) -> None:
+        """Round trip 3: the accepted events' recent items, counters and co-view, replayed on
+        `recent` (each user's recent items before the batch) in event order, as INGEST does."""
+        k, cfg = self.keys, self.config
+        users, items, types, stamps = columns["u"], columns["i"], columns["t"], columns["ts"]
+        coview: dict[str, list[str]] = {}
+        counts: dict[str, dict[str, int]] = {}
+        touched: dict[str, dict[str, int]] = {}
+        for row in accepted_rows:
+            user, item, ts = users[row], items[row], stamps[row]
+            state = recent[user]
+            if item not in state:
+                window = sorted(
+                    (
+                        (score, member)
+                        for member, score in state.items()
+                        if score >= ts - cfg.coview_window_seconds
+                    ),
+                    reverse=True,
+                )[: cfg.coview_window_items]
+                for _, earlier in window:
+                    coview.setdefault(earlier, []).append(item)
+                state[item] = ts
+                if len(state) > cfg.recent_cap:
+                    del state[min(state.items(), key=lambda p: (p[1], p[0]))[0]]
+            else:
+                state[item] = max(state[item], ts)
+            latest = touched.setdefault(user, {})
+            latest[item] = max(latest.get(item, ts), ts)
+            per_type = counts.setdefault(user, {})
+            per_type[types[row]] = per_type.get(types[row], 0) + 1
+
+        pipe = self.redis.pipeline(transaction=False)
+        for user, per_type in counts.items():
+            key = k.recent(user)
+            pipe.zadd(key, touched[user], gt=True)
+            pipe.zremrangebyrank(key, 0, -cfg.recent_cap - 1)
+            pipe.expire(key, cfg.recent_ttl)
+            counters = k.counters(user)
+            for event_type, count in per_type.items():
+                pipe.hincrby(counters, event_type, count)
+            pipe.hset(counters, "last_seen", repr(float(now)))
+            pipe.expire(counters, cfg.counters_ttl)
+            pipe.delete(k.cache(user))
+        for earlier, later in coview.items():
+            key = k.coview(earlier)
+            for item in later:
+                pipe.zincrby(key, 1, item)
+            pipe.zremrangebyrank(key, 0, -cfg.coview_cap - 1)
+            pipe.expire(key, cfg.coview_ttl)
+        for item in dict.fromkeys(items[r] for r in accepted_rows):
+            pipe.expire(k.coview(item), cfg.coview_ttl)
+        pipe.execute()
