@@ -21,6 +21,7 @@ from serving.settings import (
     blend_weights,
 )
 from training.hybrid import HybridRecommender
+from training.matrix import lookup
 
 ITEM_ITEM = ("ease", "itemknn")
 _REASONS = {
@@ -86,10 +87,10 @@ class ServingModel:
 
     def item_index(self, ids: np.ndarray) -> np.ndarray:
         """Column of each id, -1 for ids the model does not know."""
-        return _lookup(self.item_ids, np.asarray(ids, dtype=str))
+        return lookup(self.item_ids, np.asarray(ids, dtype=str))
 
     def user_index(self, user_id: str) -> int:
-        return int(_lookup(self.user_ids, np.array([user_id], dtype=str))[0])
+        return int(lookup(self.user_ids, np.array([user_id], dtype=str))[0])
 
     def user_row(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """(item columns, confidences) of a known user's training interactions."""
@@ -98,7 +99,7 @@ class ServingModel:
 
     def category_codes(self, names: list[str]) -> np.ndarray:
         """Codes of category names (names the catalog lacks match nothing)."""
-        pos = _lookup(self.categories, np.asarray(names, dtype=str))
+        pos = lookup(self.categories, np.asarray(names, dtype=str))
         return pos[pos >= 0]
 
 
@@ -116,13 +117,6 @@ def price_percentiles(catalog: pl.DataFrame) -> np.ndarray:
     pct = pl.when(price.is_null()).then(None).when(category.is_null()).then(overall)
     out = catalog.select(pct.otherwise(within).cast(pl.Float64).alias("pct"))["pct"]
     return out.fill_null(float("nan")).to_numpy()
-
-
-def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    if not len(sorted_ids) or not len(ids):
-        return np.full(len(ids), -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == ids, pos, -1)
 
 
 def _row(n: int, columns: np.ndarray, values: np.ndarray, unique: bool = False) -> sp.csr_matrix:
