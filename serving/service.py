@@ -1,12 +1,10 @@
-"""The BentoML recommendation service: /recommend, /similar_items, /popular, /trending, /events,
-user activity and profiles over the registry's champion and the real-time features in Redis."""
+"""The BentoML recommendation service: settings, models, the feature store, lifecycle, readiness and
+Redis outages, and the answer behind each route of serving/api.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
-import importlib.metadata
 import json
 import logging
 import os
@@ -14,45 +12,34 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import TypeVar
 
-import anyio
 import bentoml
 import numpy as np
 import redis
-from fastapi import Body, FastAPI, Query
-from fastapi import Path as PathParam
 from starlette.responses import Response
 
 from feature_repo.connection import connect
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
 from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, TrendList, UserProfile
 from feature_repo.stream import EventStream
-from serving.errors import DependencyUnavailable, JSONNotFound, install_error_handlers
+from serving.api import app, json_response
+from serving.errors import DependencyUnavailable, JSONNotFound
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
 from serving.personalise import trend_reasons
 from serving.ranking import LiveFeatures, Ranker, RankingParams
 from serving.schemas import (
-    ID_PATTERN,
-    ErrorResponse,
     EventsRequest,
-    EventsResponse,
-    ItemsResponse,
     PopularRequest,
     RecommendRequest,
-    RecommendResponse,
     SimilarItemsRequest,
     TrendingRequest,
-    TrendingResponse,
-    UserActivityResponse,
-    UserProfileRequest,
-    UserProfileResponse,
 )
 from serving.settings import ServingSettings, blend_weights
 from training import settings as env
-from training.events import MAX_ID_LENGTH, EventLimits, check_batch
+from training.events import EventLimits, check_batch
 
 log = logging.getLogger("recsys.serving")
 T = TypeVar("T")
@@ -71,51 +58,10 @@ HOT_PATHS = [
     "/user_profile",
     "/users",
 ]
-ERRORS = {
-    400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    413: {"model": ErrorResponse, "description": "Body larger than the limit"},
-    422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
-    503: {
-        "model": ErrorResponse,
-        "description": "A dependency (Redis) is down and no fallback can answer; retry later",
-        "headers": {
-            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
-        },
-    },
-}
-# A URL whose path segment no route takes (e.g. a user id with a newline) is not the route's.
-PATH_ERRORS = {
-    **ERRORS,
-    404: {"model": ErrorResponse, "description": "No route takes this path"},
-}
-
-# The endpoints are a FastAPI app mounted with `@bentoml.asgi_app`; each route calls the worker's
-# service instance. BentoML adds /healthz, /readyz, /metrics and the OpenAPI document.
-TITLE = "recsys-platform recommendation service"
-DESCRIPTION = (
-    "Real-time recommendations over the registry's champion model blended with live features, "
-    "and event ingestion. Errors are JSON `{error, field}`; while Redis is down, answers that "
-    "have a fallback come with `degraded: true`, the others are 503 with `Retry-After`."
-)
-app = FastAPI(
-    title=TITLE,
-    description=DESCRIPTION,
-    version=importlib.metadata.version("recsys-platform"),
-    docs_url=None,
-    redoc_url=None,
-    openapi_url=None,
-)
-install_error_handlers(app)
 
 
 # Before the service's app is built: BentoML's request metrics label by route, not raw path.
 label_http_metrics_by_route()
-
-
-def _json(payload: object, status: int = 200) -> Response:
-    return Response(
-        json.dumps(payload, separators=(",", ":")), status, media_type="application/json"
-    )
 
 
 @bentoml.asgi_app(app, path="/")
@@ -413,7 +359,7 @@ class RecommendationService:
             items = [i for i in items if i["item_id"] != body.item_id]
         if degraded and not items and model is None:
             raise self._unavailable("no model is loaded")
-        return _json(
+        return json_response(
             {
                 "items": items,
                 "model_version": model.version if model else None,
@@ -429,7 +375,7 @@ class RecommendationService:
         items = _scored_items(popular, "popular right now", body.k)
         if degraded and not items and model is None:
             raise self._unavailable("no model is loaded")
-        return _json(
+        return json_response(
             {
                 "items": items,
                 "model_version": model.version if model else None,
@@ -505,7 +451,7 @@ class RecommendationService:
             source = "live" if items else "none"
         if degraded and not items and self.models.current.champion is None:
             raise self._unavailable("no model is loaded")
-        return _json(
+        return json_response(
             {
                 "items": items,
                 "categories": categories,
@@ -566,7 +512,7 @@ class RecommendationService:
         body = dataclasses.asdict(profile)
         body["known"] = profile.known
         body["ranking_rule"] = dataclasses.asdict(rule) if rule is not None else None
-        return _json(body)
+        return json_response(body)
 
     # -- /events -------------------------------------------------------------------------------
 
@@ -576,7 +522,7 @@ class RecommendationService:
         self.metrics.events.labels("rejected").inc(len(rejected))
         if checked.events.is_empty():
             first = rejected[0]
-            return _json(
+            return json_response(
                 {
                     "error": f"no valid event in the batch; events[{first['index']}]: "
                     f"{first['reason']}",
@@ -601,7 +547,7 @@ class RecommendationService:
         self.metrics.events.labels("accepted").inc(result.accepted)
         self.metrics.events.labels("duplicate").inc(result.duplicates)
         self.metrics.unknown_items.inc(unknown)
-        return _json(
+        return json_response(
             {
                 "accepted": result.accepted,
                 "duplicates": result.duplicates,
@@ -622,7 +568,7 @@ class RecommendationService:
             raise self._unavailable("user activity lives only there")
         recent, counters = found
         model = self.models.current.champion
-        return _json(
+        return json_response(
             {
                 "user_id": user_id,
                 "recent": [
@@ -633,148 +579,6 @@ class RecommendationService:
                 "known_to_model": bool(model is not None and model.user_index(user_id) >= 0),
             }
         )
-
-
-# -- HTTP routes: module-level functions (no per-request dependency injection) over the one
-# service instance of this worker --------------------------------------------------------------
-
-
-# In the route rather than on EventsRequest, which its own branch rewrites.
-EVENTS_EXAMPLE = {
-    "events": [
-        {"user_id": "u42", "item_id": "i12", "event_type": "view", "timestamp": 1767323045},
-        {
-            "user_id": "u42",
-            "item_id": "i12",
-            "event_type": "purchase",
-            "timestamp": "2026-01-02T03:05:00Z",
-            "value": 1,
-            "event_id": "order-981-1",
-        },
-    ]
-}
-
-
-@app.get("/docs.json", include_in_schema=False)
-async def openapi_document() -> Response:
-    """BentoML's OpenAPI document (our routes and its /healthz, /readyz, /metrics) with this
-    project's title, description and version instead of BentoML's boilerplate."""
-    return _json(_openapi())
-
-
-@functools.cache
-def _openapi() -> dict:
-    spec = RecommendationService.openapi_spec.asdict()
-    spec["info"] = {"title": TITLE, "description": DESCRIPTION, "version": app.version}
-    # BentoML says 3.0.2, but the schemas FastAPI and pydantic write are OpenAPI 3.1 (JSON Schema
-    # 2020-12: `type: null`, `examples` lists), so validators read them right.
-    spec["openapi"] = "3.1.0"
-    return spec
-
-
-# A user id in a URL path: the rules of `Id` in a request body.
-PathUserId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
-
-
-def _service() -> RecommendationService:
-    return bentoml.get_current_service()
-
-
-@app.post(
-    "/recommend",
-    response_model=RecommendResponse,
-    responses=ERRORS,
-    summary="Top-k items for a user, with per-source scores and a reason per item",
-)
-async def recommend(body: RecommendRequest) -> Response:
-    # On the event loop: a request takes about a millisecond, mostly numpy with short Redis
-    # round trips; in worker threads it would queue on the GIL for longer than that.
-    return Response(_service().recommend_json(body), media_type="application/json")
-
-
-@app.post(
-    "/similar_items",
-    response_model=ItemsResponse,
-    responses=ERRORS,
-    summary="Items similar to one item",
-)
-async def similar_items(body: SimilarItemsRequest) -> Response:
-    return _service().similar_items(body)
-
-
-@app.post(
-    "/popular",
-    response_model=ItemsResponse,
-    responses=ERRORS,
-    summary="The most popular items now, optionally of one category",
-)
-async def popular(body: PopularRequest) -> Response:
-    return _service().popular(body)
-
-
-@app.post(
-    "/events",
-    response_model=EventsResponse,
-    responses=ERRORS,
-    summary="Ingest 1 to 1,000 events; each accepted one is in the durable stream",
-)
-async def events(body: Annotated[EventsRequest, Body(examples=[EVENTS_EXAMPLE])]) -> Response:
-    # Validation and the Redis script take milliseconds: off the event loop.
-    return await anyio.to_thread.run_sync(_service().ingest_events, body)
-
-
-@app.get(
-    "/users/{user_id}/activity",
-    response_model=UserActivityResponse,
-    responses=PATH_ERRORS,
-    summary="A user's recent items and event counters",
-)
-async def user_activity(
-    user_id: PathUserId,
-    n: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> Response:
-    return _service().user_activity(user_id, n)
-
-
-@app.post(
-    "/trending",
-    response_model=TrendingResponse,
-    responses=ERRORS,
-    summary="Trending items (global or of one category) with their trend, and trending categories",
-    description=(
-        "From the latest trend analysis (`source: trend_analysis`). Where it has no list for the "
-        "request (no analysis pushed yet, it expired, or nothing of the category trended), a "
-        "fallback (`source: live`, trend fields null): the live 2-hour trending list, then "
-        "decayed live popularity, then batch or training-time popularity, restricted to the "
-        "category when one is given (an item's category comes from the serving model's "
-        "catalog, so a category needs a model; `unknown`: items without one). Each item's "
-        "`reason` names its list."
-    ),
-)
-async def trending(body: TrendingRequest) -> Response:
-    return _service().trending(body)
-
-
-@app.post(
-    "/user_profile",
-    response_model=UserProfileResponse,
-    responses=ERRORS,
-    summary="A user's segment, RFM scores, engagement, churn risk, lifetime value, preferences",
-)
-async def user_profile(body: UserProfileRequest) -> Response:
-    return _service().user_profile(body.user_id)
-
-
-@app.get(
-    "/users/{user_id}/profile",
-    response_model=UserProfileResponse,
-    responses=PATH_ERRORS,
-    summary="The same as POST /user_profile",
-)
-async def user_profile_by_path(
-    user_id: PathUserId,
-) -> Response:
-    return _service().user_profile(user_id)
 
 
 _TREND_FIELDS = ("trend_type", "strength", "confidence", "burst", "velocity", "predicted_direction")
