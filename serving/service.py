@@ -23,6 +23,7 @@ from feature_repo.connection import connect
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
 from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, TrendList, UserProfile
 from feature_repo.stream import EventStream
+from serving import lists
 from serving.api import app, json_response
 from serving.errors import DependencyUnavailable, JSONNotFound
 from serving.metrics import label_http_metrics_by_route, service_metrics
@@ -265,7 +266,7 @@ class RecommendationService:
                 self.metrics.cache.labels("miss").inc()
                 glob, degraded = self._global_lists(now)
                 top = self.settings.candidates_per_source
-                popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
+                popularity = lists.live_popularity(glob)
                 trend, reasons = self._trend_list(now)
                 live = LiveFeatures(
                     recent=found.recent,
@@ -327,36 +328,18 @@ class RecommendationService:
         """Items like `item_id`: the model's item-item neighbours, else live co-view, else
         pushed neighbours, else popular items (the reason says which)."""
         model = self.models.current.champion
-        items: list[dict] = []
-        if model is not None:
-            idx = model.item_index(np.array([body.item_id]))[0]
-            if idx >= 0:
-                found, scores = model.bundle.similar_items(np.array([idx]), body.k)
-                valid = np.isfinite(scores[0])
-                items = [
-                    {"item_id": model.item_ids[j], "score": round(float(s), 6), "reason": "similar"}
-                    for j, s in zip(found[0][valid], scores[0][valid], strict=True)
-                ]
+        items = lists.model_similar(model, body.item_id, body.k)
         degraded = False
         if not items:
-            fallbacks = (
-                ("coview", "viewed together"),
-                (ITEM_ITEM_LIST, "often chosen together"),
-                (NEIGHBORS_LIST, "similar"),
-            )
-            names = [n for n, _ in fallbacks]
-            lists = self._live(lambda: self.store.item_lists([body.item_id], names, body.k))
-            degraded = lists is None
-            for name, reason in fallbacks if lists is not None else ():
-                scored = lists[name][0]
-                if len(scored):
-                    items = _scored_items(scored, reason, body.k)
-                    break
+            names = [name for name, _ in lists.SIMILAR_FALLBACKS]
+            found = self._live(lambda: self.store.item_lists([body.item_id], names, body.k))
+            degraded = found is None
+            if found is not None:
+                items = lists.similar_from_lists(found, body.k)
         if not items:
             popular, stale = self._popular(body.k, None)
             degraded = degraded or stale
-            items = _scored_items(popular, "popular right now", body.k)
-            items = [i for i in items if i["item_id"] != body.item_id]
+            items = lists.popular_instead_of_similar(popular, body.item_id, body.k)
         if degraded and not items and model is None:
             raise self._unavailable("no model is loaded")
         return json_response(
@@ -372,7 +355,7 @@ class RecommendationService:
         """Most popular items now (decayed live popularity), optionally of one category."""
         model = self.models.current.champion
         popular, degraded = self._popular(body.k, body.category)
-        items = _scored_items(popular, "popular right now", body.k)
+        items = lists.scored_items(popular, "popular right now", body.k)
         if degraded and not items and model is None:
             raise self._unavailable("no model is loaded")
         return json_response(
@@ -388,29 +371,7 @@ class RecommendationService:
         """The k most popular items (of a category), and whether Redis was down: then the last
         lists read, topped up from the model's training-time popularity."""
         glob, degraded = self._global_lists(time.time())
-        live = glob.popularity if len(glob.popularity) else glob.batch_popularity
-        model = self.models.current.champion
-        ids = np.asarray(live.ids, dtype=object)
-        scores = live.scores
-        if category is not None:
-            if model is None:
-                return ScoredItems(ids[:0], scores[:0]), degraded
-            idx = model.item_index(ids) if len(ids) else np.empty(0, dtype=int)
-            keep = (idx >= 0) & (model.category[np.maximum(idx, 0)] == category)
-            ids, scores = ids[keep], scores[keep]
-        if len(ids) < k and model is not None:
-            # Top up from the training-time popularity, e.g. right after a Redis flush.
-            extra = model.popularity.copy()
-            if category is not None:
-                extra[model.category != category] = -np.inf
-            extra[model.item_index(ids)] = -np.inf if len(ids) else extra[:0]
-            order = np.argsort(-extra, kind="stable")[: k - len(ids)]
-            order = order[np.isfinite(extra[order]) & (extra[order] > 0)]
-            top = scores.max() if len(scores) else 1.0
-            fill = extra[order] / max(extra[order].max() if len(order) else 1.0, 1e-12) * top * 0.5
-            ids = np.concatenate([ids, model.item_ids[order].astype(object)])
-            scores = np.concatenate([scores, fill])
-        return ScoredItems(ids[:k], scores[:k]), degraded
+        return lists.popular(glob, self.models.current.champion, k, category), degraded
 
     # -- /trending and profiles ----------------------------------------------------------------
 
@@ -422,7 +383,11 @@ class RecommendationService:
         if found is None:
             found = TrendList(_NO_ITEMS, [], [])
         categories = [
-            {"category": c["category"], "trend_score": c.get("trend_score"), **_trend_fields(c)}
+            {
+                "category": c["category"],
+                "trend_score": c.get("trend_score"),
+                **lists.trend_fields(c),
+            }
             for c in found.categories[: body.k]
         ]
         if len(found):
@@ -433,7 +398,7 @@ class RecommendationService:
                     "score": round(score, 6),
                     "category": info.get("category"),
                     "reason": reason,
-                    **_trend_fields(info),
+                    **lists.trend_fields(info),
                 }
                 for item_id, score, info, reason in zip(
                     found.items.ids.tolist(),
@@ -447,7 +412,8 @@ class RecommendationService:
         else:
             live, stale = self._live_trending(body.k, body.category)
             degraded = degraded or stale
-            items = [{**item, "category": body.category, **_trend_fields({})} for item in live]
+            no_trend = lists.trend_fields({})
+            items = [{**item, "category": body.category, **no_trend} for item in live]
             source = "live" if items else "none"
         if degraded and not items and self.models.current.champion is None:
             raise self._unavailable("no model is loaded")
@@ -463,45 +429,14 @@ class RecommendationService:
         )
 
     def _live_trending(self, k: int, category: str | None) -> tuple[list[dict], bool]:
-        """The fallback of /trending where the trend analysis has no list: the live 2-hour
-        trending list, then live decayed popularity, then the batch loop's popularity, then the
-        model's training-time popularity, each item once; its reason names its list. The flag
-        says Redis was down (then the last lists read, if any, and the model's popularity).
-
-        Categories are named as in the trend analysis (`unknown`: items the model's catalog
-        gives no category or does not list), so a category needs a model.
-        """
+        """lists.live_trending over the global lists, and whether Redis was down (then the last
+        lists read, if any, and the model's popularity)."""
         model = self.models.current.champion
+        # A category needs the model's catalog: without one, Redis is not asked.
         if category is not None and model is None:
             return [], self.redis_outage.down
         glob, degraded = self._global_lists(time.time())
-
-        def trained() -> ScoredItems:
-            if model is None:
-                return ScoredItems(np.empty(0, dtype=str), np.empty(0))
-            order = np.argsort(-model.popularity, kind="stable")
-            return ScoredItems(model.item_ids[order], model.popularity[order])
-
-        lists = (
-            ("trending now", lambda: glob.trending),
-            ("popular right now", lambda: glob.popularity),
-            ("popular", lambda: glob.batch_popularity),
-            ("popular", trained),
-        )
-        items: dict[str, dict] = {}
-        for reason, read in lists:
-            scored = read()
-            ids, scores = np.asarray(scored.ids, dtype=str), scored.scores
-            keep = scores > 0
-            if category is not None and model is not None and len(ids):
-                idx = model.item_index(ids)
-                names = np.where(idx >= 0, model.category[np.maximum(idx, 0)], "")
-                keep &= np.where(names == "", "unknown", names) == category
-            for item in _scored_items(ScoredItems(ids[keep], scores[keep]), reason, k):
-                items.setdefault(item["item_id"], item)
-            if len(items) >= k:
-                break
-        return list(items.values())[:k], degraded
+        return lists.live_trending(glob, model, k, category), degraded
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""
@@ -579,20 +514,6 @@ class RecommendationService:
                 "known_to_model": bool(model is not None and model.user_index(user_id) >= 0),
             }
         )
-
-
-_TREND_FIELDS = ("trend_type", "strength", "confidence", "burst", "velocity", "predicted_direction")
-
-
-def _trend_fields(info: dict) -> dict:
-    return {name: info.get(name) for name in _TREND_FIELDS}
-
-
-def _scored_items(scored, reason: str, k: int) -> list[dict]:
-    return [
-        {"item_id": i, "score": round(float(s), 6), "reason": reason}
-        for i, s in zip(scored.ids[:k].tolist(), scored.scores[:k].tolist(), strict=True)
-    ]
 
 
 def _envelope(
