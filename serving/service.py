@@ -11,8 +11,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import TypeVar
 
 import bentoml
 import numpy as np
@@ -20,17 +18,18 @@ import redis
 from starlette.responses import Response
 
 from feature_repo.connection import connect
-from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
-from feature_repo.store import FeatureStore, GlobalLists, ScoredItems, TrendList, UserProfile
+from feature_repo.definitions import FeatureConfig
+from feature_repo.store import FeatureStore, ScoredItems, TrendList
 from feature_repo.stream import EventStream
 from serving import lists
 from serving.api import app, json_response
 from serving.errors import DependencyUnavailable, JSONNotFound
+from serving.features import NO_ITEMS, FeatureReader
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
 from serving.personalise import trend_reasons
-from serving.ranking import LiveFeatures, Ranker, RankingParams
+from serving.ranking import Ranked, Ranker, RankingParams, ServingModel
 from serving.schemas import (
     EventsRequest,
     PopularRequest,
@@ -43,12 +42,9 @@ from training import settings as env
 from training.events import EventLimits, check_batch
 
 log = logging.getLogger("recsys.serving")
-T = TypeVar("T")
 # While Redis is down requests skip it; a probe checks it this often, so this is also about how
 # long a recovery takes to be noticed and what Retry-After says.
 REDIS_PROBE_SECONDS = 1.0
-_NO_ITEMS = ScoredItems(np.empty(0, dtype=object), np.empty(0))
-_NO_LISTS = GlobalLists(_NO_ITEMS, _NO_ITEMS, _NO_ITEMS)
 
 HOT_PATHS = [
     "/recommend",
@@ -115,8 +111,9 @@ class RecommendationService:
         )
         self._store: FeatureStore | None = None
         self._store_lock = threading.Lock()
-        self._global: tuple[float, GlobalLists] | None = None
-        self._trends: tuple[float, ScoredItems, np.ndarray] | None = None
+        self.features = FeatureReader(
+            lambda: self.store, self.settings, self.redis_outage, self.metrics
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -159,23 +156,6 @@ class RecommendationService:
     def _ensure_group(self) -> None:
         EventStream(self.store.redis, self.store.namespace).ensure_group()
 
-    def _unavailable(self, what: str) -> DependencyUnavailable:
-        return DependencyUnavailable(
-            f"Redis is unavailable and {what}; retry later", self.redis_outage.retry_after
-        )
-
-    def _live(self, read: Callable[[], T]) -> T | None:
-        """`read()` of Redis, or None while Redis is down (then no request waits on it)."""
-        if self.redis_outage.down:
-            self.metrics.degraded.inc()
-            return None
-        try:
-            return read()
-        except REDIS_DOWN as exc:
-            self.redis_outage.failed(exc)
-            self.metrics.degraded.inc()
-            return None
-
     def __is_ready__(self) -> bool:
         # While Redis is known to be down the probe says so; a probe request does not wait on it.
         if self.redis_outage.down:
@@ -204,30 +184,6 @@ class RecommendationService:
         }
         self.metrics.show_models(shown or {"popularity": "live"})
 
-    def _global_lists(self, now: float) -> tuple[GlobalLists, bool]:
-        """Popularity and trending, shared by every request of this worker for a few ms, and
-        whether they are degraded: while Redis is down, the last lists read (or none)."""
-        cached = self._global
-        if cached is not None and now - cached[0] < self.settings.global_lists_ttl:
-            return cached[1], False
-        # Deeper than the ranker needs: /popular filters it by category.
-        depth = max(500, self.settings.candidates_per_source)
-        lists = self._live(lambda: self.store.global_lists(depth, now))
-        if lists is None:
-            return (cached[1] if cached is not None else _NO_LISTS), True
-        self._global = (now, lists)
-        return lists, False
-
-    def _trend_list(self, now: float) -> tuple[ScoredItems, np.ndarray]:
-        """The trend analysis' top items and their reasons, reused for `trends_ttl` seconds (the
-        analysis runs hourly)."""
-        cached = self._trends
-        if cached is not None and now - cached[0] < self.settings.trends_ttl:
-            return cached[1], cached[2]
-        found = self.store.trending_items(self.settings.candidates_per_source)
-        self._trends = (now, found.items, trend_reasons(found.info))
-        return found.items, self._trends[2]
-
     # -- /recommend ----------------------------------------------------------------------------
 
     def recommend_json(self, body: RecommendRequest) -> str:
@@ -237,57 +193,10 @@ class RecommendationService:
         request_id = uuid.uuid4().hex
         model = self.models.current.for_user(body.user_id)
         variant = model.variant if model is not None else "popularity"
-        version = model.version if model is not None else None
-        filters = body.filters.model_dump_json() if body.filters else ""
-        signature = f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}"
-        live, degraded = LiveFeatures(), self.redis_outage.down
-        names = ["coview"]
-        if model is None or "item2vec" not in model.components:
-            names.append(NEIGHBORS_LIST)
-        if model is None or model.item_item is None:
-            names.append(ITEM_ITEM_LIST)
-        # While Redis is known to be down the request does not wait on it.
-        if not degraded:
-            try:
-                found = self.store.read_request(
-                    body.user_id,
-                    signature,
-                    self.store.config.recent_cap,
-                    self.settings.candidates_per_source,
-                    self.settings.anchors,
-                    names,
-                    self.settings.per_anchor,
-                    now,
-                )
-                if found.cached is not None:
-                    self.metrics.cache.labels("hit").inc()
-                    self.metrics.variant.labels(variant).inc()
-                    return _envelope(found.cached, request_id, started, cached=True)
-                self.metrics.cache.labels("miss").inc()
-                glob, degraded = self._global_lists(now)
-                top = self.settings.candidates_per_source
-                popularity = lists.live_popularity(glob)
-                trend, reasons = self._trend_list(now)
-                live = LiveFeatures(
-                    recent=found.recent,
-                    candidates=found.candidates,
-                    popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
-                    trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
-                    trend=trend,
-                    trend_reasons=reasons,
-                    profile=UserProfile.from_hash(body.user_id, found.profile),
-                    coview=found.lists.get("coview", []),
-                    neighbors=found.lists.get(NEIGHBORS_LIST, []),
-                    item_item=found.lists.get(ITEM_ITEM_LIST, []),
-                )
-            except REDIS_DOWN as exc:
-                # Without Redis the model still answers; the response just lacks live signals.
-                self.redis_outage.failed(exc)
-                degraded = True
-        if degraded:
-            if model is None:
-                raise self._unavailable("no model is loaded")
-            self.metrics.degraded.inc()
+        read = self.features.for_request(body, model, now)
+        if read.cached is not None:
+            self.metrics.variant.labels(variant).inc()
+            return _envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
         ranked = self.ranker.recommend(
             model,
@@ -296,31 +205,16 @@ class RecommendationService:
             body.k,
             body.filters,
             body.exclude_seen,
-            live,
+            read.live,
             now,
         )
-        items = [
-            {"item_id": i, "score": s, "sources": src, "reason": r}
-            for i, s, src, r in zip(
-                ranked.item_ids, ranked.scores, ranked.sources, ranked.reasons, strict=True
-            )
-        ]
-        payload = json.dumps(
-            {
-                "items": items,
-                "model_version": version,
-                "variant": variant,
-                "segment": ranked.segment,
-            },
-            separators=(",", ":"),
-        )
-        if not degraded and self.settings.cache_ttl > 0:
-            self._live(lambda: self.store.cache_response(body.user_id, signature, payload, now))
+        payload = _answer(ranked, model, variant)
+        self.features.cache_answer(body.user_id, read, payload, now)
         done = time.perf_counter()
         self.metrics.stage_latency.labels("features").observe(features_done - started)
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
-        return _envelope(payload, request_id, started, cached=False, degraded=degraded)
+        return _envelope(payload, request_id, started, cached=False, degraded=read.degraded)
 
     # -- /similar_items and /popular -----------------------------------------------------------
 
@@ -332,7 +226,7 @@ class RecommendationService:
         degraded = False
         if not items:
             names = [name for name, _ in lists.SIMILAR_FALLBACKS]
-            found = self._live(lambda: self.store.item_lists([body.item_id], names, body.k))
+            found = self.features.live(lambda: self.store.item_lists([body.item_id], names, body.k))
             degraded = found is None
             if found is not None:
                 items = lists.similar_from_lists(found, body.k)
@@ -341,7 +235,7 @@ class RecommendationService:
             degraded = degraded or stale
             items = lists.popular_instead_of_similar(popular, body.item_id, body.k)
         if degraded and not items and model is None:
-            raise self._unavailable("no model is loaded")
+            raise self.features.unavailable("no model is loaded")
         return json_response(
             {
                 "items": items,
@@ -357,7 +251,7 @@ class RecommendationService:
         popular, degraded = self._popular(body.k, body.category)
         items = lists.scored_items(popular, "popular right now", body.k)
         if degraded and not items and model is None:
-            raise self._unavailable("no model is loaded")
+            raise self.features.unavailable("no model is loaded")
         return json_response(
             {
                 "items": items,
@@ -370,7 +264,7 @@ class RecommendationService:
     def _popular(self, k: int, category: str | None) -> tuple[ScoredItems, bool]:
         """The k most popular items (of a category), and whether Redis was down: then the last
         lists read, topped up from the model's training-time popularity."""
-        glob, degraded = self._global_lists(time.time())
+        glob, degraded = self.features.global_lists(time.time())
         return lists.popular(glob, self.models.current.champion, k, category), degraded
 
     # -- /trending and profiles ----------------------------------------------------------------
@@ -378,10 +272,10 @@ class RecommendationService:
     def trending(self, body: TrendingRequest) -> Response:
         """The trend analysis' top items (of a category) with their trend, and the categories'
         trends; where the analysis has no list, live trending and popular items."""
-        found = self._live(lambda: self.store.trending_items(body.k, body.category))
+        found = self.features.live(lambda: self.store.trending_items(body.k, body.category))
         degraded = found is None
         if found is None:
-            found = TrendList(_NO_ITEMS, [], [])
+            found = TrendList(NO_ITEMS, [], [])
         categories = [
             {
                 "category": c["category"],
@@ -416,7 +310,7 @@ class RecommendationService:
             items = [{**item, "category": body.category, **no_trend} for item in live]
             source = "live" if items else "none"
         if degraded and not items and self.models.current.champion is None:
-            raise self._unavailable("no model is loaded")
+            raise self.features.unavailable("no model is loaded")
         return json_response(
             {
                 "items": items,
@@ -435,14 +329,14 @@ class RecommendationService:
         # A category needs the model's catalog: without one, Redis is not asked.
         if category is not None and model is None:
             return [], self.redis_outage.down
-        glob, degraded = self._global_lists(time.time())
+        glob, degraded = self.features.global_lists(time.time())
         return lists.live_trending(glob, model, k, category), degraded
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""
-        profile = self._live(lambda: self.store.user_profile(user_id))
+        profile = self.features.live(lambda: self.store.user_profile(user_id))
         if profile is None:
-            raise self._unavailable("profiles live only there")
+            raise self.features.unavailable("profiles live only there")
         rule = self.settings.segment_rules.get(profile.segment)
         body = dataclasses.asdict(profile)
         body["known"] = profile.known
@@ -466,7 +360,7 @@ class RecommendationService:
                 },
                 422,
             )
-        result = self._live(lambda: self.store.ingest(checked.events))
+        result = self.features.live(lambda: self.store.ingest(checked.events))
         if result is None:
             # Nothing of the batch was stored: the client retries all of it (event ids dedupe).
             raise DependencyUnavailable(
@@ -496,11 +390,11 @@ class RecommendationService:
 
     def user_activity(self, user_id: str, n: int) -> Response:
         """The user's recent items (newest first) and event counters."""
-        found = self._live(
+        found = self.features.live(
             lambda: (self.store.recent_items(user_id, n), self.store.counters(user_id))
         )
         if found is None:
-            raise self._unavailable("user activity lives only there")
+            raise self.features.unavailable("user activity lives only there")
         recent, counters = found
         model = self.models.current.champion
         return json_response(
@@ -514,6 +408,25 @@ class RecommendationService:
                 "known_to_model": bool(model is not None and model.user_index(user_id) >= 0),
             }
         )
+
+
+def _answer(ranked: Ranked, model: ServingModel | None, variant: str) -> str:
+    """The cacheable `{items, model_version, variant, segment}` JSON object of a ranking."""
+    items = [
+        {"item_id": i, "score": s, "sources": src, "reason": r}
+        for i, s, src, r in zip(
+            ranked.item_ids, ranked.scores, ranked.sources, ranked.reasons, strict=True
+        )
+    ]
+    return json.dumps(
+        {
+            "items": items,
+            "model_version": model.version if model is not None else None,
+            "variant": variant,
+            "segment": ranked.segment,
+        },
+        separators=(",", ":"),
+    )
 
 
 def _envelope(
