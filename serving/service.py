@@ -29,7 +29,8 @@ from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
 from serving.personalise import trend_reasons
-from serving.ranking import Ranked, Ranker, RankingParams, ServingModel
+from serving.ranking import Ranker, RankingParams, ServingModel
+from serving.reranking import Ranked
 from serving.schemas import (
     EventsRequest,
     PopularRequest,
@@ -199,14 +200,14 @@ class RecommendationService:
             return _envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
         ranked = self.ranker.recommend(
-            model,
-            model.blend if model is not None else self._popularity_blend,
-            body.user_id,
-            body.k,
-            body.filters,
-            body.exclude_seen,
-            read.live,
-            now,
+            model=model,
+            weights=model.blend if model is not None else self._popularity_blend,
+            user_id=body.user_id,
+            k=body.k,
+            filters=body.filters,
+            exclude_seen=body.exclude_seen,
+            live=read.live,
+            now=now,
         )
         payload = _answer(ranked, model, variant)
         self.features.cache_answer(body.user_id, read, payload, now)
