@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,8 +16,6 @@ from serving.personalise import SegmentBoost, segment_boost
 from serving.reranking import EMPTY_RANKED, Ranked, diversify, explain, member, rules
 from serving.schemas import Filters
 from serving.settings import (
-    DEFAULT_COLD_START_BLEND,
-    DEFAULT_SEGMENT_RULES,
     SegmentRule,
     ServingSettings,
     blend_weights,
@@ -25,6 +24,7 @@ from training.hybrid import HybridRecommender
 from training.matrix import lookup
 
 ITEM_ITEM = ("ease", "itemknn")
+_DEFAULTS = ServingSettings()
 
 
 class ServingModel:
@@ -119,17 +119,24 @@ class LiveFeatures:
 
 @dataclass(frozen=True)
 class RankingParams:
-    candidates_per_source: int = 100
-    anchors: int = 10
-    recency_half_life: float = 6 * 3600.0
-    freshness_boost: float = 0.1
-    category_cap: float = 0.4
+    """The settings the ranker reads; each default is ServingSettings' (one home)."""
+
+    candidates_per_source: int = _DEFAULTS.candidates_per_source
+    anchors: int = _DEFAULTS.anchors
+    recency_half_life: float = _DEFAULTS.recency_half_life
+    freshness_boost: float = _DEFAULTS.freshness_boost
+    category_cap: float = _DEFAULTS.category_cap
     cold_start_blend: dict[str, float] = field(
-        default_factory=lambda: dict(DEFAULT_COLD_START_BLEND)
+        default_factory=lambda: dict(_DEFAULTS.cold_start_blend)
     )
     segment_rules: dict[str, SegmentRule] = field(
-        default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
+        default_factory=lambda: dict(_DEFAULTS.segment_rules)
     )
+
+    @classmethod
+    def from_settings(cls, settings: ServingSettings) -> RankingParams:
+        """The ranker's part of the service's settings."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -80,17 +80,7 @@ class RecommendationService:
         self.limits = EventLimits(max_future_seconds=self.settings.max_future_seconds)
         self.home = env.recsys_home()
         self.metrics = service_metrics()
-        self.ranker = Ranker(
-            RankingParams(
-                candidates_per_source=self.settings.candidates_per_source,
-                anchors=self.settings.anchors,
-                recency_half_life=self.settings.recency_half_life,
-                freshness_boost=self.settings.freshness_boost,
-                category_cap=self.settings.category_cap,
-                cold_start_blend=self.settings.cold_start_blend,
-                segment_rules=self.settings.segment_rules,
-            )
-        )
+        self.ranker = Ranker(RankingParams.from_settings(self.settings))
         self._popularity_blend = blend_weights(self.settings, None)
         self.models = ModelManager(
             self._open_registry,
@@ -235,22 +225,18 @@ class RecommendationService:
             popular, stale = self._popular(body.k, None)
             degraded = degraded or stale
             items = lists.popular_instead_of_similar(popular, body.item_id, body.k)
-        if degraded and not items and model is None:
-            raise self.features.unavailable("no model is loaded")
-        return json_response(
-            {
-                "items": items,
-                "model_version": model.version if model else None,
-                "request_id": uuid.uuid4().hex,
-                "degraded": degraded,
-            }
-        )
+        return self._items(items, model, degraded)
 
     def popular(self, body: PopularRequest) -> Response:
         """Most popular items now (decayed live popularity), optionally of one category."""
         model = self.models.current.champion
         popular, degraded = self._popular(body.k, body.category)
         items = lists.scored_items(popular, "popular right now", body.k)
+        return self._items(items, model, degraded)
+
+    def _items(self, items: list[dict], model: ServingModel | None, degraded: bool) -> Response:
+        """The body of /similar_items and /popular; nothing to show while degraded and without a
+        model is a 503, not an empty list."""
         if degraded and not items and model is None:
             raise self.features.unavailable("no model is loaded")
         return json_response(
