@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
-from feature_repo.store import GlobalLists, ScoredItems
+from feature_repo.store import GlobalLists, ScoredItems, TrendList
+from serving.personalise import trend_reasons
 from serving.ranking import ServingModel
 
 # The per-item lists /similar_items falls back to, in order, and the reason each one gives.
@@ -23,6 +24,35 @@ TREND_FIELDS = ("trend_type", "strength", "confidence", "burst", "velocity", "pr
 def trend_fields(info: dict) -> dict:
     """The trend analysis' fields of one item or category (None where it has none)."""
     return {name: info.get(name) for name in TREND_FIELDS}
+
+
+def trend_categories(found: TrendList, k: int) -> list[dict]:
+    """The first k categories of a trend list with their trend."""
+    return [
+        {"category": c["category"], "trend_score": c.get("trend_score"), **trend_fields(c)}
+        for c in found.categories[:k]
+    ]
+
+
+def trend_analysis_items(found: TrendList) -> list[dict]:
+    """The items of a trend list with their category, trend and the reason shown for each."""
+    reasons = trend_reasons(found.info)
+    return [
+        {
+            "item_id": item_id,
+            "score": round(score, 6),
+            "category": info.get("category"),
+            "reason": reason,
+            **trend_fields(info),
+        }
+        for item_id, score, info, reason in zip(
+            found.items.ids.tolist(),
+            found.items.scores.tolist(),
+            found.info,
+            reasons.tolist(),
+            strict=True,
+        )
+    ]
 
 
 def scored_items(scored: ScoredItems, reason: str, k: int) -> list[dict]:

@@ -28,7 +28,6 @@ from serving.features import NO_ITEMS, FeatureReader
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
-from serving.personalise import trend_reasons
 from serving.ranking import Ranker, RankingParams, ServingModel
 from serving.reranking import Ranked
 from serving.schemas import (
@@ -263,33 +262,9 @@ class RecommendationService:
         degraded = found is None
         if found is None:
             found = TrendList(NO_ITEMS, [], [])
-        categories = [
-            {
-                "category": c["category"],
-                "trend_score": c.get("trend_score"),
-                **lists.trend_fields(c),
-            }
-            for c in found.categories[: body.k]
-        ]
+        categories = lists.trend_categories(found, body.k)
         if len(found):
-            reasons = trend_reasons(found.info)
-            items = [
-                {
-                    "item_id": item_id,
-                    "score": round(score, 6),
-                    "category": info.get("category"),
-                    "reason": reason,
-                    **lists.trend_fields(info),
-                }
-                for item_id, score, info, reason in zip(
-                    found.items.ids.tolist(),
-                    found.items.scores.tolist(),
-                    found.info,
-                    reasons.tolist(),
-                    strict=True,
-                )
-            ]
-            source = "trend_analysis"
+            items, source = lists.trend_analysis_items(found), "trend_analysis"
         else:
             live, stale = self._live_trending(body.k, body.category)
             degraded = degraded or stale

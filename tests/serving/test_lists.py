@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
-from feature_repo.store import GlobalLists, ScoredItems
+from feature_repo.store import GlobalLists, ScoredItems, TrendList
 from serving import lists
+from serving.personalise import trend_reasons
 from serving.ranking import ServingModel
 
 NONE = ScoredItems(np.empty(0, dtype=str), np.empty(0))
@@ -128,3 +129,24 @@ def test_similar_items_fall_back_through_the_item_lists_then_popular(
     assert lists.model_similar(None, "i1", 3) == [] == lists.model_similar(model, "nope", 3)
     similar = lists.model_similar(model, model.item_ids[0], 3)
     assert 0 < len(similar) <= 3 and {i["reason"] for i in similar} == {"similar"}
+
+
+def test_a_trend_list_answers_with_each_item_s_trend_and_reason() -> None:
+    info = [
+        {"category": "c1", "trend_type": "burst", "strength": 0.9},
+        {"category": None, "trend_type": "rising"},
+    ]
+    categories = [{"category": "c1", "trend_score": 2.0, "trend_type": "burst"}, {"category": "c2"}]
+    found = TrendList(scored(["a", "b"], [2.0, 1.0000004]), info, categories)
+    items = lists.trend_analysis_items(found)
+    assert [(i["item_id"], i["score"], i["category"]) for i in items] == [
+        ("a", 2.0, "c1"),
+        ("b", 1.0, None),
+    ]
+    assert [i["reason"] for i in items] == trend_reasons(info).tolist()
+    assert items[0]["trend_type"] == "burst" and items[0]["burst"] is None
+    assert set(items[0]) == {"item_id", "score", "category", "reason", *lists.TREND_FIELDS}
+    assert lists.trend_categories(found, 1) == [
+        {"category": "c1", "trend_score": 2.0, **lists.trend_fields(categories[0])}
+    ]
+    assert lists.trend_categories(found, 5)[1]["trend_score"] is None
