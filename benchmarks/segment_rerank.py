@@ -169,7 +169,16 @@ def evaluate_seed(seed: int, test_days: int, price_boosts: list[float]) -> dict[
             trend_reasons=reasons,
             profile=profile,
         )
-        return ranker.recommend(model, model.blend, user, K, FILTERS, True, live, now).item_ids
+        return ranker.recommend(
+            model=model,
+            weights=model.blend,
+            user_id=user,
+            k=K,
+            filters=FILTERS,
+            exclude_seen=True,
+            live=live,
+            now=now,
+        ).item_ids
 
     plain = Ranker(RankingParams(segment_rules={}))
     boosted = Ranker(RankingParams(segment_rules=dict(RULES)))
@@ -207,14 +216,14 @@ def evaluate_seed(seed: int, test_days: int, price_boosts: list[float]) -> dict[
     cold_pop = [
         user_ndcg(
             no_trend.recommend(
-                model,
-                model.blend,
-                u,
-                K,
-                FILTERS,
-                True,
-                LiveFeatures(popularity=popularity, trending=trending),
-                now,
+                model=model,
+                weights=model.blend,
+                user_id=u,
+                k=K,
+                filters=FILTERS,
+                exclude_seen=True,
+                live=LiveFeatures(popularity=popularity, trending=trending),
+                now=now,
             ).item_ids,
             relevant[u],
         )

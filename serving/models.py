@@ -19,11 +19,9 @@ from typing import Protocol
 from serving.outage import Outage
 from serving.ranking import ServingModel
 from training.hybrid import HybridRecommender
+from training.registry import CHALLENGER, CHAMPION
 
 log = logging.getLogger(__name__)
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 
 
 @contextlib.contextmanager

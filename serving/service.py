@@ -1,67 +1,51 @@
-"""The BentoML recommendation service: /recommend, /similar_items, /popular, /trending, /events,
-user activity and profiles over the registry's champion and the real-time features in Redis."""
+"""The BentoML recommendation service: settings, models, the feature store, lifecycle, readiness and
+Redis outages, and the answer behind each route of serving/api.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
-import importlib.metadata
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Annotated, TypeVar
 
-import anyio
 import bentoml
 import numpy as np
 import redis
-from fastapi import Body, FastAPI, Query
-from fastapi import Path as PathParam
 from starlette.responses import Response
 
 from feature_repo.connection import connect
-from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST, FeatureConfig
+from feature_repo.definitions import FeatureConfig
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
-from feature_repo.types import GlobalLists, ScoredItems, TrendList, UserProfile
-from serving.errors import DependencyUnavailable, JSONNotFound, install_error_handlers
+from feature_repo.types import ScoredItems, TrendList
+from serving import lists
+from serving.api import app, json_response
+from serving.errors import DependencyUnavailable, JSONNotFound
+from serving.features import NO_ITEMS, FeatureReader
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
-from serving.personalise import trend_reasons
-from serving.ranking import LiveFeatures, Ranker, RankingParams
+from serving.ranking import Ranker, RankingParams, ServingModel
+from serving.reranking import Ranked
 from serving.schemas import (
-    ID_PATTERN,
-    ErrorResponse,
     EventsRequest,
-    EventsResponse,
-    ItemsResponse,
     PopularRequest,
     RecommendRequest,
-    RecommendResponse,
     SimilarItemsRequest,
     TrendingRequest,
-    TrendingResponse,
-    UserActivityResponse,
-    UserProfileRequest,
-    UserProfileResponse,
 )
 from serving.settings import ServingSettings, blend_weights
 from training import settings as env
-from training.events import MAX_ID_LENGTH, check_batch
+from training.events import check_batch
 
 log = logging.getLogger("recsys.serving")
-T = TypeVar("T")
 # While Redis is down requests skip it; a probe checks it this often, so this is also about how
 # long a recovery takes to be noticed and what Retry-After says.
 REDIS_PROBE_SECONDS = 1.0
-_NO_ITEMS = ScoredItems(np.empty(0, dtype=object), np.empty(0))
-_NO_LISTS = GlobalLists(_NO_ITEMS, _NO_ITEMS, _NO_ITEMS)
 
 HOT_PATHS = [
     "/recommend",
@@ -72,51 +56,10 @@ HOT_PATHS = [
     "/user_profile",
     "/users",
 ]
-ERRORS = {
-    400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    413: {"model": ErrorResponse, "description": "Body larger than the limit"},
-    422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
-    503: {
-        "model": ErrorResponse,
-        "description": "A dependency (Redis) is down and no fallback can answer; retry later",
-        "headers": {
-            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
-        },
-    },
-}
-# A URL whose path segment no route takes (e.g. a user id with a newline) is not the route's.
-PATH_ERRORS = {
-    **ERRORS,
-    404: {"model": ErrorResponse, "description": "No route takes this path"},
-}
-
-# The endpoints are a FastAPI app mounted with `@bentoml.asgi_app`; each route calls the worker's
-# service instance. BentoML adds /healthz, /readyz, /metrics and the OpenAPI document.
-TITLE = "recsys-platform recommendation service"
-DESCRIPTION = (
-    "Real-time recommendations over the registry's champion model blended with live features, "
-    "and event ingestion. Errors are JSON `{error, field}`; while Redis is down, answers that "
-    "have a fallback come with `degraded: true`, the others are 503 with `Retry-After`."
-)
-app = FastAPI(
-    title=TITLE,
-    description=DESCRIPTION,
-    version=importlib.metadata.version("recsys-platform"),
-    docs_url=None,
-    redoc_url=None,
-    openapi_url=None,
-)
-install_error_handlers(app)
 
 
 # Before the service's app is built: BentoML's request metrics label by route, not raw path.
 label_http_metrics_by_route()
-
-
-def _json(payload: object, status: int = 200) -> Response:
-    return Response(
-        json.dumps(payload, separators=(",", ":")), status, media_type="application/json"
-    )
 
 
 @bentoml.asgi_app(app, path="/")
@@ -137,17 +80,7 @@ class RecommendationService:
         self.limits = env.event_limits()
         self.home = env.recsys_home()
         self.metrics = service_metrics()
-        self.ranker = Ranker(
-            RankingParams(
-                candidates_per_source=self.settings.candidates_per_source,
-                anchors=self.settings.anchors,
-                recency_half_life=self.settings.recency_half_life,
-                freshness_boost=self.settings.freshness_boost,
-                category_cap=self.settings.category_cap,
-                cold_start_blend=self.settings.cold_start_blend,
-                segment_rules=self.settings.segment_rules,
-            )
-        )
+        self.ranker = Ranker(RankingParams.from_settings(self.settings))
         self._popularity_blend = blend_weights(self.settings, None)
         self.models = ModelManager(
             self._open_registry,
@@ -169,8 +102,9 @@ class RecommendationService:
         )
         self._store: FeatureStore | None = None
         self._store_lock = threading.Lock()
-        self._global: tuple[float, GlobalLists] | None = None
-        self._trends: tuple[float, ScoredItems, np.ndarray] | None = None
+        self.features = FeatureReader(
+            lambda: self.store, self.settings, self.redis_outage, self.metrics
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -213,23 +147,6 @@ class RecommendationService:
     def _ensure_group(self) -> None:
         EventStream(self.store.redis, self.store.namespace).ensure_group()
 
-    def _unavailable(self, what: str) -> DependencyUnavailable:
-        return DependencyUnavailable(
-            f"Redis is unavailable and {what}; retry later", self.redis_outage.retry_after
-        )
-
-    def _live(self, read: Callable[[], T]) -> T | None:
-        """`read()` of Redis, or None while Redis is down (then no request waits on it)."""
-        if self.redis_outage.down:
-            self.metrics.degraded.inc()
-            return None
-        try:
-            return read()
-        except REDIS_DOWN as exc:
-            self.redis_outage.failed(exc)
-            self.metrics.degraded.inc()
-            return None
-
     def __is_ready__(self) -> bool:
         # While Redis is known to be down the probe says so; a probe request does not wait on it.
         if self.redis_outage.down:
@@ -258,30 +175,6 @@ class RecommendationService:
         }
         self.metrics.show_models(shown or {"popularity": "live"})
 
-    def _global_lists(self, now: float) -> tuple[GlobalLists, bool]:
-        """Popularity and trending, shared by every request of this worker for a few ms, and
-        whether they are degraded: while Redis is down, the last lists read (or none)."""
-        cached = self._global
-        if cached is not None and now - cached[0] < self.settings.global_lists_ttl:
-            return cached[1], False
-        # Deeper than the ranker needs: /popular filters it by category.
-        depth = max(500, self.settings.candidates_per_source)
-        lists = self._live(lambda: self.store.global_lists(depth, now))
-        if lists is None:
-            return (cached[1] if cached is not None else _NO_LISTS), True
-        self._global = (now, lists)
-        return lists, False
-
-    def _trend_list(self, now: float) -> tuple[ScoredItems, np.ndarray]:
-        """The trend analysis' top items and their reasons, reused for `trends_ttl` seconds (the
-        analysis runs hourly)."""
-        cached = self._trends
-        if cached is not None and now - cached[0] < self.settings.trends_ttl:
-            return cached[1], cached[2]
-        found = self.store.trending_items(self.settings.candidates_per_source)
-        self._trends = (now, found.items, trend_reasons(found.info))
-        return found.items, self._trends[2]
-
     # -- /recommend ----------------------------------------------------------------------------
 
     def recommend_json(self, body: RecommendRequest) -> str:
@@ -291,90 +184,28 @@ class RecommendationService:
         request_id = uuid.uuid4().hex
         model = self.models.current.for_user(body.user_id)
         variant = model.variant if model is not None else "popularity"
-        version = model.version if model is not None else None
-        filters = body.filters.model_dump_json() if body.filters else ""
-        signature = f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}"
-        live, degraded = LiveFeatures(), self.redis_outage.down
-        names = ["coview"]
-        if model is None or "item2vec" not in model.components:
-            names.append(NEIGHBORS_LIST)
-        if model is None or model.item_item is None:
-            names.append(ITEM_ITEM_LIST)
-        # While Redis is known to be down the request does not wait on it.
-        if not degraded:
-            try:
-                found = self.store.read_request(
-                    body.user_id,
-                    signature,
-                    self.store.config.recent_cap,
-                    self.settings.candidates_per_source,
-                    self.settings.anchors,
-                    names,
-                    self.settings.per_anchor,
-                    now,
-                )
-                if found.cached is not None:
-                    self.metrics.cache.labels("hit").inc()
-                    self.metrics.variant.labels(variant).inc()
-                    return _envelope(found.cached, request_id, started, cached=True)
-                self.metrics.cache.labels("miss").inc()
-                glob, degraded = self._global_lists(now)
-                top = self.settings.candidates_per_source
-                popularity = glob.popularity if len(glob.popularity) else glob.batch_popularity
-                trend, reasons = self._trend_list(now)
-                live = LiveFeatures(
-                    recent=found.recent,
-                    candidates=found.candidates,
-                    popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
-                    trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
-                    trend=trend,
-                    trend_reasons=reasons,
-                    profile=UserProfile.from_hash(body.user_id, found.profile),
-                    coview=found.lists.get("coview", []),
-                    neighbors=found.lists.get(NEIGHBORS_LIST, []),
-                    item_item=found.lists.get(ITEM_ITEM_LIST, []),
-                )
-            except REDIS_DOWN as exc:
-                # Without Redis the model still answers; the response just lacks live signals.
-                self.redis_outage.failed(exc)
-                degraded = True
-        if degraded:
-            if model is None:
-                raise self._unavailable("no model is loaded")
-            self.metrics.degraded.inc()
+        read = self.features.for_request(body, model, now)
+        if read.cached is not None:
+            self.metrics.variant.labels(variant).inc()
+            return _envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
         ranked = self.ranker.recommend(
-            model,
-            model.blend if model is not None else self._popularity_blend,
-            body.user_id,
-            body.k,
-            body.filters,
-            body.exclude_seen,
-            live,
-            now,
+            model=model,
+            weights=model.blend if model is not None else self._popularity_blend,
+            user_id=body.user_id,
+            k=body.k,
+            filters=body.filters,
+            exclude_seen=body.exclude_seen,
+            live=read.live,
+            now=now,
         )
-        items = [
-            {"item_id": i, "score": s, "sources": src, "reason": r}
-            for i, s, src, r in zip(
-                ranked.item_ids, ranked.scores, ranked.sources, ranked.reasons, strict=True
-            )
-        ]
-        payload = json.dumps(
-            {
-                "items": items,
-                "model_version": version,
-                "variant": variant,
-                "segment": ranked.segment,
-            },
-            separators=(",", ":"),
-        )
-        if not degraded and self.settings.cache_ttl > 0:
-            self._live(lambda: self.store.cache_response(body.user_id, signature, payload, now))
+        payload = _answer(ranked, model, variant)
+        self.features.cache_answer(body.user_id, read, payload, now)
         done = time.perf_counter()
         self.metrics.stage_latency.labels("features").observe(features_done - started)
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
-        return _envelope(payload, request_id, started, cached=False, degraded=degraded)
+        return _envelope(payload, request_id, started, cached=False, degraded=read.degraded)
 
     # -- /similar_items and /popular -----------------------------------------------------------
 
@@ -382,55 +213,33 @@ class RecommendationService:
         """Items like `item_id`: the model's item-item neighbours, else live co-view, else
         pushed neighbours, else popular items (the reason says which)."""
         model = self.models.current.champion
-        items: list[dict] = []
-        if model is not None:
-            idx = model.item_index(np.array([body.item_id]))[0]
-            if idx >= 0:
-                found, scores = model.bundle.similar_items(np.array([idx]), body.k)
-                valid = np.isfinite(scores[0])
-                items = [
-                    {"item_id": model.item_ids[j], "score": round(float(s), 6), "reason": "similar"}
-                    for j, s in zip(found[0][valid], scores[0][valid], strict=True)
-                ]
+        items = lists.model_similar(model, body.item_id, body.k)
         degraded = False
         if not items:
-            fallbacks = (
-                ("coview", "viewed together"),
-                (ITEM_ITEM_LIST, "often chosen together"),
-                (NEIGHBORS_LIST, "similar"),
-            )
-            names = [n for n, _ in fallbacks]
-            lists = self._live(lambda: self.store.item_lists([body.item_id], names, body.k))
-            degraded = lists is None
-            for name, reason in fallbacks if lists is not None else ():
-                scored = lists[name][0]
-                if len(scored):
-                    items = _scored_items(scored, reason, body.k)
-                    break
+            names = [name for name, _ in lists.SIMILAR_FALLBACKS]
+            found = self.features.live(lambda: self.store.item_lists([body.item_id], names, body.k))
+            degraded = found is None
+            if found is not None:
+                items = lists.similar_from_lists(found, body.k)
         if not items:
             popular, stale = self._popular(body.k, None)
             degraded = degraded or stale
-            items = _scored_items(popular, "popular right now", body.k)
-            items = [i for i in items if i["item_id"] != body.item_id]
-        if degraded and not items and model is None:
-            raise self._unavailable("no model is loaded")
-        return _json(
-            {
-                "items": items,
-                "model_version": model.version if model else None,
-                "request_id": uuid.uuid4().hex,
-                "degraded": degraded,
-            }
-        )
+            items = lists.popular_instead_of_similar(popular, body.item_id, body.k)
+        return self._items(items, model, degraded)
 
     def popular(self, body: PopularRequest) -> Response:
         """Most popular items now (decayed live popularity), optionally of one category."""
         model = self.models.current.champion
         popular, degraded = self._popular(body.k, body.category)
-        items = _scored_items(popular, "popular right now", body.k)
+        items = lists.scored_items(popular, "popular right now", body.k)
+        return self._items(items, model, degraded)
+
+    def _items(self, items: list[dict], model: ServingModel | None, degraded: bool) -> Response:
+        """The body of /similar_items and /popular; nothing to show while degraded and without a
+        model is a 503, not an empty list."""
         if degraded and not items and model is None:
-            raise self._unavailable("no model is loaded")
-        return _json(
+            raise self.features.unavailable("no model is loaded")
+        return json_response(
             {
                 "items": items,
                 "model_version": model.version if model else None,
@@ -442,71 +251,30 @@ class RecommendationService:
     def _popular(self, k: int, category: str | None) -> tuple[ScoredItems, bool]:
         """The k most popular items (of a category), and whether Redis was down: then the last
         lists read, topped up from the model's training-time popularity."""
-        glob, degraded = self._global_lists(time.time())
-        live = glob.popularity if len(glob.popularity) else glob.batch_popularity
-        model = self.models.current.champion
-        ids = np.asarray(live.ids, dtype=object)
-        scores = live.scores
-        if category is not None:
-            if model is None:
-                return ScoredItems(ids[:0], scores[:0]), degraded
-            idx = model.item_index(ids) if len(ids) else np.empty(0, dtype=int)
-            keep = (idx >= 0) & (model.category[np.maximum(idx, 0)] == category)
-            ids, scores = ids[keep], scores[keep]
-        if len(ids) < k and model is not None:
-            # Top up from the training-time popularity, e.g. right after a Redis flush.
-            extra = model.popularity.copy()
-            if category is not None:
-                extra[model.category != category] = -np.inf
-            extra[model.item_index(ids)] = -np.inf if len(ids) else extra[:0]
-            order = np.argsort(-extra, kind="stable")[: k - len(ids)]
-            order = order[np.isfinite(extra[order]) & (extra[order] > 0)]
-            top = scores.max() if len(scores) else 1.0
-            fill = extra[order] / max(extra[order].max() if len(order) else 1.0, 1e-12) * top * 0.5
-            ids = np.concatenate([ids, model.item_ids[order].astype(object)])
-            scores = np.concatenate([scores, fill])
-        return ScoredItems(ids[:k], scores[:k]), degraded
+        glob, degraded = self.features.global_lists(time.time())
+        return lists.popular(glob, self.models.current.champion, k, category), degraded
 
     # -- /trending and profiles ----------------------------------------------------------------
 
     def trending(self, body: TrendingRequest) -> Response:
         """The trend analysis' top items (of a category) with their trend, and the categories'
         trends; where the analysis has no list, live trending and popular items."""
-        found = self._live(lambda: self.store.trending_items(body.k, body.category))
+        found = self.features.live(lambda: self.store.trending_items(body.k, body.category))
         degraded = found is None
         if found is None:
-            found = TrendList(_NO_ITEMS, [], [])
-        categories = [
-            {"category": c["category"], "trend_score": c.get("trend_score"), **_trend_fields(c)}
-            for c in found.categories[: body.k]
-        ]
+            found = TrendList(NO_ITEMS, [], [])
+        categories = lists.trend_categories(found, body.k)
         if len(found):
-            reasons = trend_reasons(found.info)
-            items = [
-                {
-                    "item_id": item_id,
-                    "score": round(score, 6),
-                    "category": info.get("category"),
-                    "reason": reason,
-                    **_trend_fields(info),
-                }
-                for item_id, score, info, reason in zip(
-                    found.items.ids.tolist(),
-                    found.items.scores.tolist(),
-                    found.info,
-                    reasons.tolist(),
-                    strict=True,
-                )
-            ]
-            source = "trend_analysis"
+            items, source = lists.trend_analysis_items(found), "trend_analysis"
         else:
             live, stale = self._live_trending(body.k, body.category)
             degraded = degraded or stale
-            items = [{**item, "category": body.category, **_trend_fields({})} for item in live]
+            no_trend = lists.trend_fields({})
+            items = [{**item, "category": body.category, **no_trend} for item in live]
             source = "live" if items else "none"
         if degraded and not items and self.models.current.champion is None:
-            raise self._unavailable("no model is loaded")
-        return _json(
+            raise self.features.unavailable("no model is loaded")
+        return json_response(
             {
                 "items": items,
                 "categories": categories,
@@ -518,56 +286,25 @@ class RecommendationService:
         )
 
     def _live_trending(self, k: int, category: str | None) -> tuple[list[dict], bool]:
-        """The fallback of /trending where the trend analysis has no list: the live 2-hour
-        trending list, then live decayed popularity, then the batch loop's popularity, then the
-        model's training-time popularity, each item once; its reason names its list. The flag
-        says Redis was down (then the last lists read, if any, and the model's popularity).
-
-        Categories are named as in the trend analysis (`unknown`: items the model's catalog
-        gives no category or does not list), so a category needs a model.
-        """
+        """lists.live_trending over the global lists, and whether Redis was down (then the last
+        lists read, if any, and the model's popularity)."""
         model = self.models.current.champion
+        # A category needs the model's catalog: without one, Redis is not asked.
         if category is not None and model is None:
             return [], self.redis_outage.down
-        glob, degraded = self._global_lists(time.time())
-
-        def trained() -> ScoredItems:
-            if model is None:
-                return ScoredItems(np.empty(0, dtype=str), np.empty(0))
-            order = np.argsort(-model.popularity, kind="stable")
-            return ScoredItems(model.item_ids[order], model.popularity[order])
-
-        lists = (
-            ("trending now", lambda: glob.trending),
-            ("popular right now", lambda: glob.popularity),
-            ("popular", lambda: glob.batch_popularity),
-            ("popular", trained),
-        )
-        items: dict[str, dict] = {}
-        for reason, read in lists:
-            scored = read()
-            ids, scores = np.asarray(scored.ids, dtype=str), scored.scores
-            keep = scores > 0
-            if category is not None and model is not None and len(ids):
-                idx = model.item_index(ids)
-                names = np.where(idx >= 0, model.category[np.maximum(idx, 0)], "")
-                keep &= np.where(names == "", "unknown", names) == category
-            for item in _scored_items(ScoredItems(ids[keep], scores[keep]), reason, k):
-                items.setdefault(item["item_id"], item)
-            if len(items) >= k:
-                break
-        return list(items.values())[:k], degraded
+        glob, degraded = self.features.global_lists(time.time())
+        return lists.live_trending(glob, model, k, category), degraded
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""
-        profile = self._live(lambda: self.store.user_profile(user_id))
+        profile = self.features.live(lambda: self.store.user_profile(user_id))
         if profile is None:
-            raise self._unavailable("profiles live only there")
+            raise self.features.unavailable("profiles live only there")
         rule = self.settings.segment_rules.get(profile.segment)
         body = dataclasses.asdict(profile)
         body["known"] = profile.known
         body["ranking_rule"] = dataclasses.asdict(rule) if rule is not None else None
-        return _json(body)
+        return json_response(body)
 
     # -- /events -------------------------------------------------------------------------------
 
@@ -577,7 +314,7 @@ class RecommendationService:
         self.metrics.events.labels("rejected").inc(len(rejected))
         if checked.events.is_empty():
             first = rejected[0]
-            return _json(
+            return json_response(
                 {
                     "error": f"no valid event in the batch; events[{first['index']}]: "
                     f"{first['reason']}",
@@ -586,7 +323,7 @@ class RecommendationService:
                 },
                 422,
             )
-        result = self._live(lambda: self.store.ingest(checked.events))
+        result = self.features.live(lambda: self.store.ingest(checked.events))
         if result is None:
             # Nothing of the batch was stored: the client retries all of it (event ids dedupe).
             raise DependencyUnavailable(
@@ -602,7 +339,7 @@ class RecommendationService:
         self.metrics.events.labels("accepted").inc(result.accepted)
         self.metrics.events.labels("duplicate").inc(result.duplicates)
         self.metrics.unknown_items.inc(unknown)
-        return _json(
+        return json_response(
             {
                 "accepted": result.accepted,
                 "duplicates": result.duplicates,
@@ -616,14 +353,14 @@ class RecommendationService:
 
     def user_activity(self, user_id: str, n: int) -> Response:
         """The user's recent items (newest first) and event counters."""
-        found = self._live(
+        found = self.features.live(
             lambda: (self.store.recent_items(user_id, n), self.store.counters(user_id))
         )
         if found is None:
-            raise self._unavailable("user activity lives only there")
+            raise self.features.unavailable("user activity lives only there")
         recent, counters = found
         model = self.models.current.champion
-        return _json(
+        return json_response(
             {
                 "user_id": user_id,
                 "recent": [
@@ -636,160 +373,23 @@ class RecommendationService:
         )
 
 
-# -- HTTP routes: module-level functions (no per-request dependency injection) over the one
-# service instance of this worker --------------------------------------------------------------
-
-
-# In the route rather than on EventsRequest, which its own branch rewrites.
-EVENTS_EXAMPLE = {
-    "events": [
-        {"user_id": "u42", "item_id": "i12", "event_type": "view", "timestamp": 1767323045},
+def _answer(ranked: Ranked, model: ServingModel | None, variant: str) -> str:
+    """The cacheable `{items, model_version, variant, segment}` JSON object of a ranking."""
+    items = [
+        {"item_id": i, "score": s, "sources": src, "reason": r}
+        for i, s, src, r in zip(
+            ranked.item_ids, ranked.scores, ranked.sources, ranked.reasons, strict=True
+        )
+    ]
+    return json.dumps(
         {
-            "user_id": "u42",
-            "item_id": "i12",
-            "event_type": "purchase",
-            "timestamp": "2026-01-02T03:05:00Z",
-            "value": 1,
-            "event_id": "order-981-1",
+            "items": items,
+            "model_version": model.version if model is not None else None,
+            "variant": variant,
+            "segment": ranked.segment,
         },
-    ]
-}
-
-
-@app.get("/docs.json", include_in_schema=False)
-async def openapi_document() -> Response:
-    """BentoML's OpenAPI document (our routes and its /healthz, /readyz, /metrics) with this
-    project's title, description and version instead of BentoML's boilerplate."""
-    return _json(_openapi())
-
-
-@functools.cache
-def _openapi() -> dict:
-    spec = RecommendationService.openapi_spec.asdict()
-    spec["info"] = {"title": TITLE, "description": DESCRIPTION, "version": app.version}
-    # BentoML says 3.0.2, but the schemas FastAPI and pydantic write are OpenAPI 3.1 (JSON Schema
-    # 2020-12: `type: null`, `examples` lists), so validators read them right.
-    spec["openapi"] = "3.1.0"
-    return spec
-
-
-# A user id in a URL path: the rules of `Id` in a request body.
-PathUserId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
-
-
-def _service() -> RecommendationService:
-    return bentoml.get_current_service()
-
-
-@app.post(
-    "/recommend",
-    response_model=RecommendResponse,
-    responses=ERRORS,
-    summary="Top-k items for a user, with per-source scores and a reason per item",
-)
-async def recommend(body: RecommendRequest) -> Response:
-    # On the event loop: a request takes about a millisecond, mostly numpy with short Redis
-    # round trips; in worker threads it would queue on the GIL for longer than that.
-    return Response(_service().recommend_json(body), media_type="application/json")
-
-
-@app.post(
-    "/similar_items",
-    response_model=ItemsResponse,
-    responses=ERRORS,
-    summary="Items similar to one item",
-)
-async def similar_items(body: SimilarItemsRequest) -> Response:
-    return _service().similar_items(body)
-
-
-@app.post(
-    "/popular",
-    response_model=ItemsResponse,
-    responses=ERRORS,
-    summary="The most popular items now, optionally of one category",
-)
-async def popular(body: PopularRequest) -> Response:
-    return _service().popular(body)
-
-
-@app.post(
-    "/events",
-    response_model=EventsResponse,
-    responses=ERRORS,
-    summary="Ingest 1 to 1,000 events; each accepted one is in the durable stream",
-)
-async def events(body: Annotated[EventsRequest, Body(examples=[EVENTS_EXAMPLE])]) -> Response:
-    # Validation and the Redis script take milliseconds: off the event loop.
-    return await anyio.to_thread.run_sync(_service().ingest_events, body)
-
-
-@app.get(
-    "/users/{user_id}/activity",
-    response_model=UserActivityResponse,
-    responses=PATH_ERRORS,
-    summary="A user's recent items and event counters",
-)
-async def user_activity(
-    user_id: PathUserId,
-    n: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> Response:
-    return _service().user_activity(user_id, n)
-
-
-@app.post(
-    "/trending",
-    response_model=TrendingResponse,
-    responses=ERRORS,
-    summary="Trending items (global or of one category) with their trend, and trending categories",
-    description=(
-        "From the latest trend analysis (`source: trend_analysis`). Where it has no list for the "
-        "request (no analysis pushed yet, it expired, or nothing of the category trended), a "
-        "fallback (`source: live`, trend fields null): the live 2-hour trending list, then "
-        "decayed live popularity, then batch or training-time popularity, restricted to the "
-        "category when one is given (an item's category comes from the serving model's "
-        "catalog, so a category needs a model; `unknown`: items without one). Each item's "
-        "`reason` names its list."
-    ),
-)
-async def trending(body: TrendingRequest) -> Response:
-    return _service().trending(body)
-
-
-@app.post(
-    "/user_profile",
-    response_model=UserProfileResponse,
-    responses=ERRORS,
-    summary="A user's segment, RFM scores, engagement, churn risk, lifetime value, preferences",
-)
-async def user_profile(body: UserProfileRequest) -> Response:
-    return _service().user_profile(body.user_id)
-
-
-@app.get(
-    "/users/{user_id}/profile",
-    response_model=UserProfileResponse,
-    responses=PATH_ERRORS,
-    summary="The same as POST /user_profile",
-)
-async def user_profile_by_path(
-    user_id: PathUserId,
-) -> Response:
-    return _service().user_profile(user_id)
-
-
-_TREND_FIELDS = ("trend_type", "strength", "confidence", "burst", "velocity", "predicted_direction")
-
-
-def _trend_fields(info: dict) -> dict:
-    return {name: info.get(name) for name in _TREND_FIELDS}
-
-
-def _scored_items(scored, reason: str, k: int) -> list[dict]:
-    return [
-        {"item_id": i, "score": round(float(s), 6), "reason": reason}
-        for i, s in zip(scored.ids[:k].tolist(), scored.scores[:k].tolist(), strict=True)
-    ]
+        separators=(",", ":"),
+    )
 
 
 def _envelope(

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from training.data import empty_catalog
 from training.evaluation import ndcg_at_k
-from training.matrix import _lookup
+from training.matrix import lookup
 from training.models.als import ALSModel
 from training.models.base import Recommender, top_k
 from training.models.item2vec import Item2VecModel
@@ -200,11 +200,11 @@ class HybridRecommender:
 
     def user_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Row of each user id in the training matrix, -1 for unknown users."""
-        return _lookup(self.user_ids, ids)
+        return lookup(self.user_ids, ids)
 
     def item_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Column of each item id, -1 for unknown items."""
-        return _lookup(self.item_ids, ids)
+        return lookup(self.item_ids, ids)
 
     def _active(self) -> dict[str, Recommender]:
         active = {n: m for n, m in self.components.items() if self.weights.get(n, 0.0) > 0.0}

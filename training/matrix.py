@@ -45,11 +45,11 @@ class InteractionMatrix:
 
     def user_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Row of each user id, -1 for unknown ids."""
-        return _lookup(self.user_ids, ids)
+        return lookup(self.user_ids, ids)
 
     def item_index(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Column of each item id, -1 for unknown ids."""
-        return _lookup(self.item_ids, ids)
+        return lookup(self.item_ids, ids)
 
     def with_matrix(self, matrix: sp.csr_matrix) -> InteractionMatrix:
         """The same mappings over another matrix of the same shape (e.g. a split)."""
@@ -58,15 +58,17 @@ class InteractionMatrix:
         )
 
 
-def _lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+def lookup(sorted_ids: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
     """Positions of `ids` in the sorted id array, -1 where absent (vectorised binary search)."""
-    query = np.asarray(ids, dtype=object).astype(str)
+    # A string array (what serving passes on the request path) needs no copy through object.
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "U":
+        query = ids
+    else:
+        query = np.asarray(ids, dtype=object).astype(str)
     if len(sorted_ids) == 0 or len(query) == 0:
         return np.full(len(query), -1, dtype=np.int64)
-    pos = np.searchsorted(sorted_ids, query)
-    pos = np.clip(pos, 0, len(sorted_ids) - 1)
-    found = sorted_ids[pos] == query
-    return np.where(found, pos, -1).astype(np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, query), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == query, pos, -1).astype(np.int64)
 
 
 def usable_events(

@@ -299,7 +299,16 @@ def test_price_sensitive_user_gets_cheaper_items_first(serving_model: ServingMod
 
     def rank(profile: UserProfile | None):
         features = LiveFeatures(popularity=live.popularity, profile=profile)
-        return ranker.recommend(serving_model, weights, "newcomer", 4, Filters(), True, features, 0)
+        return ranker.recommend(
+            model=serving_model,
+            weights=weights,
+            user_id="newcomer",
+            k=4,
+            filters=Filters(),
+            exclude_seen=True,
+            live=features,
+            now=0,
+        )
 
     plain = rank(None)
     assert plain.item_ids == ["i16", "i12", "i8", "i4"] and plain.segment is None
@@ -398,7 +407,14 @@ def test_loyal_customers_get_their_brands_and_browsers_more_categories(
     def rank(ranker: Ranker, profile: UserProfile | None, k: int) -> list[str]:
         features = LiveFeatures(popularity=live, profile=profile)
         return ranker.recommend(
-            serving_model, weights, "x", k, Filters(), True, features, 0
+            model=serving_model,
+            weights=weights,
+            user_id="x",
+            k=k,
+            filters=Filters(),
+            exclude_seen=True,
+            live=features,
+            now=0,
         ).item_ids
 
     # The suggested (not default) rules: a brand boost for loyal customers.
@@ -408,14 +424,14 @@ def test_loyal_customers_get_their_brands_and_browsers_more_categories(
     assert rank(ranker, None, 3)[0] == "i2"
     assert rank(ranker, fan, 3)[0] == "i1"  # b1: 0.95 x 1.2 > 1.0
     reasons = ranker.recommend(
-        serving_model,
-        weights,
-        "x",
-        1,
-        Filters(),
-        True,
-        LiveFeatures(popularity=live, profile=fan),
-        0,
+        model=serving_model,
+        weights=weights,
+        user_id="x",
+        k=1,
+        filters=Filters(),
+        exclude_seen=True,
+        live=LiveFeatures(popularity=live, profile=fan),
+        now=0,
     ).reasons
     assert reasons == ["popular right now; loyal_customer boost: one of your brands"]
 

@@ -129,6 +129,13 @@ def test_a_new_visitor_gets_popular_items_when_the_model_left_popularity_out(
     assert "popularity" not in weights
     popular = ScoredItems(np.array(["i3", "i1", "i2"]), np.array([9.0, 5.0, 1.0]))
     ranked = Ranker(RankingParams()).recommend(
-        model, weights, "never-seen", 3, None, True, LiveFeatures(popularity=popular), time.time()
+        model=model,
+        weights=weights,
+        user_id="never-seen",
+        k=3,
+        filters=None,
+        exclude_seen=True,
+        live=LiveFeatures(popularity=popular),
+        now=time.time(),
     )
     assert list(ranked.item_ids) == ["i3", "i1", "i2"]

@@ -1,0 +1,179 @@
+"""The one reader of the real-time features a request needs: list names, cache signature, the
+request's read (or its cached answer), the worker's cached global lists, and the degraded path."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
+from feature_repo.store import FeatureStore
+from feature_repo.types import GlobalLists, ScoredItems, UserProfile
+from serving import lists
+from serving.errors import DependencyUnavailable
+from serving.metrics import ServiceMetrics
+from serving.outage import REDIS_DOWN, Outage
+from serving.personalise import trend_reasons
+from serving.ranking import LiveFeatures, ServingModel
+from serving.schemas import RecommendRequest
+from serving.settings import ServingSettings
+
+T = TypeVar("T")
+NO_ITEMS = ScoredItems(np.empty(0, dtype=object), np.empty(0))
+_NO_LISTS = GlobalLists(NO_ITEMS, NO_ITEMS, NO_ITEMS)
+
+
+@dataclass(frozen=True)
+class RequestRead:
+    """What one /recommend request read: its cached answer, or the features to rank with."""
+
+    signature: str
+    cached: str | None = None
+    live: LiveFeatures = LiveFeatures()
+    degraded: bool = False
+
+
+def list_names(model: ServingModel | None) -> list[str]:
+    """The per-item lists a request reads: co-view always, pushed lists the model lacks."""
+    names = ["coview"]
+    if model is None or "item2vec" not in model.components:
+        names.append(NEIGHBORS_LIST)
+    if model is None or model.item_item is None:
+        names.append(ITEM_ITEM_LIST)
+    return names
+
+
+def cache_signature(model: ServingModel | None, body: RecommendRequest) -> str:
+    """What a cached answer of the user must match: the model serving them and the request."""
+    variant = model.variant if model is not None else "popularity"
+    version = model.version if model is not None else None
+    filters = body.filters.model_dump_json() if body.filters else ""
+    return f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}"
+
+
+class FeatureReader:
+    """Reads Redis for the service, skipping it while it is known to be down."""
+
+    def __init__(
+        self,
+        store: Callable[[], FeatureStore],
+        settings: ServingSettings,
+        outage: Outage,
+        metrics: ServiceMetrics,
+    ) -> None:
+        # A callable: the service opens its store on first use, not at start.
+        self._store = store
+        self.settings = settings
+        self.outage = outage
+        self.metrics = metrics
+        self._global: tuple[float, GlobalLists] | None = None
+        self._trends: tuple[float, ScoredItems, np.ndarray] | None = None
+
+    def unavailable(self, what: str) -> DependencyUnavailable:
+        """The 503 of an answer that needs Redis while it is down."""
+        return DependencyUnavailable(
+            f"Redis is unavailable and {what}; retry later", self.outage.retry_after
+        )
+
+    def live(self, read: Callable[[], T]) -> T | None:
+        """`read()` of Redis, or None while Redis is down (then no request waits on it)."""
+        if self.outage.down:
+            self.metrics.degraded.inc()
+            return None
+        try:
+            return read()
+        except REDIS_DOWN as exc:
+            self.outage.failed(exc)
+            self.metrics.degraded.inc()
+            return None
+
+    def global_lists(self, now: float | None = None) -> tuple[GlobalLists, bool]:
+        """Popularity and trending, shared by every request of this worker for a few ms, and
+        whether they are degraded: while Redis is down, the last lists read (or none)."""
+        now = time.time() if now is None else now
+        cached = self._global
+        if cached is not None and now - cached[0] < self.settings.global_lists_ttl:
+            return cached[1], False
+        # Deeper than the ranker needs: /popular filters it by category.
+        depth = max(500, self.settings.candidates_per_source)
+        found = self.live(lambda: self._store().global_lists(depth, now))
+        if found is None:
+            return (cached[1] if cached is not None else _NO_LISTS), True
+        self._global = (now, found)
+        return found, False
+
+    def trend_list(self, now: float) -> tuple[ScoredItems, np.ndarray]:
+        """The trend analysis' top items and their reasons, reused for `trends_ttl` seconds (the
+        analysis runs hourly)."""
+        cached = self._trends
+        if cached is not None and now - cached[0] < self.settings.trends_ttl:
+            return cached[1], cached[2]
+        found = self._store().trending_items(self.settings.candidates_per_source)
+        self._trends = (now, found.items, trend_reasons(found.info))
+        return found.items, self._trends[2]
+
+    def for_request(
+        self, body: RecommendRequest, model: ServingModel | None, now: float
+    ) -> RequestRead:
+        """The user's cached answer, else the features to rank with; degraded (no live features)
+        while Redis is down, which only a model can answer."""
+        signature = cache_signature(model, body)
+        read = RequestRead(signature, degraded=self.outage.down)
+        # While Redis is known to be down the request does not wait on it.
+        if not read.degraded:
+            try:
+                read = self._read(body, model, signature, now)
+            except REDIS_DOWN as exc:
+                # Without Redis the model still answers; the response just lacks live signals.
+                self.outage.failed(exc)
+                read = RequestRead(signature, degraded=True)
+        if read.degraded:
+            if model is None:
+                raise self.unavailable("no model is loaded")
+            self.metrics.degraded.inc()
+        return read
+
+    def _read(
+        self, body: RecommendRequest, model: ServingModel | None, signature: str, now: float
+    ) -> RequestRead:
+        store, settings = self._store(), self.settings
+        found = store.read_request(
+            body.user_id,
+            signature,
+            store.config.recent_cap,
+            settings.candidates_per_source,
+            settings.anchors,
+            list_names(model),
+            settings.per_anchor,
+            now,
+        )
+        if found.cached is not None:
+            self.metrics.cache.labels("hit").inc()
+            return RequestRead(signature, cached=found.cached)
+        self.metrics.cache.labels("miss").inc()
+        glob, degraded = self.global_lists(now)
+        top = settings.candidates_per_source
+        popularity = lists.live_popularity(glob)
+        trend, reasons = self.trend_list(now)
+        live = LiveFeatures(
+            recent=found.recent,
+            candidates=found.candidates,
+            popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
+            trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
+            trend=trend,
+            trend_reasons=reasons,
+            profile=UserProfile.from_hash(body.user_id, found.profile),
+            coview=found.lists.get("coview", []),
+            neighbors=found.lists.get(NEIGHBORS_LIST, []),
+            item_item=found.lists.get(ITEM_ITEM_LIST, []),
+        )
+        return RequestRead(signature, live=live, degraded=degraded)
+
+    def cache_answer(self, user_id: str, read: RequestRead, payload: str, now: float) -> None:
+        """Keep a fresh answer for the user's next identical request (not a degraded one)."""
+        if not read.degraded and self.settings.cache_ttl > 0:
+            self.live(lambda: self._store().cache_response(user_id, read.signature, payload, now))

@@ -1,0 +1,156 @@
+"""Stage 3 of ranking a request: business rules, the per-category cap, and the explanation of
+each chosen item (its per-source scores and the reason shown)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from serving.personalise import SegmentBoost
+from serving.schemas import Filters
+
+if TYPE_CHECKING:
+    from serving.ranking import ServingModel
+
+_REASONS = {
+    "als": "matches your taste",
+    "item2vec": "similar to items you viewed",
+    "ease": "often chosen with items in your history",
+    "itemknn": "often chosen with items in your history",
+    "popularity": "popular right now",
+    "trending": "trending now",
+    "trend": "popular this week",
+    "batch": "picked for you",
+    "coview": "viewed together with items you viewed",
+    "itemitem": "often chosen with items you viewed",
+    "recency": "related to what you just viewed",
+}
+_ANCHORED_VERBS = {
+    "coview": "viewed together with",
+    "item2vec": "similar to",
+    "itemitem": "often chosen with",
+    "recency": "similar to",
+}
+
+
+@dataclass
+class Ranked:
+    """The chosen items with their blended scores, per-source scores and reasons."""
+
+    item_ids: list[str]
+    scores: list[float]
+    sources: list[dict[str, float]]
+    reasons: list[str]
+    segment: str | None = None  # the segment whose rule re-ranked the answer
+
+
+EMPTY_RANKED = Ranked([], [], [], [])
+
+
+def rules(
+    pool: np.ndarray, in_model: np.ndarray, model: ServingModel | None, filters: Filters
+) -> np.ndarray:
+    size = len(pool)
+    keep = np.ones(size, dtype=bool)
+    code = np.full(size, -1, dtype=np.int64)
+    price = np.full(size, np.nan)
+    if model is not None:
+        cols = pool[in_model]
+        code[in_model] = model.category_code[cols]
+        price[in_model] = model.price[cols]
+        if filters.in_stock_only:
+            keep[in_model] &= model.in_stock[cols]
+    if filters.categories:
+        wanted = model.category_codes(filters.categories) if model is not None else []
+        keep &= np.isin(code, wanted)
+    if filters.exclude_categories and model is not None:
+        keep &= ~np.isin(code, model.category_codes(filters.exclude_categories))
+    # An item of unknown price cannot be shown to satisfy a price range.
+    if filters.price_min is not None:
+        keep &= price >= filters.price_min
+    if filters.price_max is not None:
+        keep &= price <= filters.price_max
+    return keep
+
+
+def diversify(
+    pool: np.ndarray,
+    in_model: np.ndarray,
+    model: ServingModel | None,
+    blended: np.ndarray,
+    keep: np.ndarray,
+    k: int,
+    cap_share: float,
+) -> np.ndarray:
+    """Best-first pool positions, at most cap_share*k per category while others remain."""
+    candidates = np.flatnonzero(keep)
+    order = candidates[np.argsort(-blended[candidates], kind="stable")]
+    if model is None or len(order) <= 1:
+        return order[:k]
+    code = np.full(len(order), -1, dtype=np.int64)
+    known = in_model[order]
+    code[known] = model.category_code[pool[order][known]]
+    cap = max(1, math.ceil(cap_share * k))
+    by_code = np.argsort(code, kind="stable")
+    sorted_code = code[by_code]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_code)) + 1]
+    lengths = np.diff(np.r_[starts, len(order)])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_code] = np.arange(len(order)) - np.repeat(starts, lengths)
+    within = (rank < cap) | (code < 0)
+    # When the cap leaves fewer than k items, the best capped-out ones fill the rest.
+    return np.concatenate([order[within], order[~within]])[:k]
+
+
+def member(pool: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which pool entries (sorted) are among `ids`."""
+    out = np.zeros(len(pool), dtype=bool)
+    if len(ids):
+        pos = np.minimum(np.searchsorted(pool, ids), len(pool) - 1)
+        out[pos[pool[pos] == ids]] = True
+    return out
+
+
+def explain(
+    names: np.ndarray,
+    chosen: np.ndarray,
+    blended: np.ndarray,
+    scores: dict[str, np.ndarray],
+    proposed: dict[str, np.ndarray],
+    weights: dict[str, float],
+    anchor: np.ndarray,
+    anchors: np.ndarray,
+    fresh: np.ndarray,
+    labels: np.ndarray | None = None,
+    boost: SegmentBoost | None = None,
+) -> Ranked:
+    sources = list(scores)
+    matrix = np.stack([scores[n][chosen] for n in sources])
+    marks = np.stack([proposed[n][chosen] for n in sources])
+    contribution = matrix * np.array([weights.get(n, 0.0) for n in sources])[:, None]
+    best = np.argmax(np.where(marks, contribution, -1.0), axis=0)
+    # Python lists once: per-item dicts from them cost far less than numpy per item.
+    values = matrix.round(4).T.tolist()
+    flags = marks.T.tolist()
+    tops = best.tolist()
+    per_item, reasons = [], []
+    for col, position in enumerate(chosen.tolist()):
+        mark = flags[col]
+        per_item.append({n: v for n, v, m in zip(sources, values[col], mark, strict=True) if m})
+        top = sources[tops[col]]
+        which = anchor[position]
+        if top in _ANCHORED_VERBS and which >= 0:
+            reason = f"{_ANCHORED_VERBS[top]} {anchors[which]}"
+        elif top == "trend" and labels is not None and labels[position]:
+            reason = labels[position]
+        else:
+            reason = _REASONS.get(top, "recommended")
+        if fresh[position]:
+            reason += "; new arrival"
+        if boost is not None:
+            reason += boost.note(position)
+        reasons.append(reason)
+    return Ranked(names.tolist(), blended[chosen].round(6).tolist(), per_item, reasons)
