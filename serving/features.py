@@ -135,6 +135,15 @@ class FeatureReader:
             if model is None:
                 raise self.unavailable("no model is loaded")
             self.metrics.degraded.inc()
+            # The last lists read, else the model's own popularity: a visitor the model does not
+            # know still gets items while Redis is down.
+            last = self._global[1] if self._global is not None else _NO_LISTS
+            top = self.settings.candidates_per_source
+            read = RequestRead(
+                signature,
+                live=LiveFeatures(popularity=lists.popular(last, model, top, None)),
+                degraded=True,
+            )
         return read
 
     def _read(
@@ -157,12 +166,13 @@ class FeatureReader:
         self.metrics.cache.labels("miss").inc()
         glob, degraded = self.global_lists(now)
         top = settings.candidates_per_source
-        popularity = lists.live_popularity(glob)
+        # Topped up from the model's popularity when the live lists are short (a new Redis).
+        popularity = lists.popular(glob, model, top, None)
         trend, reasons = self.trend_list(now)
         live = LiveFeatures(
             recent=found.recent,
             candidates=found.candidates,
-            popularity=ScoredItems(popularity.ids[:top], popularity.scores[:top]),
+            popularity=popularity,
             trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
             trend=trend,
             trend_reasons=reasons,

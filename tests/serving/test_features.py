@@ -10,9 +10,10 @@ from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
 from feature_repo.store import FeatureStore
 from serving.errors import DependencyUnavailable
 from serving.features import FeatureReader, cache_signature, list_names
+from serving.lists import trained_popularity
 from serving.metrics import service_metrics
 from serving.outage import Outage
-from serving.ranking import ServingModel
+from serving.ranking import Ranker, RankingParams, ServingModel
 from serving.schemas import RecommendRequest
 from serving.settings import ServingSettings
 from training.events import EventLimits, check_batch
@@ -79,5 +80,18 @@ def test_while_redis_is_down_only_a_model_answers(store: FeatureStore, model: Se
         # No list read yet: the degraded global lists are empty.
         lists, degraded = features.global_lists()
         assert degraded and not len(lists.popularity)
+        # The model's own popularity serves instead, so a new visitor still gets items.
+        assert list(read.live.popularity.ids) == list(trained_popularity(model).ids[:100])
+        ranked = Ranker(RankingParams()).recommend(
+            model=model,
+            weights=model.blend,
+            user_id="a-new-visitor",
+            k=3,
+            filters=None,
+            exclude_seen=True,
+            live=read.live,
+            now=time.time(),
+        )
+        assert len(ranked.item_ids) == 3
     finally:
         outage.stop()
