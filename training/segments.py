@@ -17,7 +17,7 @@ from sklearn.cluster import KMeans
 
 from training.analytics_common import SEGMENTS, reference_time
 from training.evaluation import to_markdown
-from training.matrix import DEFAULT_EVENT_WEIGHTS
+from training.events import DEFAULT_EVENT_WEIGHTS
 
 DAY = 86_400
 

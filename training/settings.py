@@ -107,3 +107,13 @@ def event_limits() -> EventLimits:
         rating_max=high,
         max_quantity=number("RECSYS_MAX_QUANTITY", DEFAULT_MAX_QUANTITY),
     )
+
+
+def redact_url(url: str) -> str:
+    """A connection URL without its password, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user + '@' if user else ''}{host}"

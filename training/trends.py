@@ -14,7 +14,7 @@ from scipy.sparse import csr_matrix
 from scipy.special import ndtr
 
 from training.analytics_common import TREND_TYPES, reference_time
-from training.matrix import DEFAULT_EVENT_WEIGHTS
+from training.events import DEFAULT_EVENT_WEIGHTS
 
 DIRECTIONS: tuple[str, ...] = ("down", "flat", "up")
 DAY = 86_400

@@ -122,3 +122,13 @@ def test_default_store_is_parquet_under_home(tmp_path: Path) -> None:
     store = open_event_store(None, tmp_path)
     assert isinstance(store, ParquetEventStore)
     assert store.root == tmp_path / "events"
+
+
+def test_unreachable_store_messages_never_show_the_password() -> None:
+    from training.settings import redact_url
+
+    assert (
+        redact_url("postgresql://shop:s3cret@db:5432/events") == "postgresql://shop@db:5432/events"
+    )
+    assert redact_url("redis://:s3cret@cache:6379/0") == "redis://cache:6379/0"
+    assert redact_url("redis://cache:6379/0") == "redis://cache:6379/0"
