@@ -315,21 +315,19 @@ def _post(url: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, An
 
 
 def _demo_live_service(data_dir: Path, port: int | None) -> None:
-    """Start the service, ask for one shopper's recommendations, send a few of their events,
+    """Start the service, ask for a new visitor's recommendations, send a few of their clicks,
     ask again and show what changed; then stop the service."""
     import urllib.error
 
     events = pl.read_csv(data_dir / "events.csv", infer_schema=False)
     catalog = pl.read_csv(data_dir / "catalog.csv", infer_schema=False)
-    user = events["user_id"][0]
-    seen = events.filter(pl.col("user_id") == user)
-    usual = seen.join(catalog, on="item_id")["category"].mode().sort()[0]
-    # Items of a category the shopper never touched: a change of taste the live features see.
-    fresh = catalog.filter(
-        (pl.col("category") != usual) & ~pl.col("item_id").is_in(seen["item_id"].implode())
-    )
-    new_category = fresh["category"].mode().sort()[0]
-    picks = fresh.filter(pl.col("category") == new_category)["item_id"].head(3).to_list()
+    # A visitor the model has never seen: the first answer is cold start (trends, popularity);
+    # after a few clicks in one category, the live features alone personalise the next one.
+    user = "demo-visitor"
+    popular = events.group_by("item_id").len().sort("len", descending=True)
+    picked = popular.join(catalog, on="item_id")
+    new_category = picked["category"][len(picked) // 2]
+    picks = picked.filter(pl.col("category") == new_category)["item_id"].head(3).to_list()
 
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -375,9 +373,12 @@ def _demo_live_service(data_dir: Path, port: int | None) -> None:
         moved = [i["item_id"] for i in after["items"]]
         was = [i["item_id"] for i in before["items"]]
         changed = len(set(moved) - set(was))
+        category_of = dict(zip(catalog["item_id"], catalog["category"], strict=True))
+        share = [sum(category_of.get(i) == new_category for i in ids) for ids in (was, moved)]
         _print(
-            f"{changed} of {len(moved)} items are new, without retraining: the live features "
-            "(recent items, co-view, popularity) re-ranked them"
+            f"{changed} of {len(moved)} items are new, {share[1]} of them {new_category} "
+            f"(before: {share[0]}), without retraining: the live features (recent items, co-view, "
+            "embedding neighbours) personalised the answer"
             if changed or moved != was
             else "the ranking did not change: these events carried too little signal"
         )
