@@ -79,12 +79,10 @@ def _materialise_movielens(args: argparse.Namespace, scratch: Path) -> None:
 def _scratch_resources(scratch: Path) -> dict[str, Any]:
     """The environment's resources, but with events and catalog in a throw-away folder."""
     from assets.resources import LocalStateResource
-    from orchestration.environment import resources_for
+    from orchestration.environment import event_store_resource, resources_for
 
     resources = resources_for()
-    resources["event_store"] = resources["event_store"].model_copy(
-        update={"url": "", "home": str(scratch)}
-    )
+    resources["event_store"] = event_store_resource("", str(scratch))
     resources["state"] = LocalStateResource(home=str(scratch))
     return resources
 

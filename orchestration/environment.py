@@ -33,19 +33,10 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
     """
     env = env or environment_name()
     home = str(settings.recsys_home_path())
-    bounds = settings.event_limits()
-    limits = {
-        "max_future_seconds": bounds.max_future_seconds,
-        "rating_min": bounds.rating_min,
-        "rating_max": bounds.rating_max,
-        "max_quantity": bounds.max_quantity,
-    }
     if env == "local":
         return {
             "state": LocalStateResource(home=home),
-            "event_store": EventStoreResource(
-                url=settings.postgres_url() or "", home=home, **limits
-            ),
+            "event_store": event_store_resource(settings.postgres_url() or "", home),
             "tracking": MLflowResource(
                 tracking_uri=settings.mlflow_tracking_uri(),
                 model_name=settings.model_name(),
@@ -58,9 +49,7 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
         }
     return {
         "state": LocalStateResource(home=home),
-        "event_store": EventStoreResource(
-            url=dg.EnvVar("RECSYS_POSTGRES_URL"), home=home, **limits
-        ),
+        "event_store": event_store_resource(dg.EnvVar("RECSYS_POSTGRES_URL"), home),
         "tracking": MLflowResource(
             tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
             model_name=settings.model_name(),
@@ -70,3 +59,17 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
             url=dg.EnvVar("REDIS_URL"), home=home, namespace=settings.redis_namespace()
         ),
     }
+
+
+def event_store_resource(url: str | dg.EnvVar, home: str) -> EventStoreResource:
+    """The event store at `url` (empty: embedded under `home`) with the event contract's bounds
+    of this environment (RECSYS_RATING_RANGE, ...)."""
+    limits = settings.event_limits()
+    return EventStoreResource(
+        url=url,
+        home=home,
+        max_future_seconds=limits.max_future_seconds,
+        rating_min=limits.rating_min,
+        rating_max=limits.rating_max,
+        max_quantity=limits.max_quantity,
+    )
