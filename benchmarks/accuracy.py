@@ -73,7 +73,10 @@ def run_variant(train_events: pl.DataFrame, ops: dict, scratch: Path) -> tuple[d
 
     path = scratch / "train.parquet"
     train_events.write_parquet(path)
-    config = {"ops": {"raw_events": {"config": {"events_path": str(path)}}, **ops}}
+    # MovieLens 100k is from 1997-98, before the contract's default earliest time.
+    earliest = int(train_events["timestamp"].min())
+    raw = {"events_path": str(path), "earliest_timestamp": earliest}
+    config = {"ops": {"raw_events": {"config": raw}, **ops}}
     started = time.perf_counter()
     result = run_job(
         "offline_job",
