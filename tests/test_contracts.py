@@ -1,11 +1,10 @@
-"""Numbers that must agree across layers that may not import each other."""
+"""Numbers that must agree across layers."""
 
 from feature_repo.definitions import EVENT_WEIGHTS
-from training.data import EVENT_TYPES
-from training.matrix import DEFAULT_EVENT_WEIGHTS
+from training.events import DEFAULT_EVENT_WEIGHTS, EVENT_TYPES
 
 
-def test_live_features_weigh_events_like_the_trained_models() -> None:
-    # feature_repo may import only redis, so it keeps its own copy of the weights.
-    assert {k: v for k, v in EVENT_WEIGHTS.items() if k != "rating"} == DEFAULT_EVENT_WEIGHTS
+def test_live_features_weigh_every_event_type_like_the_trained_models() -> None:
+    # One table (training/events.py); the live features add the rating, which weighs its value.
     assert set(EVENT_WEIGHTS) == set(EVENT_TYPES)
+    assert EVENT_WEIGHTS == {**DEFAULT_EVENT_WEIGHTS, "rating": 1.0}
