@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,17 +23,10 @@ from feature_repo.connection import clear_namespace, connect
 from feature_repo.stream import EventStream
 from serving.consumer import run_consumer
 from serving.launcher import serve_command, serve_env
-from tests.serving.conftest import RedisServer, shutdown_embedded
-from tests.serving.conftest import free_port as fault_port
+from tests.serving.conftest import RedisServer, free_port, shutdown_embedded
 from training.event_store import open_event_store
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -194,10 +186,10 @@ def test_redis_outage_over_a_socket_keeps_connections_and_logs_once(
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setenv("RECSYS_MODEL_POLL_SECONDS", "0")
     monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", f"e2e-faults-{time.time_ns()}")
-    redis_server = RedisServer(fault_port(), tmp_path)
+    redis_server = RedisServer(free_port(), tmp_path)
     redis_server.start()
     monkeypatch.setenv("REDIS_URL", redis_server.url)
-    port = fault_port()
+    port = free_port()
     routes = [
         ("POST", "/recommend", {"user_id": "a", "k": 3}),
         ("POST", "/popular", {"k": 3}),
