@@ -17,7 +17,7 @@ import numpy as np
 import redis
 from starlette.responses import Response
 
-from feature_repo.connection import connect
+from feature_repo.connection import connect, revive_embedded
 from feature_repo.definitions import FeatureConfig
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
@@ -96,7 +96,7 @@ class RecommendationService:
         self.models.load_initial()
         self.redis_outage = Outage(
             "Redis",
-            probe=lambda: self.store.redis.ping(),
+            probe=self._probe_redis,
             probe_seconds=REDIS_PROBE_SECONDS,
             on_recovery=self._ensure_group,
         )
@@ -158,6 +158,16 @@ class RecommendationService:
             return False
         except redis.RedisError:
             return False
+
+    def _probe_redis(self) -> bool:
+        """PING; the embedded server, which nobody else would restart, is started again."""
+        try:
+            return bool(self.store.redis.ping())
+        except REDIS_DOWN:
+            if env.redis_url() is None and revive_embedded(self.store.redis, self.home):
+                log.warning("the embedded Redis server had stopped: started it again")
+                return True
+            raise
 
     @property
     def store(self) -> FeatureStore:

