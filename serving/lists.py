@@ -83,6 +83,10 @@ def popular(
     training-time popularity when it has fewer (e.g. right after a Redis flush). A category needs
     the model's catalog."""
     live = live_popularity(lists)
+    if category is None and (len(live.ids) >= k or model is None):
+        # Nothing to filter or top up: the list as read (its string array is what the request
+        # path's id lookup takes without a copy).
+        return ScoredItems(live.ids[:k], live.scores[:k])
     ids = np.asarray(live.ids, dtype=object)
     scores = live.scores
     if category is not None:
