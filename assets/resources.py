@@ -10,9 +10,9 @@ import polars as pl
 from pydantic import Field
 
 from feature_repo.connection import connect
+from feature_repo.event_store import EventStore, open_event_store
 from feature_repo.store import FeatureStore
 from training.data import empty_catalog
-from training.event_store import EventStore, open_event_store
 from training.events import (
     DEFAULT_MAX_FUTURE_SECONDS,
     DEFAULT_MAX_QUANTITY,

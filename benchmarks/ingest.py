@@ -116,9 +116,9 @@ def event_to_recommendation(url: str, users: list[str], trials: int) -> list[flo
 def consumer_rate(redis_url: str | None, home: Path, namespace: str, postgres_url: str | None):
     """Events/s moved from the stream into the event store by run_consumer."""
     from feature_repo.connection import connect
+    from feature_repo.event_store import open_event_store
     from feature_repo.stream import EventStream
     from serving.consumer import run_consumer
-    from training.event_store import open_event_store
 
     stream = EventStream(connect(redis_url, home), namespace)
     backlog = stream.lag()

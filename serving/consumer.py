@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from feature_repo.connection import connect
+from feature_repo.event_store import EventStore, open_event_store
 from feature_repo.stream import EventStream, StreamBatch
 from training import settings as env
-from training.event_store import EventStore, open_event_store
 
 log = logging.getLogger("recsys.consumer")
 

@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 
 from assets.models import MatrixConfig, interaction_matrix, interaction_matrix_not_empty
+from feature_repo.event_store import ParquetEventStore
 from tests.conftest import make_events
 from training.data import empty_catalog
-from training.event_store import ParquetEventStore
 
 
 def test_an_event_with_value_1e308_in_the_store_does_not_fail_the_matrix(tmp_path: Path) -> None:

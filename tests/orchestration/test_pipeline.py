@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from feature_repo.event_store import open_event_store
 from orchestration.definitions import build_definitions
 from orchestration.environment import resources_for
 from orchestration.runner import run_job
@@ -13,7 +14,6 @@ from tests.conftest import make_events
 from tests.orchestration.conftest import model_versions
 from training import settings
 from training.data import EVENT_TYPES
-from training.event_store import open_event_store
 from training.registry import CHAMPION, ModelRegistry
 
 # Small grids keep the tests fast; the defaults are exercised by the benchmarks.

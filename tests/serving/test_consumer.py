@@ -16,10 +16,10 @@ import polars as pl
 import pytest
 from starlette.testclient import TestClient
 
+from feature_repo.event_store import open_event_store
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
 from serving.consumer import main, run_consumer
-from training.event_store import open_event_store
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = int(time.time())

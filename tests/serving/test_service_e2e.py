@@ -20,11 +20,11 @@ import psutil
 import pytest
 
 from feature_repo.connection import clear_namespace, connect
+from feature_repo.event_store import open_event_store
 from feature_repo.stream import EventStream
 from serving.consumer import run_consumer
 from serving.launcher import serve_command, serve_env
 from tests.serving.conftest import RedisServer, free_port, shutdown_embedded
-from training.event_store import open_event_store
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from feature_repo.event_store import (
+    EventStore,
+    ParquetEventStore,
+    PostgresEventStore,
+    open_event_store,
+)
 from tests.conftest import make_events
 from training.data import EVENT_SCHEMA
-from training.event_store import EventStore, ParquetEventStore, PostgresEventStore, open_event_store
 from training.events import RECORD_SCHEMA
 
 
