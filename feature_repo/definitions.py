@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from config.settings import ServingSettingsEnv
 from training.events import DEFAULT_EVENT_WEIGHTS
 
 DAY = 86_400
@@ -61,7 +62,7 @@ class FeatureConfig:
     popularity_half_life: float = 3 * DAY
     trending_half_life: float = 2 * HOUR
     dedupe_ttl: int = DAY
-    cache_ttl: int = 60
+    cache_ttl: int = ServingSettingsEnv.model_fields["cache_ttl"].default  # RECSYS_CACHE_TTL
     offline_ttl: int = 14 * DAY
     # The analytics pushes: segments are daily, trends hourly; what a stopped pipeline leaves
     # behind expires after these.

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import polars as pl
 
+from config import redact_url
 from training.data import EVENT_SCHEMA, empty_events
 from training.events import RECORD_SCHEMA, empty_records, with_event_ids
-from training.settings import redact_url
 
 _INGESTED = "ingested_at"
 # What a part holds; older parts lack `context` and read with a null one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from training import settings
+from config import SettingsError, get_settings
 from training.data import DataValidationError
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
@@ -143,7 +144,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     _check_inputs(args)
     with tempfile.TemporaryDirectory(prefix="recsys-") as tmp:
         _materialise_movielens(args, Path(tmp))
-        _print(f"running the training job (RECSYS_HOME={settings.recsys_home()})")
+        _print(f"running the training job (RECSYS_HOME={get_settings().home_dir()})")
         result = _run("training_job", {"ops": _import_config(args)})
     evaluation = result.output_for_node("model_evaluation")
     registered = result.output_for_node("registered_model")
@@ -210,7 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     bin_dir = Path(sys.executable).parent
     dagster = shutil.which("dagster", path=str(bin_dir)) or "dagster"
     mlflow = shutil.which("mlflow", path=str(bin_dir)) or "mlflow"
-    artifacts = settings.mlflow_artifact_root()
+    artifacts = get_settings().mlflow_artifact_root()
     commands = [
         [
             dagster,
@@ -226,7 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             mlflow,
             "ui",
             "--backend-store-uri",
-            settings.mlflow_tracking_uri(),
+            get_settings().mlflow_tracking_uri(),
             "--default-artifact-root",
             artifacts,
             "--host",
@@ -258,7 +259,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a sample shop, train, analyse, then show the live service reacting to events."""
-    home = settings.recsys_home()
+    home = get_settings().home_dir()
     data_dir = home / "demo-data"
     if not (data_dir / "events.csv").exists():
         cmd_generate(
@@ -329,7 +330,7 @@ def _demo_live_service(data_dir: Path, port: int | None) -> None:
 
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = settings.recsys_home() / "demo-service.log"
+    log_path = get_settings().home_dir() / "demo-service.log"
     _print(f"\nstarting the service on {url} (its log: {log_path}) ...")
     log_file = log_path.open("w")
     process = subprocess.Popen(
@@ -404,6 +405,22 @@ def _show_recommendations(title: str, body: dict[str, Any], catalog: pl.DataFram
         _print(str(rows.select("item_id", "title", "category", "score", "reason")))
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from config.settings import effective, markdown_table
+
+    if args.markdown:
+        print(markdown_table())
+        return OK
+    rows = effective(get_settings())
+    if args.json:
+        print(json.dumps({name: value for name, _part, value in rows}, indent=2))
+        return OK
+    width = max(len(name) for name, _part, _value in rows)
+    for name, part, value in rows:
+        print(f"{name:<{width}}  {part:<13}  {value}")
+    return OK
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default after its help, unless the option is required or has none."""
 
@@ -469,6 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser(
+        "config",
+        help="check the environment's settings and print the values in use",
+        description="Check every RECSYS_* (and REDIS_URL, MLFLOW_TRACKING_URI, DAGSTER_HOME) "
+        "setting and print the values in use; passwords in URLs are left out.",
+    )
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the values as JSON")
+    shape.add_argument(
+        "--markdown", action="store_true", help="print the README's table of all settings"
+    )
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
         "demo", help="generate a sample shop, train, analyse, show the live service react"
     )
     p.add_argument("--users", type=int, default=3000, help="shoppers in the sample shop")
@@ -505,6 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         _error(str(exc))
         return FAILED
+    except SettingsError as exc:
+        _error(str(exc))
+        return BAD_INPUT
     except KeyboardInterrupt:
         _error("interrupted")
         return 130

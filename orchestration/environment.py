@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import dagster as dg
@@ -13,15 +12,12 @@ from assets.resources import (
     MLflowResource,
     RedisFeaturesResource,
 )
-from training import settings
+from config import get_settings
 
 
 def environment_name() -> str:
     """`RECSYS_ENV` (local, docker or prod); local when unset."""
-    name = os.environ.get("RECSYS_ENV", "local")
-    if name not in ("local", "docker", "prod"):
-        raise ValueError(f"RECSYS_ENV must be local, docker or prod, not {name!r}")
-    return name
+    return get_settings().orchestration.env
 
 
 def resources_for(env: str | None = None) -> dict[str, Any]:
@@ -31,20 +27,21 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
     `docker` and `prod` read URLs from the environment at run time through `EnvVar`, so secrets
     never land in run configs.
     """
-    env = env or environment_name()
-    home = str(settings.recsys_home_path())
+    config = get_settings()
+    env = env or config.orchestration.env
+    home = str(config.home)
     if env == "local":
         return {
             "state": LocalStateResource(home=home),
-            "event_store": event_store_resource(settings.postgres_url() or "", home),
+            "event_store": event_store_resource(config.store.postgres_url or "", home),
             "tracking": MLflowResource(
-                tracking_uri=settings.mlflow_tracking_uri(),
-                model_name=settings.model_name(),
-                artifact_location=settings.mlflow_artifact_root(),
-                cache_dir=str(settings.recsys_home_path() / "model-cache"),
+                tracking_uri=config.mlflow_tracking_uri(),
+                model_name=config.mlflow.model_name,
+                artifact_location=config.mlflow_artifact_root(),
+                cache_dir=str(config.model_cache()),
             ),
             "redis": RedisFeaturesResource(
-                url=settings.redis_url() or "", home=home, namespace=settings.redis_namespace()
+                url=config.redis.url or "", home=home, namespace=config.redis.namespace
             ),
         }
     return {
@@ -52,11 +49,11 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
         "event_store": event_store_resource(dg.EnvVar("RECSYS_POSTGRES_URL"), home),
         "tracking": MLflowResource(
             tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
-            model_name=settings.model_name(),
-            cache_dir=str(settings.recsys_home_path() / "model-cache"),
+            model_name=config.mlflow.model_name,
+            cache_dir=str(config.model_cache()),
         ),
         "redis": RedisFeaturesResource(
-            url=dg.EnvVar("REDIS_URL"), home=home, namespace=settings.redis_namespace()
+            url=dg.EnvVar("REDIS_URL"), home=home, namespace=config.redis.namespace
         ),
     }
 
@@ -64,7 +61,7 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
 def event_store_resource(url: str | dg.EnvVar, home: str) -> EventStoreResource:
     """The event store at `url` (empty: embedded under `home`) with the event contract's bounds
     of this environment (RECSYS_RATING_RANGE, ...)."""
-    limits = settings.event_limits()
+    limits = get_settings().store.event_limits()
     return EventStoreResource(
         url=url,
         home=home,

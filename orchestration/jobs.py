@@ -1,13 +1,13 @@
 """Jobs, schedules and sensors: hourly ingest, daily retraining, retrain on new events, failures."""
 
 import json
-import os
 import time
 from pathlib import Path
 
 import dagster as dg
 
 from assets.resources import EventStoreResource, LocalStateResource
+from config import get_settings
 
 # A job is its groups: the analyses' pushes to Redis sit in `analytics` with the analyses, so
 # training runs the `online` group whole.
@@ -64,7 +64,7 @@ daily_training = dg.ScheduleDefinition(
 
 def retrain_threshold() -> int:
     """`RECSYS_RETRAIN_MIN_EVENTS`: new events that trigger retraining (default 10,000)."""
-    return int(os.environ.get("RECSYS_RETRAIN_MIN_EVENTS", "10000"))
+    return get_settings().orchestration.retrain_min_events
 
 
 def _last_training_start(context: dg.SensorEvaluationContext) -> float | None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import dagster as dg
 
+from config import get_settings
 from orchestration.definitions import build_definitions
-from training import settings
 
 _PG_DAGSTER_YAML = """\
 # Written by recsys: Dagster run, event-log and schedule storage in PostgreSQL.
@@ -33,19 +33,17 @@ def ensure_dagster_home() -> Path:
 
     With `RECSYS_DAGSTER_POSTGRES_URL` set, Dagster keeps runs in PostgreSQL (dagster-postgres).
     """
-    home = settings.dagster_home()
+    home = get_settings().dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
-    pg_url = os.environ.get("RECSYS_DAGSTER_POSTGRES_URL", "")
+    pg_url = get_settings().orchestration.dagster_postgres_url or ""
     if pg_url.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, whose server-side binding breaks
         # dagster-postgres' NOTIFY; dagster-postgres is built on psycopg2.
         os.environ["RECSYS_DAGSTER_POSTGRES_URL"] = (
             "postgresql+psycopg2://" + pg_url.split("://", 1)[1]
         )
-    wanted = (
-        _PG_DAGSTER_YAML if os.environ.get("RECSYS_DAGSTER_POSTGRES_URL") else _SQLITE_DAGSTER_YAML
-    )
+    wanted = _PG_DAGSTER_YAML if pg_url else _SQLITE_DAGSTER_YAML
     config = home / "dagster.yaml"
     if (
         not config.exists()

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from config import get_settings
 from feature_repo.connection import connect
 from feature_repo.event_store import EventStore, open_event_store
 from feature_repo.stream import EventStream, StreamBatch
-from training import settings as env
 
 log = logging.getLogger("recsys.consumer")
 
@@ -35,7 +33,7 @@ class ConsumerStats:
 
 def default_consumer_name() -> str:
     """Stable per host, so a restarted consumer finds its own pending entries."""
-    return os.environ.get("RECSYS_CONSUMER_NAME") or f"consumer-{socket.gethostname()}"
+    return get_settings().consumer.consumer_name()
 
 
 def run_consumer(
@@ -60,12 +58,13 @@ def run_consumer(
     """
     stop_event = stop_event or threading.Event()
     consumer = consumer or default_consumer_name()
-    home = env.recsys_home()
+    config = get_settings()
+    home = config.home_dir()
     if stream is None:
-        stream = EventStream(connect(env.redis_url(), home), env.redis_namespace())
+        stream = EventStream(connect(config.redis.url, home), config.redis.namespace)
     own_store = store is None
     if store is None:
-        store = open_event_store(env.postgres_url(), home)
+        store = open_event_store(config.store.postgres_url, home)
     stream.ensure_group()
     stats = ConsumerStats()
     try:

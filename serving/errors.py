@@ -4,7 +4,6 @@ dependency a 503 with Retry-After, a bug a 500 logged once per kind instead of o
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,8 +12,9 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from config import get_settings
+
 log = logging.getLogger("recsys.serving")
-DEFAULT_MAX_BODY_BYTES = 1_048_576
 
 
 class DependencyUnavailable(Exception):
@@ -35,9 +35,7 @@ class BodySizeLimit:
 
     def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes or int(
-            os.environ.get("RECSYS_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
-        )
+        self.max_bytes = max_bytes or get_settings().serving.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from config import load_settings
+
 SERVICE = "serving.service:RecommendationService"
 SERVICE_NAME = "recsys"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -36,16 +38,15 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     RECSYS_SERVE_WORKERS (default: one per CPU) becomes BentoML's worker count; BentoML's home
     (its metrics files) is under RECSYS_HOME unless BENTOML_HOME is set."""
     environ = dict(os.environ if base is None else base)
-    workers = environ.get("RECSYS_SERVE_WORKERS", "cpu_count")
-    if workers != "cpu_count" and (not workers.isdigit() or int(workers) < 1):
-        raise ValueError(f"RECSYS_SERVE_WORKERS must be a positive integer or cpu_count: {workers}")
-    option = f"services.{SERVICE_NAME}.workers={workers}"
+    # Checked here, before any worker starts: a bad value is one message, not one per worker.
+    config = load_settings(environ)
+    option = f"services.{SERVICE_NAME}.workers={config.serving.workers}"
     existing = environ.get("BENTOML_CONFIG_OPTIONS", "").strip()
     environ["BENTOML_CONFIG_OPTIONS"] = f"{existing} {option}".strip()
     environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     # Make RECSYS_HOME absolute so every worker resolves the same folder whatever its cwd.
-    home = Path(environ.get("RECSYS_HOME", ".recsys")).expanduser().resolve()
-    if "RECSYS_HOME" in environ:
+    home = config.home
+    if config.home_is_set:
         environ["RECSYS_HOME"] = str(home)
     # `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts: with the
     # shared default (~/bentoml) a second server on the host wipes the first one's metrics.
@@ -62,13 +63,13 @@ def serve(port: int = 3001, host: str = "127.0.0.1") -> int:
     if not 0 < port < 65536:
         raise ValueError(f"port must be between 1 and 65535, got {port}")
     environ = serve_env()
-    if not environ.get("REDIS_URL"):
+    config = load_settings(environ)
+    if config.redis.url is None:
         # Start the embedded Redis here, so the workers share it and `recsys serve` stops it
         # when it exits (unless a consumer or a pipeline still uses it).
         from feature_repo.connection import connect
-        from training import settings
 
-        connect(None, settings.recsys_home())
+        connect(None, config.home_dir())
     process = subprocess.Popen(serve_command(port, host), env=environ)
 
     def forward(signum: int, _frame: object) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import redis
 from starlette.responses import Response
 
+from config import get_settings
 from feature_repo.connection import connect, revive_embedded
 from feature_repo.definitions import FeatureConfig
 from feature_repo.store import FeatureStore
@@ -39,7 +40,6 @@ from serving.schemas import (
     TrendingRequest,
 )
 from serving.settings import ServingSettings, blend_weights
-from training import settings as env
 from training.events import check_batch
 
 log = logging.getLogger("recsys.serving")
@@ -76,9 +76,11 @@ class RecommendationService:
     """Serves the champion model blended with live features; ingests events durably."""
 
     def __init__(self) -> None:
-        self.settings = ServingSettings.from_env()
-        self.limits = env.event_limits()
-        self.home = env.recsys_home()
+        # The one read of the environment; a bad value stops the worker with the variable named.
+        self.config = get_settings()
+        self.settings = ServingSettings.from_env(self.config.serving)
+        self.limits = self.config.store.event_limits()
+        self.home = self.config.home_dir()
         self.metrics = service_metrics()
         self.ranker = Ranker(RankingParams.from_settings(self.settings))
         self._popularity_blend = blend_weights(self.settings, None)
@@ -115,10 +117,9 @@ class RecommendationService:
         # An unreachable MLflow server must fail fast, not retry for minutes on the start path.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        config = get_settings()
         return ModelRegistry(
-            env.mlflow_tracking_uri(),
-            env.model_name(),
-            cache_dir=env.recsys_home() / "model-cache",
+            config.mlflow_tracking_uri(), config.mlflow.model_name, cache_dir=config.model_cache()
         )
 
     @bentoml.on_startup
@@ -164,7 +165,7 @@ class RecommendationService:
         try:
             return bool(self.store.redis.ping())
         except REDIS_DOWN:
-            if env.redis_url() is None and revive_embedded(self.store.redis, self.home):
+            if self.config.redis.url is None and revive_embedded(self.store.redis, self.home):
                 log.warning("the embedded Redis server had stopped: started it again")
                 return True
             raise
@@ -174,9 +175,9 @@ class RecommendationService:
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    client = connect(env.redis_url(), self.home)
+                    client = connect(self.config.redis.url, self.home)
                     config = FeatureConfig(cache_ttl=self.settings.cache_ttl)
-                    self._store = FeatureStore(client, env.redis_namespace(), config)
+                    self._store = FeatureStore(client, self.config.redis.namespace, config)
         return self._store
 
     def _models_changed(self, models: ModelSet) -> None:

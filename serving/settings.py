@@ -1,11 +1,13 @@
-"""The service's tunables, read from the environment when the service starts (never at import)."""
+"""The service's tunables: the settings tree's serving group (config/settings.py) turned into what
+the request path uses, read when the service starts (never at import)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
+
+from config import get_settings
+from config.settings import ServingSettingsEnv
 
 # The design's blend when the training run gives no weights: co-view 0.4, embedding 0.3,
 # popularity 0.2, recency 0.1. Trending, the trend analysis' list, the batch loop's candidates
@@ -70,14 +72,8 @@ MODEL_SOURCES = ("als", "item2vec", "ease", "itemknn", "popularity")
 DEFAULT_MODEL_SHARE = 0.5
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name}={raw!r} is not a number") from exc
+# The environment-backed fields take their defaults from the one settings tree.
+_ENV = ServingSettingsEnv.model_construct()
 
 
 @dataclass(frozen=True)
@@ -85,12 +81,12 @@ class ServingSettings:
     """Everything the request path can be tuned by; see docs/serving.md for each variable."""
 
     blend_overrides: dict[str, float] = field(default_factory=dict)
-    model_share: float = DEFAULT_MODEL_SHARE
-    challenger_share: float = 0.1
-    poll_seconds: float = 30.0
-    cache_ttl: int = 60
-    max_body_bytes: int = 1_048_576
-    global_lists_ttl: float = 0.05
+    model_share: float = _ENV.model_share
+    challenger_share: float = _ENV.challenger_share
+    poll_seconds: float = _ENV.poll_seconds
+    cache_ttl: int = _ENV.cache_ttl
+    max_body_bytes: int = _ENV.max_body_bytes
+    global_lists_ttl: float = _ENV.global_lists_ttl
     candidates_per_source: int = 100
     anchors: int = 10
     per_anchor: int = 20
@@ -103,65 +99,40 @@ class ServingSettings:
     segment_rules: dict[str, SegmentRule] = field(
         default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
     )
-    trends_ttl: float = 10.0
+    trends_ttl: float = _ENV.trends_ttl
 
     @classmethod
-    def from_env(cls) -> ServingSettings:
-        raw = os.environ.get("RECSYS_BLEND_WEIGHTS", "")
-        overrides: dict[str, float] = {}
-        if raw.strip():
-            try:
-                parsed = json.loads(raw)
-                overrides = {str(k): float(v) for k, v in parsed.items()}
-            except (ValueError, AttributeError, TypeError) as exc:
-                raise ValueError(
-                    f'RECSYS_BLEND_WEIGHTS must be a JSON object like {{"coview": 0.4}}: {raw!r}'
-                ) from exc
-        settings = cls(
-            blend_overrides=overrides,
-            cold_start_blend=_weights_env("RECSYS_COLD_START_WEIGHTS", DEFAULT_COLD_START_BLEND),
-            segment_rules=segment_rules_from_env(),
-            trends_ttl=_float("RECSYS_TRENDS_TTL", 10.0),
-            model_share=_float("RECSYS_MODEL_SHARE", DEFAULT_MODEL_SHARE),
-            challenger_share=_float("RECSYS_CHALLENGER_SHARE", 0.1),
-            poll_seconds=_float("RECSYS_MODEL_POLL_SECONDS", 30.0),
-            cache_ttl=int(_float("RECSYS_CACHE_TTL", 60)),
-            max_body_bytes=int(_float("RECSYS_MAX_BODY_BYTES", 1_048_576)),
-            global_lists_ttl=_float("RECSYS_GLOBAL_LISTS_TTL", 0.05),
+    def from_env(cls, env: ServingSettingsEnv | None = None) -> ServingSettings:
+        """The service's settings from the settings tree's serving group (default: this
+        process's environment)."""
+        env = get_settings().serving if env is None else env
+        return cls(
+            blend_overrides=dict(env.blend_weights or {}),
+            cold_start_blend=(
+                {k: v for k, v in env.cold_start_weights.items() if v > 0}
+                if env.cold_start_weights is not None
+                else dict(DEFAULT_COLD_START_BLEND)
+            ),
+            segment_rules=segment_rules(env) if env.segment_rerank else {},
+            trends_ttl=env.trends_ttl,
+            model_share=env.model_share,
+            challenger_share=env.challenger_share,
+            poll_seconds=env.poll_seconds,
+            cache_ttl=env.cache_ttl,
+            max_body_bytes=env.max_body_bytes,
+            global_lists_ttl=env.global_lists_ttl,
         )
-        if not 0.0 <= settings.challenger_share <= 1.0:
-            raise ValueError("RECSYS_CHALLENGER_SHARE must be between 0 and 1")
-        if not 0.0 <= settings.model_share <= 1.0:
-            raise ValueError("RECSYS_MODEL_SHARE must be between 0 and 1")
-        return settings
 
 
-def _weights_env(name: str, default: dict[str, float]) -> dict[str, float]:
-    raw = os.environ.get(name, "")
-    if not raw.strip():
-        return dict(default)
-    try:
-        parsed = json.loads(raw)
-        return {str(k): float(v) for k, v in parsed.items() if float(v) > 0}
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ValueError(f'{name} must be a JSON object like {{"trend": 1.0}}: {raw!r}') from exc
-
-
-def segment_rules_from_env() -> dict[str, SegmentRule]:
+def segment_rules(env: ServingSettingsEnv) -> dict[str, SegmentRule]:
     """The default rules, changed by `RECSYS_SEGMENT_RULES` (per segment: fields to override,
-    "suggested" for the suggested rule, or null to drop it); `RECSYS_SEGMENT_RERANK=0` drops all."""
-    if os.environ.get("RECSYS_SEGMENT_RERANK", "1").strip() in ("0", "false", "no", "off"):
-        return {}
+    "suggested" for the suggested rule, or null to drop it)."""
     rules = dict(DEFAULT_SEGMENT_RULES)
-    raw = os.environ.get("RECSYS_SEGMENT_RULES", "")
-    if not raw.strip():
+    if not env.segment_rules:
         return rules
     example = '{"price_sensitive": {"price": 0.5}, "browser": "suggested", "buyer": null}'
     try:
-        parsed = json.loads(raw)
-        if not isinstance(parsed, dict):
-            raise TypeError("not an object")
-        for segment, fields in parsed.items():
+        for segment, fields in env.segment_rules.items():
             if fields is None:
                 rules.pop(segment, None)
                 continue

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from training import settings
+from config import get_settings
 from training.hybrid import HybridRecommender
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class ModelRegistry:
 
     def bundle_path(self, version: str) -> Path:
         """The bundle folder of a version, downloaded once into the local cache."""
-        base = self.cache_dir or settings.recsys_home_path() / "model-cache"
+        base = self.cache_dir or get_settings().model_cache()
         target = base / self.model_name / str(version)
         marker = target / ".complete"
         if marker.exists():

@@ -130,7 +130,7 @@ def test_default_store_is_parquet_under_home(tmp_path: Path) -> None:
 
 
 def test_unreachable_store_messages_never_show_the_password() -> None:
-    from training.settings import redact_url
+    from config import redact_url
 
     assert (
         redact_url("postgresql://shop:s3cret@db:5432/events") == "postgresql://shop@db:5432/events"

@@ -6,13 +6,13 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from config import get_settings
 from feature_repo.event_store import open_event_store
 from orchestration.definitions import build_definitions
 from orchestration.environment import resources_for
 from orchestration.runner import run_job
 from tests.conftest import make_events
 from tests.orchestration.conftest import model_versions
-from training import settings
 from training.data import EVENT_TYPES
 from training.registry import CHAMPION, ModelRegistry
 
@@ -34,7 +34,7 @@ def _config(events: Path | None = None, catalog: Path | None = None, **extra: di
 
 
 def _registry() -> ModelRegistry:
-    return ModelRegistry(settings.mlflow_tracking_uri(), settings.model_name())
+    return ModelRegistry(get_settings().mlflow_tracking_uri(), get_settings().mlflow.model_name)
 
 
 def test_definitions_load_with_every_asset_job_schedule_and_sensor() -> None:
@@ -115,7 +115,9 @@ def test_failed_run_registers_nothing_and_champion_keeps_serving(
     assert not result.success
     after = _registry().get_version(CHAMPION)
     assert after.version == champion.version
-    versions = _registry().client.search_model_versions(f"name='{settings.model_name()}'")
+    versions = _registry().client.search_model_versions(
+        f"name='{get_settings().mlflow.model_name}'"
+    )
     assert len(versions) == 1
 
 
@@ -192,7 +194,7 @@ def test_run_on_a_poisoned_store_registers_nothing_and_champion_keeps_serving(
         monkeypatch.setenv("RECSYS_POSTGRES_URL", request.getfixturevalue("postgres_url"))
     make, expected = POISONS[poison]
     events = make()
-    with open_event_store(settings.postgres_url(), settings.recsys_home_path()) as store:
+    with open_event_store(get_settings().store.postgres_url, get_settings().home) as store:
         assert store.append(events) == events.height
     result = run_job("training_job", _config(), persistent=False)
     assert not result.success

