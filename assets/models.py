@@ -10,6 +10,10 @@ from pydantic import Field
 from training.evaluation import to_markdown
 from training.hybrid import HybridRecommender
 from training.matrix import DEFAULT_EVENT_WEIGHTS, InteractionMatrix
+from training.models.als import ALSModel
+from training.models.base import default_params
+from training.models.item2vec import Item2VecModel
+from training.models.itemknn import EASEModel, ItemKNNModel
 from training.train import (
     MIN_TRAINING_USERS,
     ComponentResult,
@@ -23,6 +27,11 @@ from training.train import (
 )
 
 GROUP = "training"
+# Each hyperparameter's default lives in its model's constructor; the configs below refer to it.
+_ALS = default_params(ALSModel)
+_I2V = default_params(Item2VecModel)
+_EASE = default_params(EASEModel)
+_KNN = default_params(ItemKNNModel)
 
 
 class MatrixConfig(dg.Config):
@@ -60,11 +69,13 @@ class TuningConfig(dg.Config):
 
 
 class ALSConfig(TuningConfig):
-    factors: int = Field(default=64, description="Latent factors.")
-    regularization: float = Field(default=20.0, description="L2 regularisation.")
-    alpha: float = Field(default=1.0, description="Confidence scaling of interactions.")
-    iterations: int = Field(default=15, description="ALS sweeps.")
-    bm25: bool = Field(default=True, description="BM25-weight the confidences before fitting.")
+    factors: int = Field(default=_ALS["factors"], description="Latent factors.")
+    regularization: float = Field(default=_ALS["regularization"], description="L2 regularisation.")
+    alpha: float = Field(default=_ALS["alpha"], description="Confidence scaling of interactions.")
+    iterations: int = Field(default=_ALS["iterations"], description="ALS sweeps.")
+    bm25: bool = Field(
+        default=_ALS["bm25"], description="BM25-weight the confidences before fitting."
+    )
     grid_factors: list[int] = Field(default=[32, 64, 128], description="Factors tried in tuning.")
     grid_regularization: list[float] = Field(
         default=[5.0, 20.0, 50.0], description="Regularisation values tried in tuning."
@@ -72,27 +83,38 @@ class ALSConfig(TuningConfig):
 
 
 class Item2VecConfig(dg.Config):
-    vector_size: int = Field(default=64, description="Embedding dimensions.")
-    window: int = Field(default=5, description="Skip-gram context window.")
-    negative: int = Field(default=5, description="Negative samples per positive.")
-    epochs: int = Field(default=10, description="Passes over the sequences.")
-    min_count: int = Field(default=1, description="Items seen fewer times get no vector.")
-    sample: float = Field(default=1e-3, description="Down-sampling threshold of frequent items.")
-    session_gap_minutes: float = Field(default=30.0, description="A longer gap starts a session.")
-    seed: int = Field(default=0, description="Random seed.")
+    vector_size: int = Field(default=_I2V["vector_size"], description="Embedding dimensions.")
+    window: int = Field(default=_I2V["window"], description="Skip-gram context window.")
+    negative: int = Field(default=_I2V["negative"], description="Negative samples per positive.")
+    epochs: int = Field(default=_I2V["epochs"], description="Passes over the sequences.")
+    min_count: int = Field(
+        default=_I2V["min_count"], description="Items seen fewer times get no vector."
+    )
+    sample: float = Field(
+        default=_I2V["sample"], description="Down-sampling threshold of frequent items."
+    )
+    session_gap_minutes: float = Field(
+        default=_I2V["session_gap_minutes"], description="A longer gap starts a session."
+    )
+    seed: int = Field(default=_I2V["seed"], description="Random seed.")
     max_token_passes: int = Field(
-        default=10_000_000, description="Epochs are cut so epochs x tokens stays within this."
+        default=_I2V["max_token_passes"],
+        description="Epochs are cut so epochs x tokens stays within this.",
     )
 
 
 class ItemItemConfig(TuningConfig):
     kind: str = Field(default="auto", description="ease, itemknn, or auto (EASE when it fits).")
-    ease_max_items: int = Field(default=12_000, description="Largest catalog EASE is used for.")
-    ease_l2: float = Field(default=300.0, description="EASE L2 regularisation.")
+    ease_max_items: int = Field(
+        default=_EASE["max_items"], description="Largest catalog EASE is used for."
+    )
+    ease_l2: float = Field(default=_EASE["l2"], description="EASE L2 regularisation.")
     grid_ease_l2: list[float] = Field(
         default=[100.0, 300.0, 600.0, 1000.0], description="EASE L2 values tried in tuning."
     )
-    neighbors: int = Field(default=100, description="Item-kNN neighbours kept per item.")
+    neighbors: int = Field(
+        default=_KNN["neighbors"], description="Item-kNN neighbours kept per item."
+    )
 
 
 class HybridConfig(dg.Config):

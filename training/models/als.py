@@ -20,8 +20,10 @@ class ALSModel(Recommender):
     def __init__(
         self,
         factors: int = 64,
-        regularization: float = 0.05,
-        alpha: float = 2.0,
+        # implicit's default is 0.01 for raw counts; BM25-weighted confidences (k1=100) are
+        # larger, and 20 is the middle of the pipeline's tuning grid (5, 20, 50).
+        regularization: float = 20.0,
+        alpha: float = 1.0,
         iterations: int = 15,
         bm25: bool = True,
         bm25_k1: float = 100.0,

@@ -5,6 +5,7 @@ The hybrid ranker and the service consume this interface and know no model's int
 
 from __future__ import annotations
 
+import inspect
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -12,6 +13,16 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
+
+
+def default_params(cls: type) -> dict[str, Any]:
+    """The defaults of a model's constructor: the one home of each hyperparameter's default
+    (the pipeline's Dagster configs take theirs from here)."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _top_k_partition(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

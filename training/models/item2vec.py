@@ -51,7 +51,7 @@ class Item2VecModel(Recommender):
     def __init__(
         self,
         vector_size: int = 64,
-        window: int = 10,
+        window: int = 5,
         negative: int = 5,
         epochs: int = 10,
         min_count: int = 1,
