@@ -3,6 +3,7 @@ single Redis node (`Reads`); per-slot where a read spans items on Redis Cluster 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from feature_repo.definitions import FeatureConfig, Keys
 from feature_repo.scripts import Scripts
 from feature_repo.types import (
     EMPTY,
+    FeatureRequest,
     GlobalLists,
     RequestFeatures,
     ScoredItems,
@@ -34,21 +36,11 @@ class Reads:
         self.keys, self.config = keys, config
         self._event_types = set(config.event_weights)
 
-    def read_request(
-        self,
-        user_id: str,
-        signature: str,
-        n_recent: int,
-        n_candidates: int,
-        n_anchors: int,
-        list_names: Sequence[str],
-        k: int,
-        now: float | None = None,
-    ) -> RequestFeatures:
-        """The cached response for `signature` if fresh, else recent items, batch candidates,
-        the profile hash and the top-k of each list (`coview` or an offline list name) of the
-        user's newest `n_anchors` recent items: one round trip."""
-        names = list(list_names)
+    def read_request(self, request: FeatureRequest, *, now: float | None = None) -> RequestFeatures:
+        """The cached response for the request's signature if fresh, else its features (see
+        `FeatureRequest`), the profile parsed: one round trip."""
+        names = list(request.list_names)
+        user_id = request.user_id
         now = time.time() if now is None else now
         keys = self.keys
         head, tail = keys.affixes(keys.item_prefix)
@@ -67,13 +59,13 @@ class Reads:
                 keys.profile(user_id),
             ],
             [
-                signature,
+                request.signature,
                 repr(float(now)),
                 self.config.cache_ttl,
-                n_recent,
-                n_candidates,
-                n_anchors,
-                k,
+                request.n_recent,
+                request.n_candidates,
+                request.n_anchors,
+                request.k,
                 head,
                 tail,
                 *suffixes,
@@ -88,7 +80,8 @@ class Reads:
             name: [scored(flat[a * per + j]) for a in range(anchors)]
             for j, name in enumerate(names)
         }
-        return RequestFeatures(None, scored(reply[1]), scored(reply[2]), lists, reply[3])
+        profile = UserProfile.from_hash(user_id, reply[3])
+        return RequestFeatures(None, scored(reply[1]), scored(reply[2]), lists, profile)
 
     def cache_response(
         self, user_id: str, signature: str, body: str, now: float | None = None
@@ -196,23 +189,15 @@ class ClusterReads(Reads):
     """On Redis Cluster a script may touch one slot: the user's keys are one script, the
     per-item lists (each item its own slot) plain commands in a pipeline."""
 
-    def read_request(
-        self,
-        user_id: str,
-        signature: str,
-        n_recent: int,
-        n_candidates: int,
-        n_anchors: int,
-        list_names: Sequence[str],
-        k: int,
-        now: float | None = None,
-    ) -> RequestFeatures:
-        names = list(list_names)
+    def read_request(self, request: FeatureRequest, *, now: float | None = None) -> RequestFeatures:
+        names = list(request.list_names)
         # No anchors: the script reads the user's keys only, one slot.
-        found = super().read_request(user_id, signature, n_recent, n_candidates, 0, [], k, now)
+        own = dataclasses.replace(request, n_anchors=0, list_names=())
+        found = super().read_request(own, now=now)
         if found.cached is not None:
             return found
-        anchors = list(found.recent.ids[:n_anchors])
+        anchors = list(found.recent.ids[: request.n_anchors])
+        k = request.k
         lists = self.item_lists(anchors, names, k) if anchors else {n: [] for n in names}
         return RequestFeatures(None, found.recent, found.candidates, lists, found.profile)
 

@@ -15,6 +15,7 @@ from feature_repo.pushes import Pushes
 from feature_repo.reads import ClusterReads, Reads
 from feature_repo.scripts import Scripts
 from feature_repo.types import (
+    FeatureRequest,
     GlobalLists,
     IngestResult,
     RequestFeatures,
@@ -67,21 +68,9 @@ class FeatureStore:
 
     # -- reads on the request path -------------------------------------------------------------
 
-    def read_request(
-        self,
-        user_id: str,
-        signature: str,
-        n_recent: int,
-        n_candidates: int,
-        n_anchors: int,
-        list_names: Sequence[str],
-        k: int,
-        now: float | None = None,
-    ) -> RequestFeatures:
+    def read_request(self, request: FeatureRequest, *, now: float | None = None) -> RequestFeatures:
         """See `Reads.read_request`: everything one recommendation request reads."""
-        return self._reads.read_request(
-            user_id, signature, n_recent, n_candidates, n_anchors, list_names, k, now
-        )
+        return self._reads.read_request(request, now=now)
 
     def cache_response(
         self, user_id: str, signature: str, body: str, now: float | None = None

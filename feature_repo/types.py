@@ -122,6 +122,21 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
+class FeatureRequest:
+    """What one recommendation request reads: the user's cached answer under `signature`, or
+    up to `n_recent` recent items, `n_candidates` batch candidates, the profile, and the top `k`
+    of each of `list_names` (`coview` or an offline list) of the newest `n_anchors` recent items."""
+
+    user_id: str
+    signature: str
+    n_recent: int
+    n_candidates: int
+    n_anchors: int = 0
+    list_names: tuple[str, ...] = ()
+    k: int = 0
+
+
+@dataclass(frozen=True)
 class RequestFeatures:
     """A user's features for one request, and the per-item lists of the newest recent items."""
 
@@ -129,7 +144,7 @@ class RequestFeatures:
     recent: ScoredItems
     candidates: ScoredItems
     lists: dict[str, list[ScoredItems]]
-    profile: Sequence[str] | None = None  # the profile hash, flat; UserProfile.from_hash reads it
+    profile: UserProfile | None = None  # None with a cached answer
 
 
 @dataclass(frozen=True)

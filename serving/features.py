@@ -12,7 +12,7 @@ import numpy as np
 
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
 from feature_repo.store import FeatureStore
-from feature_repo.types import GlobalLists, ScoredItems, UserProfile
+from feature_repo.types import FeatureRequest, GlobalLists, ScoredItems
 from serving import lists
 from serving.errors import DependencyUnavailable
 from serving.metrics import ServiceMetrics
@@ -150,16 +150,16 @@ class FeatureReader:
         self, body: RecommendRequest, model: ServingModel | None, signature: str, now: float
     ) -> RequestRead:
         store, settings = self._store(), self.settings
-        found = store.read_request(
-            body.user_id,
-            signature,
-            store.config.recent_cap,
-            settings.candidates_per_source,
-            settings.anchors,
-            list_names(model),
-            settings.per_anchor,
-            now,
+        request = FeatureRequest(
+            user_id=body.user_id,
+            signature=signature,
+            n_recent=store.config.recent_cap,
+            n_candidates=settings.candidates_per_source,
+            n_anchors=settings.anchors,
+            list_names=tuple(list_names(model)),
+            k=settings.per_anchor,
         )
+        found = store.read_request(request, now=now)
         if found.cached is not None:
             self.metrics.cache.labels("hit").inc()
             return RequestRead(signature, cached=found.cached)
@@ -176,7 +176,7 @@ class FeatureReader:
             trending=ScoredItems(glob.trending.ids[:top], glob.trending.scores[:top]),
             trend=trend,
             trend_reasons=reasons,
-            profile=UserProfile.from_hash(body.user_id, found.profile),
+            profile=found.profile,
             coview=found.lists.get("coview", []),
             neighbors=found.lists.get(NEIGHBORS_LIST, []),
             item_item=found.lists.get(ITEM_ITEM_LIST, []),

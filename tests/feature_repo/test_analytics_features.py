@@ -10,7 +10,7 @@ from redis.crc import key_slot
 
 from feature_repo.definitions import FEATURES_BY_NAME, PROFILE_FIELDS, Keys
 from feature_repo.store import FeatureStore
-from feature_repo.types import UserProfile
+from feature_repo.types import FeatureRequest
 
 NOW = 1_800_000_000.0
 
@@ -124,17 +124,20 @@ def test_request_reads_carry_the_profile_in_the_same_round_trip(
     store = FeatureStore(redis_client, namespace)
     store.push_user_profiles(profiles(), now=NOW)
     counting = FeatureStore(CountingRedis(connection_pool=redis_client.connection_pool), namespace)
-    counting.read_request("thrifty", "sig", 10, 10, 5, ["coview"], 5, now=NOW)  # loads the script
+    counting.read_request(
+        FeatureRequest("thrifty", "sig", 10, 10, 5, ("coview",), 5), now=NOW
+    )  # loads the script
     CountingRedis.sent = 0
-    found = counting.read_request("thrifty", "sig", 10, 10, 5, ["coview"], 5, now=NOW)
+    found = counting.read_request(
+        FeatureRequest("thrifty", "sig", 10, 10, 5, ("coview",), 5), now=NOW
+    )
     assert CountingRedis.sent == 1
 
-    assert UserProfile.from_hash("thrifty", found.profile).segment == "price_sensitive"
-    state = store.read_request("fan", "sig", 10, 10, 0, [], 0, now=NOW)
-    assert UserProfile.from_hash("fan", state.profile).segment == "loyal_customer"
-    assert not UserProfile.from_hash(
-        "nobody", store.read_request("nobody", "s", 1, 1, 0, [], 0).profile
-    ).known
+    # The profile comes back parsed, in the same round trip.
+    assert found.profile.segment == "price_sensitive"
+    state = store.read_request(FeatureRequest("fan", "sig", 10, 10), now=NOW)
+    assert state.profile.user_id == "fan" and state.profile.segment == "loyal_customer"
+    assert not store.read_request(FeatureRequest("nobody", "s", 1, 1)).profile.known
 
 
 def test_trend_lists_global_and_per_category(store: FeatureStore) -> None:

@@ -16,7 +16,7 @@ from feature_repo.ingest import ClusterIngest, SingleNodeIngest
 from feature_repo.reads import ClusterReads, Reads
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
-from feature_repo.types import RequestFeatures, ScoredItems
+from feature_repo.types import FeatureRequest, RequestFeatures, ScoredItems
 
 NOW = 1_800_000_000.0
 
@@ -46,7 +46,7 @@ def read_user(
     store: FeatureStore, user_id: str, signature: str, n_recent: int, n_candidates: int, **kw
 ) -> RequestFeatures:
     """The request read without per-item lists: the cached response or the user's features."""
-    return store.read_request(user_id, signature, n_recent, n_candidates, 0, [], 0, **kw)
+    return store.read_request(FeatureRequest(user_id, signature, n_recent, n_candidates), **kw)
 
 
 def popular(store: FeatureStore, k: int, now: float) -> ScoredItems:
@@ -372,8 +372,12 @@ def test_the_sharded_path_for_redis_cluster_matches_the_script(
         assert stats(script) == stats(sharded)
         # The request read falls back to per-slot commands and reads the same.
         user = frame["user_id"][0]
-        read_a = script.read_request(user, "s", 100, 10, 5, ["coview"], 20, now=NOW)
-        read_b = sharded.read_request(user, "s", 100, 10, 5, ["coview"], 20, now=NOW)
+        read_a = script.read_request(
+            FeatureRequest(user, "s", 100, 10, 5, ("coview",), 20), now=NOW
+        )
+        read_b = sharded.read_request(
+            FeatureRequest(user, "s", 100, 10, 5, ("coview",), 20), now=NOW
+        )
         assert list(read_a.recent.ids) == list(read_b.recent.ids)
         for left, right in zip(read_a.lists["coview"], read_b.lists["coview"], strict=True):
             assert list(left.ids) == list(right.ids)
