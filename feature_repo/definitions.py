@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config.settings import ServingSettingsEnv
+from training.analytics_common import PREFERENCES, SEGMENT_SCORES
 from training.events import DEFAULT_EVENT_WEIGHTS
 
 DAY = 86_400
@@ -336,26 +337,8 @@ class Keys:
 
 # Fields of the `user_profile` hash: the scores of the daily segmentation, `preferences` (JSON of
 # whichever of PREFERENCE_KEYS are known) and `updated_at`; a user without one is `unknown`.
-PROFILE_SCORES = (
-    "segment",
-    "r_score",
-    "f_score",
-    "m_score",
-    "rfm",
-    "engagement",
-    "churn_risk",
-    "lifetime_value",
-    "price_percentile",
-)
-PREFERENCE_KEYS = (
-    "top_categories",
-    "top_brands",
-    "price_low",
-    "price_high",
-    "preferred_hour",
-    "daypart",
-    "device",
-)
+PROFILE_SCORES = (*SEGMENT_SCORES, "price_percentile")
+PREFERENCE_KEYS = PREFERENCES
 PROFILE_FIELDS = (*PROFILE_SCORES, "preferences", "updated_at")
 UNKNOWN_SEGMENT = "unknown"
 # Fields of each item's (and category's) JSON in `trend_info` / `trend_categories`.

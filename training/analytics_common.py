@@ -21,6 +21,27 @@ SEGMENTS: tuple[str, ...] = (
 """Behavioural segments, and the archetypes the generator draws users from."""
 TREND_TYPES: tuple[str, ...] = ("stable", "rising", "falling", "volatile")
 """Trend types of items and categories, and the trends the generator gives items."""
+SEGMENT_SCORES: tuple[str, ...] = (
+    "segment",
+    "r_score",
+    "f_score",
+    "m_score",
+    "rfm",
+    "engagement",
+    "churn_risk",
+    "lifetime_value",
+)
+"""A user's scores: the segmentation's leading columns, and fields of the pushed profile."""
+PREFERENCES: tuple[str, ...] = (
+    "top_categories",
+    "top_brands",
+    "price_low",
+    "price_high",
+    "preferred_hour",
+    "daypart",
+    "device",
+)
+"""A user's preferences the segmentation derives (those it can: device needs a context)."""
 
 
 def reference_time(

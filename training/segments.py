@@ -15,7 +15,7 @@ import polars as pl
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-from training.analytics_common import SEGMENTS, reference_time
+from training.analytics_common import SEGMENT_SCORES, SEGMENTS, reference_time
 from training.evaluation import to_markdown
 from training.events import DEFAULT_EVENT_WEIGHTS
 
@@ -514,17 +514,7 @@ def segment_users(
     model = fit_segments(features, cfg)
     users = features.with_columns(model.predict(features))
     users = _scores_and_preferences(events, users, catalog, now_ts, cfg)
-    leading = [
-        "user_id",
-        "segment",
-        "r_score",
-        "f_score",
-        "m_score",
-        "rfm",
-        "engagement",
-        "churn_risk",
-        "lifetime_value",
-    ]
+    leading = ["user_id", *SEGMENT_SCORES]
     users = users.select(*leading, pl.exclude(leading)).sort("user_id")
     return SegmentResult(users, model, dict(FEATURE_DOC), dropped)
 
