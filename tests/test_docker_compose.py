@@ -56,7 +56,13 @@ DAGSTER_SERVICES = ("dagster-code", "dagster-webserver", "dagster-daemon")
 # The platform's containers: they run the project's image and share the x-recsys-env anchor.
 APP_SERVICES = ("dagster-code", "dagster-webserver", "dagster-daemon", "recommender", "consumer")
 DATABASES = ("dagster", "mlflow", "events")
-PROJECT_PACKAGES = ("training", "assets", "orchestration", "serving", "feature_repo")
+# The packages pyproject.toml installs: the image must copy every one of them.
+PROJECT_PACKAGES = tuple(
+    name.rstrip("*")
+    for name in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+)
 
 # --- helpers -----------------------------------------------------------------------------------
 
