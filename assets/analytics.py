@@ -3,18 +3,24 @@
 Each is logged to MLflow (experiment `recsys-analytics`); its checks are in analytics_checks.py.
 """
 
+import ast
 import dataclasses
+import inspect
 import tempfile
+import textwrap
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import mlflow
 import mlflow.sklearn
 import polars as pl
+import pydantic
 import sklearn
 from pydantic import Field
 
@@ -45,72 +51,47 @@ GROUP = "analytics"
 EXPERIMENT = "recsys-analytics"
 
 
-class TrendAssetConfig(dg.Config):
-    """TrendConfig as Dagster config (defaults come from training/trends.py)."""
+def dagster_config(
+    name: str, knobs: type, base: type[dg.Config], types: dict[str, object] | None = None
+) -> type[dg.Config]:
+    """A Dagster config class with one field per field of the dataclass `knobs`: its default
+    and its attribute docstring (the one home of both) become the field's default and
+    description in the launchpad. `types` replaces field types Dagster config cannot take."""
+    docs = _attribute_docs(knobs)
+    hints = typing.get_type_hints(knobs)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(knobs):
+        kind = (types or {}).get(f.name, hints[f.name])
+        if f.default_factory is not dataclasses.MISSING:
+            value = Field(default_factory=f.default_factory, description=docs.get(f.name))
+        else:
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            value = Field(default=default, description=docs.get(f.name))
+        fields[f.name] = (kind, value)
+    config = pydantic.create_model(name, __base__=base, __module__=__name__, **fields)
+    config.__doc__ = f"{knobs.__name__} as Dagster config (defaults and docs come from it)."
+    return config
 
-    lookback_days: int = Field(
-        default=TrendConfig.lookback_days,
-        description="History used for the trend type, the forecast and weekly seasonality.",
-    )
-    recent_days: int = Field(
-        default=TrendConfig.recent_days, description="Recent window of velocity and bursts."
-    )
-    prior_days: int = Field(
-        default=TrendConfig.prior_days,
-        description="Window before the recent one that velocity compares against.",
-    )
-    event_weights: dict[str, float] = Field(
-        default_factory=lambda: TrendConfig().event_weights,
-        description="Weight of each event type in velocity, forecast and trend score.",
-    )
-    trend_threshold: float = Field(
-        default=TrendConfig.trend_threshold,
-        description="Fitted log-change across the lookback beyond which an item rises or falls.",
-    )
-    min_z: float = Field(
-        default=TrendConfig.min_z,
-        description="Standard errors a slope or an excess variance must clear to count.",
-    )
-    slope_ridge: float = Field(
-        default=TrendConfig.slope_ridge,
-        description="Ridge penalty shrinking the slopes of items with few events towards 0.",
-    )
-    volatility_threshold: float = Field(
-        default=TrendConfig.volatility_threshold,
-        description="Excess squared coefficient of variation above which an item is volatile.",
-    )
-    burst_z: float = Field(
-        default=TrendConfig.burst_z,
-        description="Robust (median/MAD) z-score of a recent day that flags a burst.",
-    )
-    burst_min_events: int = Field(
-        default=TrendConfig.burst_min_events,
-        description="Distinct users a burst day needs at least.",
-    )
-    forecast_days: int = Field(
-        default=TrendConfig.forecast_days,
-        description="Horizon of the forecast and of the trend score.",
-    )
-    falling_level_days: int = Field(
-        default=TrendConfig.falling_level_days,
-        description="Last days of the window on which a falling item's forecast level is refit.",
-    )
-    daily_season_days: int = Field(
-        default=TrendConfig.daily_season_days,
-        description="Hourly history used for hour-of-day seasonality.",
-    )
-    season_min_events: int = Field(
-        default=TrendConfig.season_min_events,
-        description="Series with fewer events get no seasonality estimate.",
-    )
-    future_tolerance_s: int = Field(
-        default=TrendConfig.future_tolerance_s,
-        description="Events later than now plus this are dropped (and counted) as clock errors.",
-    )
-    chunk_items: int = Field(
-        default=TrendConfig.chunk_items,
-        description="Items per block of the hourly Fourier analysis (bounds memory).",
-    )
+
+def _attribute_docs(knobs: type) -> dict[str, str]:
+    """The docstring written under each annotated attribute of a class body."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(knobs))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+class _TrendRun(dg.Config):
+    """What a trend analysis run adds to TrendConfig."""
+
     now: int = Field(
         default=0,
         description=(
@@ -125,50 +106,9 @@ class TrendAssetConfig(dg.Config):
         return TrendConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
 
-class SegmentAssetConfig(dg.Config):
-    """SegmentConfig as Dagster config (defaults come from training/segments.py)."""
+class _SegmentRun(dg.Config):
+    """What a segmentation run adds to SegmentConfig."""
 
-    n_clusters: int = Field(
-        default=SegmentConfig.n_clusters,
-        description="k-means clusters; each is named after the segment it fits best.",
-    )
-    features: list[str] = Field(
-        default_factory=lambda: list(FEATURE_DOC),
-        description=f"Behavioural features clustered on, from: {', '.join(FEATURE_DOC)}.",
-    )
-    seed: int = Field(default=SegmentConfig.seed, description="Seed of k-means and sampling.")
-    min_users: int = Field(
-        default=SegmentConfig.min_users,
-        description="Below this many users nothing is learned (buyer/browser rule).",
-    )
-    max_fit_users: int = Field(
-        default=SegmentConfig.max_fit_users,
-        description="k-means is fit on a sample of at most this many users, applied to all.",
-    )
-    session_gap_s: int = Field(
-        default=SegmentConfig.session_gap_s,
-        description="Inactivity gap starting a new session when events carry no session_id.",
-    )
-    price_weights: dict[str, float] = Field(
-        default_factory=lambda: SegmentConfig().price_weights,
-        description="Event-type weights of the price-percentile feature.",
-    )
-    interest_weights: dict[str, float] = Field(
-        default_factory=lambda: SegmentConfig().interest_weights,
-        description="Event-type weights of the preference vector and the engagement score.",
-    )
-    ltv_horizon_days: float = Field(
-        default=SegmentConfig.ltv_horizon_days,
-        description="Future horizon of the lifetime-value estimate.",
-    )
-    recent_days: int = Field(
-        default=SegmentConfig.recent_days,
-        description="Window of the engagement score's recent-activity component.",
-    )
-    top_n: int = Field(
-        default=SegmentConfig.top_n,
-        description="Categories and brands listed in the preference vector.",
-    )
     now: int = Field(
         default=0,
         description=(
@@ -178,16 +118,23 @@ class SegmentAssetConfig(dg.Config):
     )
 
     def to_segment_config(self) -> SegmentConfig:
-        unknown = sorted(set(self.features) - set(FEATURE_DOC))
-        if unknown or not self.features:
+        features = self.model_dump()["features"]
+        unknown = sorted(set(features) - set(FEATURE_DOC))
+        if unknown or not features:
             raise ValueError(
                 f"features must be a non-empty subset of {', '.join(FEATURE_DOC)}; "
                 f"unknown: {', '.join(unknown) or 'none given'}"
             )
         names = {f.name for f in dataclasses.fields(SegmentConfig)}
         values = {k: v for k, v in self.model_dump().items() if k in names}
-        values["features"] = tuple(self.features)
+        values["features"] = tuple(features)
         return SegmentConfig(**values)
+
+
+TrendAssetConfig = dagster_config("TrendAssetConfig", TrendConfig, _TrendRun)
+SegmentAssetConfig = dagster_config(
+    "SegmentAssetConfig", SegmentConfig, _SegmentRun, types={"features": list[str]}
+)
 
 
 @contextmanager

@@ -99,7 +99,9 @@ class SegmentConfig:
     n_clusters: int = 6
     """k-means clusters; each is named after the segment its centroid profile fits best."""
     features: tuple[str, ...] = tuple(FEATURE_DOC)
+    """Behavioural features clustered on (names of FEATURE_DOC)."""
     seed: int = 0
+    """Seed of k-means and of the sampling."""
     min_users: int = 30
     """Below this many users nothing is learned: users who bought are buyers, others browsers."""
     max_fit_users: int = 200_000

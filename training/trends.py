@@ -36,6 +36,7 @@ class TrendConfig:
     prior_days: int = 7
     """The window just before the recent one, which velocity compares against."""
     event_weights: dict[str, float] = field(default_factory=_default_weights)
+    """Weight of each event type in velocity, forecast and trend score."""
     trend_threshold: float = 0.7
     """Fitted log-change across the lookback beyond which an item is rising or falling."""
     min_z: float = 1.5
