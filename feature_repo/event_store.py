@@ -475,7 +475,10 @@ class PostgresEventStore(EventStore):
             raise ConnectionError(
                 f"cannot reach the PostgreSQL event store at {redact_url(url)}: {exc}".strip()
             ) from exc
-        with self._conn.cursor() as cur:
+        # Two processes starting at once would race on CREATE ... IF NOT EXISTS (a duplicate
+        # key in pg_type): the schema is created by one at a time.
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('recsys-event-store-schema'))")
             cur.execute(_DDL.format(table=table))
 
     def append(self, events: pl.DataFrame) -> int:

@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import polars as pl
 import redis
 from redis.cluster import RedisCluster
 
 from feature_repo.definitions import Keys
-from feature_repo.event_store import EventStore
+from feature_repo.event_store import EventStore, user_hash, user_hashes
+
+log = logging.getLogger("recsys.forget")
 
 # Dedupe markers are deleted this many keys per command.
 _DELETE_CHUNK = 1000
@@ -79,3 +86,57 @@ def forget_user(
         deleted_at=record["deleted_at"],
         removed=removed,
     )
+
+
+class SuppressionCache:
+    """The suppression list as a process reads it on a hot path: reloaded every
+    `refresh_seconds` by a background thread, so a request never waits on the event store. A
+    failed reload keeps the last list; the store's append drops suppressed users anyway, so a
+    stale list only delays dropping their live features."""
+
+    def __init__(self, load: Callable[[], pl.Series], refresh_seconds: float = 10.0) -> None:
+        self._load = load
+        self.refresh_seconds = refresh_seconds
+        self._hashes = pl.Series("user_hash", [], pl.String)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reload(self) -> None:
+        """Read the list from the store now."""
+        try:
+            loaded = self._load()
+        except Exception as exc:  # noqa: BLE001 - any store failure: keep the last list
+            log.warning("cannot reload the suppression list (kept the last one): %s", exc)
+            return
+        with self._lock:
+            self._hashes = loaded
+
+    def start(self) -> None:
+        """Load now and every `refresh_seconds`, in a daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="suppression", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.reload()
+            self._stop.wait(self.refresh_seconds)
+
+    def hashes(self) -> pl.Series:
+        return self._hashes
+
+    def add(self, user_id: str) -> None:
+        """A user this process just forgot is suppressed here at once."""
+        with self._lock:
+            self._hashes = pl.concat([self._hashes, pl.Series("user_hash", [user_hash(user_id)])])
+
+    def keep_mask(self, events: pl.DataFrame) -> np.ndarray:
+        """True for each event whose user is not suppressed."""
+        hashes = self.hashes()
+        if hashes.is_empty() or events.is_empty():
+            return np.ones(events.height, dtype=bool)
+        return (~user_hashes(events["user_id"]).is_in(hashes.implode())).to_numpy()

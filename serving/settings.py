@@ -104,6 +104,9 @@ class ServingSettings:
         default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
     )
     trends_ttl: float = 10.0
+    # How stale the suppression list /events drops forgotten users by may be, in other workers
+    # than the one that forgot them.
+    suppression_refresh_seconds: float = 10.0
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -128,6 +131,7 @@ class ServingSettings:
             cache_ttl=int(_float("RECSYS_CACHE_TTL", 60)),
             max_body_bytes=int(_float("RECSYS_MAX_BODY_BYTES", 1_048_576)),
             global_lists_ttl=_float("RECSYS_GLOBAL_LISTS_TTL", 0.05),
+            suppression_refresh_seconds=_float("RECSYS_SUPPRESSION_REFRESH_SECONDS", 10.0),
         )
         if not 0.0 <= settings.challenger_share <= 1.0:
             raise ValueError("RECSYS_CHALLENGER_SHARE must be between 0 and 1")
