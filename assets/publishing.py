@@ -13,7 +13,7 @@ import polars as pl
 from pydantic import Field
 
 from assets.models import TrainedHybrid
-from assets.resources import MLflowResource
+from assets.resources import EventStoreResource, MLflowResource
 from training.evaluation import to_markdown
 from training.matrix import InteractionMatrix
 from training.registry import GATE_METRIC, flatten_params, metric_key
@@ -64,10 +64,17 @@ def _evaluation_plot(table: pl.DataFrame, path: Path) -> Path:
 def batch_recommendations(
     context: dg.AssetExecutionContext,
     config: BatchConfig,
+    event_store: EventStoreResource,
     interaction_matrix: InteractionMatrix,
     hybrid_ranker: TrainedHybrid,
 ) -> dg.Output[pl.DataFrame]:
-    """Top-k per user (user_recommendations table): never an item the user interacted with."""
+    """Top-k per user, never an item the user interacted with, landed in the event store's
+    `user_recommendations` table (replacing the previous lists in one step).
+
+    The registry's version number is given only at registration, the run's last step, so a row's
+    `model_version` names the Dagster run that trained it (`run:<run id>`), which the registered
+    version's `dagster_run_id` tag points back to.
+    """
     bundle = hybrid_ranker.final
     started = time.perf_counter()
     next_report = [0.1]
@@ -87,11 +94,15 @@ def batch_recommendations(
         pl.from_epoch(pl.lit(now + int(config.ttl_hours * 3600)), time_unit="s")
         .dt.replace_time_zone("UTC")
         .alias("expires_at"),
+        pl.lit(f"run:{context.run_id}").alias("model_version"),
     )
+    with event_store.open() as store:
+        written = store.replace_recommendations(recs)
     return dg.Output(
         recs,
         metadata={
             "rows": recs.height,
+            "table_rows": written,
             "users": recs["user_id"].n_unique(),
             "seconds": round(time.perf_counter() - started, 2),
             "preview": dg.MetadataValue.md(

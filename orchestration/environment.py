@@ -72,4 +72,5 @@ def event_store_resource(url: str | dg.EnvVar, home: str) -> EventStoreResource:
         rating_min=limits.rating_min,
         rating_max=limits.rating_max,
         max_quantity=limits.max_quantity,
+        retention_days=settings.retention_days(),
     )

@@ -109,6 +109,20 @@ def event_limits() -> EventLimits:
     )
 
 
+def retention_days() -> float:
+    """`RECSYS_RETENTION_DAYS`: the daily retention deletes events older than this; 0 (the
+    default) keeps every event, since a historical dataset (MovieLens is from 1998) would be
+    wiped by any fixed age: the operator chooses one for live data (e.g. 365)."""
+    text = os.environ.get("RECSYS_RETENTION_DAYS", "").strip()
+    try:
+        days = float(text) if text else 0.0
+    except ValueError:
+        raise ValueError(f"RECSYS_RETENTION_DAYS must be a number of days, got {text!r}") from None
+    if days < 0:
+        raise ValueError(f"RECSYS_RETENTION_DAYS must be >= 0, got {text!r}")
+    return days
+
+
 def redact_url(url: str) -> str:
     """A connection URL without its password, for messages and logs."""
     if "@" not in url or "://" not in url:
