@@ -207,6 +207,8 @@ def cmd_forget_user(args: argparse.Namespace) -> int:
     import getpass
     import json
 
+    import redis
+
     from feature_repo.connection import connect
     from feature_repo.event_store import open_event_store
     from feature_repo.forget import forget_user
@@ -215,7 +217,14 @@ def cmd_forget_user(args: argparse.Namespace) -> int:
     home = settings.recsys_home()
     client = connect(settings.redis_url(), home)
     with open_event_store(settings.postgres_url(), home) as store:
-        done = forget_user(args.user_id, actor, store, client, settings.redis_namespace())
+        try:
+            done = forget_user(args.user_id, actor, store, client, settings.redis_namespace())
+        except redis.RedisError as exc:
+            _error(
+                f"Redis is unavailable ({exc}): the user is suppressed and their events are "
+                "deleted, but not their live features; run the command again"
+            )
+            return FAILED
     if args.json:
         _print(json.dumps(done.as_dict()))
         return OK
