@@ -14,12 +14,13 @@ import uuid
 
 import bentoml
 import numpy as np
+import polars as pl
 import redis
 from starlette.responses import Response
 
 from feature_repo.connection import connect, revive_embedded
 from feature_repo.definitions import FeatureConfig
-from feature_repo.event_store import open_event_store
+from feature_repo.event_store import EventStore, open_event_store
 from feature_repo.forget import SuppressionCache, forget_user
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
@@ -107,15 +108,24 @@ class RecommendationService:
         self.features = FeatureReader(
             lambda: self.store, self.settings, self.redis_outage, self.metrics
         )
+        self._suppression_store: EventStore | None = None
         self.suppressed = SuppressionCache(
             self._load_suppressed, self.settings.suppression_refresh_seconds
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def _load_suppressed(self):
-        with open_event_store(env.postgres_url(), self.home) as events:
-            return events.suppressed()
+    def _load_suppressed(self) -> pl.Series:
+        # One connection kept for the reloads (only the reload thread uses it); dropped on a
+        # failure, so the next reload connects again.
+        if self._suppression_store is None:
+            self._suppression_store = open_event_store(env.postgres_url(), self.home)
+        try:
+            return self._suppression_store.suppressed()
+        except Exception:
+            self._suppression_store.close()
+            self._suppression_store = None
+            raise
 
     @staticmethod
     def _open_registry():

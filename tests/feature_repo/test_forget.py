@@ -217,3 +217,56 @@ def test_forget_user_clears_store_redis_and_writes_the_audit(
     assert abs(record["deleted_at"] - time.time()) < 60
     with pytest.raises(ValueError, match="actor"):
         forget_user("kept", " ", event_store, redis_client, namespace)
+
+
+def test_forget_interrupted_by_a_redis_outage_is_finished_by_running_it_again(
+    tmp_path: Path, redis_client: redis.Redis, namespace: str
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    down = redis.Redis(port=closed_port, socket_connect_timeout=0.5)
+    store = ParquetEventStore(tmp_path / "events")
+    store.append(events("gone", 10))
+    features = FeatureStore(redis_client, namespace)
+    features.ingest(events("gone", 10).with_columns(pl.col("event_type").cast(pl.Categorical)))
+    with pytest.raises(redis.ConnectionError):
+        forget_user("gone", "dpo", store, down, namespace)
+    # Suppressed and deleted from the store first; no audit claims a deletion that did not end.
+    assert store.is_suppressed("gone") and store.count() == 0
+    assert store.deletion_audit().is_empty()
+    done = forget_user("gone", "dpo", store, redis_client, namespace)
+    assert done.removed["redis_keys"] >= 2 and done.removed["events"] == 0
+    assert redis_client.exists(*Keys(namespace).user_keys("gone")) == 0
+    assert store.deletion_audit().height == 1
+
+
+def test_postgres_deletion_waits_for_an_append_in_flight(postgres_url: str) -> None:
+    import threading
+
+    import psycopg
+
+    store = PostgresEventStore(postgres_url)
+    other = PostgresEventStore(postgres_url)
+    store.append(events("gone", 5))
+    # An append of the user's events in flight: its transaction holds the table's insert lock.
+    writer = psycopg.connect(postgres_url)
+    writer.execute(
+        "INSERT INTO events (event_id, user_id, item_id, event_type, timestamp) "
+        "VALUES ('in-flight', 'gone', 'i1', 'view', %s)",
+        (T0,),
+    )
+    result: list = []
+    deleting = threading.Thread(target=lambda: result.append(other.delete_users(["gone"])))
+    deleting.start()
+    deleting.join(0.5)
+    assert deleting.is_alive(), "the deletion waits for the append to commit"
+    writer.commit()
+    deleting.join(10)
+    assert result and result[0].events == 6, "and then deletes its events too"
+    assert store.count() == 0
+    writer.close()
+    store.close()
+    other.close()
