@@ -71,9 +71,10 @@ def batch_recommendations(
     """Top-k per user, never an item the user interacted with, landed in the event store's
     `user_recommendations` table (replacing the previous lists in one step).
 
-    The registry's version number is given only at registration, the run's last step, so a row's
-    `model_version` names the Dagster run that trained it (`run:<run id>`), which the registered
-    version's `dagster_run_id` tag points back to.
+    The registry's version number is given only at registration, the run's last step: until
+    then a row's `model_version` names the Dagster run (`run:<run id>`), and `registered_model`
+    relabels the rows with the version it registered (lists of a run that registers nothing,
+    `recsys batch-recommend`, keep the run's name).
     """
     bundle = hybrid_ranker.final
     started = time.perf_counter()
@@ -94,7 +95,7 @@ def batch_recommendations(
         pl.from_epoch(pl.lit(now + int(config.ttl_hours * 3600)), time_unit="s")
         .dt.replace_time_zone("UTC")
         .alias("expires_at"),
-        pl.lit(f"run:{context.run_id}").alias("model_version"),
+        pl.lit(_run_label(context.run_id)).alias("model_version"),
     )
     with event_store.open() as store:
         written = store.replace_recommendations(recs)
@@ -110,6 +111,10 @@ def batch_recommendations(
             ),
         },
     )
+
+
+def _run_label(run_id: str) -> str:
+    return f"run:{run_id}"
 
 
 @dg.asset_check(
@@ -210,6 +215,7 @@ def champion_gate(
 def registered_model(
     context: dg.AssetExecutionContext,
     tracking: MLflowResource,
+    event_store: EventStoreResource,
     interaction_matrix: InteractionMatrix,
     training_split: SplitData,
     hybrid_ranker: TrainedHybrid,
@@ -248,6 +254,8 @@ def registered_model(
             mlflow.log_artifacts(str(folder), artifact_path="evaluation")
         version = registry.log_bundle(hybrid_ranker.final)
         run_id = run.info.run_id
+    with event_store.open() as store:
+        store.relabel_recommendations(_run_label(context.run_id), str(version))
     # The gate is decided again against the champion of this moment: another run may have
     # promoted one since champion_gate looked.
     decision = registry.gate(version, gate_value, champion_gate["margin"])

@@ -174,6 +174,11 @@ class EventStore(ABC):
     def delete_expired_recommendations(self, now: float | None = None) -> int:
         """Delete rows whose expires_at has passed; return how many."""
 
+    @abstractmethod
+    def relabel_recommendations(self, model_version: str, new_version: str) -> int:
+        """Rename the rows' `model_version` (the registry numbers a version only once the lists
+        are written); returns the rows relabelled."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -385,6 +390,21 @@ class ParquetEventStore(EventStore):
         if user_id is not None:
             scan = scan.filter(pl.col("user_id") == user_id)
         return scan.sort("user_id", "score", descending=[False, True]).collect()
+
+    def relabel_recommendations(self, model_version: str, new_version: str) -> int:
+        with self._locked():
+            recs = self._read_or_empty(self._recommendations, RECOMMENDATION_SCHEMA)
+            mine = recs["model_version"] == model_version
+            count = int(mine.sum())
+            if count:
+                relabelled = recs.with_columns(
+                    pl.when(mine)
+                    .then(pl.lit(new_version))
+                    .otherwise(pl.col("model_version"))
+                    .alias("model_version")
+                )
+                self._replace_file(self._recommendations, relabelled)
+            return count
 
     def delete_expired_recommendations(self, now: float | None = None) -> int:
         with self._locked():
@@ -647,6 +667,14 @@ class PostgresEventStore(EventStore):
             (pl.col(c) * 1e6).cast(pl.Int64).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
             for c in ("generated_at", "expires_at")
         ).select(names)
+
+    def relabel_recommendations(self, model_version: str, new_version: str) -> int:
+        with self._conn.cursor() as cur:
+            cur.execute(
+                "UPDATE user_recommendations SET model_version = %s WHERE model_version = %s",
+                (new_version, model_version),
+            )
+            return cur.rowcount
 
     def delete_expired_recommendations(self, now: float | None = None) -> int:
         with self._conn.cursor() as cur:

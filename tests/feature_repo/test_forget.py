@@ -144,11 +144,14 @@ def test_user_recommendations_replaced_whole_and_expired_rows_ignored(
     assert event_store.replace_recommendations(_recs("v2", 3600, users=2)) == 8
     everything = event_store.read_recommendations()
     assert set(everything["model_version"]) == {"v2"} and everything.height == 8
+    assert event_store.relabel_recommendations("v2", "7") == 8
+    assert event_store.relabel_recommendations("v2", "7") == 0
+    assert set(event_store.read_recommendations()["model_version"]) == {"7"}
     # A list with an item twice for one user is refused and the table keeps the last lists.
     bad = pl.concat([_recs("v3", 3600, users=1), _recs("v3", 3600, users=1)])
     with pytest.raises(ValueError, match="twice"):
         event_store.replace_recommendations(bad)
-    assert set(event_store.read_recommendations()["model_version"]) == {"v2"}
+    assert set(event_store.read_recommendations()["model_version"]) == {"7"}
     # Expired rows are invisible to readers, then removed by retention.
     event_store.replace_recommendations(_recs("v4", -1))
     assert event_store.read_recommendations().is_empty()

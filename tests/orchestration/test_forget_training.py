@@ -36,12 +36,14 @@ def test_the_model_trained_after_forgetting_has_no_trace_of_the_user(
     # Retrained on what the store holds now.
     second = run_job("training_job", _config(), persistent=False)
     assert second.success
-    after = _registry().load_bundle(second.output_for_node("registered_model")["version"])
+    version = second.output_for_node("registered_model")["version"]
+    after = _registry().load_bundle(version)
     users = set(after.user_ids.tolist())
     assert "u0" not in users and "u1" in users
     recs = second.output_for_node("batch_recommendations")
     assert "u0" not in set(recs["user_id"])
     with open_event_store(settings.postgres_url(), recsys_home) as store:
         assert store.read_recommendations("u0").is_empty()
-        assert not store.read_recommendations("u1").is_empty()
+        lists = store.read_recommendations("u1")
+        assert not lists.is_empty() and set(lists["model_version"]) == {str(version)}
         assert "u0" not in set(store.read()["user_id"])
