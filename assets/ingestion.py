@@ -5,6 +5,7 @@ import polars as pl
 from pydantic import Field
 
 from assets.resources import EventStoreResource, LocalStateResource
+from feature_repo.event_store import without_users
 from training.data import load_catalog, load_events
 from training.evaluation import to_markdown
 from training.events import EARLIEST_TIMESTAMP
@@ -62,6 +63,11 @@ def raw_events(
                 f"({loaded.frame.height - imported} already stored, {skipped} invalid skipped)"
             )
         events = store.read()
+        # Forgotten users never reach a model: their events were deleted, and any that reached
+        # the store another way (an old import) are left out here.
+        stored = events.height
+        events = without_users(events, store.suppressed())
+        suppressed = stored - events.height
     # Stored before the contract (or its bounds) changed: left out of training, counted.
     events, out_of_contract = usable_events(events, limits)
     if events.is_empty():
@@ -80,6 +86,7 @@ def raw_events(
             "imported": imported,
             "skipped_invalid": skipped,
             "stored_out_of_contract": out_of_contract,
+            "suppressed_user_events": suppressed,
             "event_types": dg.MetadataValue.md(
                 "\n".join(f"- {r[0]}: {r[1]}" for r in counts.iter_rows())
             ),

@@ -13,7 +13,7 @@ import polars as pl
 from pydantic import Field
 
 from assets.models import TrainedHybrid
-from assets.resources import MLflowResource
+from assets.resources import EventStoreResource, MLflowResource
 from training.evaluation import to_markdown
 from training.matrix import InteractionMatrix
 from training.registry import GATE_METRIC, flatten_params, metric_key
@@ -64,10 +64,18 @@ def _evaluation_plot(table: pl.DataFrame, path: Path) -> Path:
 def batch_recommendations(
     context: dg.AssetExecutionContext,
     config: BatchConfig,
+    event_store: EventStoreResource,
     interaction_matrix: InteractionMatrix,
     hybrid_ranker: TrainedHybrid,
 ) -> dg.Output[pl.DataFrame]:
-    """Top-k per user (user_recommendations table): never an item the user interacted with."""
+    """Top-k per user, never an item the user interacted with, landed in the event store's
+    `user_recommendations` table (replacing the previous lists in one step).
+
+    The registry's version number is given only at registration, the run's last step: until
+    then a row's `model_version` names the Dagster run (`run:<run id>`), and `registered_model`
+    relabels the rows with the version it registered (lists of a run that registers nothing,
+    `recsys batch-recommend`, keep the run's name).
+    """
     bundle = hybrid_ranker.final
     started = time.perf_counter()
     next_report = [0.1]
@@ -87,11 +95,15 @@ def batch_recommendations(
         pl.from_epoch(pl.lit(now + int(config.ttl_hours * 3600)), time_unit="s")
         .dt.replace_time_zone("UTC")
         .alias("expires_at"),
+        pl.lit(_run_label(context.run_id)).alias("model_version"),
     )
+    with event_store.open() as store:
+        written = store.replace_recommendations(recs)
     return dg.Output(
         recs,
         metadata={
             "rows": recs.height,
+            "table_rows": written,
             "users": recs["user_id"].n_unique(),
             "seconds": round(time.perf_counter() - started, 2),
             "preview": dg.MetadataValue.md(
@@ -99,6 +111,10 @@ def batch_recommendations(
             ),
         },
     )
+
+
+def _run_label(run_id: str) -> str:
+    return f"run:{run_id}"
 
 
 @dg.asset_check(
@@ -199,6 +215,7 @@ def champion_gate(
 def registered_model(
     context: dg.AssetExecutionContext,
     tracking: MLflowResource,
+    event_store: EventStoreResource,
     interaction_matrix: InteractionMatrix,
     training_split: SplitData,
     hybrid_ranker: TrainedHybrid,
@@ -237,6 +254,8 @@ def registered_model(
             mlflow.log_artifacts(str(folder), artifact_path="evaluation")
         version = registry.log_bundle(hybrid_ranker.final)
         run_id = run.info.run_id
+    with event_store.open() as store:
+        store.relabel_recommendations(_run_label(context.run_id), str(version))
     # The gate is decided again against the champion of this moment: another run may have
     # promoted one since champion_gate looked.
     decision = registry.gate(version, gate_value, champion_gate["margin"])

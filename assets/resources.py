@@ -64,6 +64,10 @@ class EventStoreResource(dg.ConfigurableResource):
     max_quantity: float = Field(
         default=DEFAULT_MAX_QUANTITY, description="Largest value of a non-rating event."
     )
+    retention_days: float = Field(
+        default=0.0,
+        description="retention_cleanup deletes events older than this many days; 0 keeps all.",
+    )
 
     def limits(self, earliest_timestamp: int = EARLIEST_TIMESTAMP) -> EventLimits:
         """The bounds an event must keep to, to be stored or trained on."""

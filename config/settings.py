@@ -90,6 +90,14 @@ class StoreSettings(_Group):
         description="Largest value of any other event type (a quantity)",
     )
 
+    retention_days: float = Field(
+        0.0,
+        alias="RECSYS_RETENTION_DAYS",
+        ge=0,
+        # Off by default: any fixed age would wipe a historical dataset (MovieLens is from 1998).
+        description="The daily `retention_cleanup` deletes events older than this (0: keep all)",
+    )
+
     @field_validator("rating_range")
     @classmethod
     def _ordered(cls, value: str) -> str:
@@ -230,6 +238,12 @@ class ServingSettingsEnv(_Group):
     )
     segment_rerank: bool = Field(
         True, alias="RECSYS_SEGMENT_RERANK", description="Segment-aware re-ranking on or off"
+    )
+    suppression_refresh_seconds: float = Field(
+        10.0,
+        alias="RECSYS_SUPPRESSION_REFRESH_SECONDS",
+        gt=0,
+        description="How often a worker re-reads the list of forgotten users",
     )
     segment_rules: Json[dict[str, Any]] | None = Field(
         None,

@@ -315,6 +315,18 @@ class Keys:
     def profile(self, user_id: str) -> str:
         return self.user_prefix(user_id) + "profile"
 
+    def user_keys(self, user_id: str) -> list[str]:
+        """Every key holding something of one user (each USER feature, and the staging copy a
+        push writes aside): what forgetting the user deletes."""
+        keys = [
+            self.recent(user_id),
+            self.counters(user_id),
+            self.cache(user_id),
+            self.candidates(user_id),
+            self.profile(user_id),
+        ]
+        return keys + [self.staging(key) for key in keys]
+
     def trend_category(self, category: str) -> str:
         """The trend list of one category (in the `{global}` slot with the other trend keys)."""
         return f"{self.namespace}:{{global}}:trends:category:{category}"

@@ -202,6 +202,44 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return consume(args)
 
 
+def cmd_forget_user(args: argparse.Namespace) -> int:
+    """Forget one user: the same `forget_user` as DELETE /users/{id}, on this environment's
+    event store and Redis."""
+    import getpass
+    import json
+
+    import redis
+
+    from feature_repo.connection import connect
+    from feature_repo.event_store import open_event_store
+    from feature_repo.forget import forget_user
+
+    actor = args.actor or f"cli:{getpass.getuser()}"
+    config = get_settings()
+    home = config.home_dir()
+    client = connect(config.redis.url, home)
+    with open_event_store(config.store.postgres_url, home) as store:
+        try:
+            done = forget_user(args.user_id, actor, store, client, config.redis.namespace)
+        except redis.RedisError as exc:
+            _error(
+                f"Redis is unavailable ({exc}): the user is suppressed and their events are "
+                "deleted, but not their live features; run the command again"
+            )
+            return FAILED
+    if args.json:
+        _print(json.dumps(done.as_dict()))
+        return OK
+    removed = done.removed
+    _print(
+        f"forgot user {done.user_id}: {removed['events']} events, "
+        f"{removed['user_recommendations']} batch recommendations and {removed['redis_keys']} "
+        "Redis keys deleted; suppressed from now on (the next training leaves them out)"
+    )
+    _print(f"audit record {done.deletion_id} by {done.actor} (user_hash {done.user_hash[:16]}...)")
+    return OK
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Dagster UI and MLflow UI side by side on the embedded storage, until Ctrl-C."""
     from orchestration.runner import ensure_dagster_home
@@ -478,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_consumer_arguments(p)
     p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser(
+        "forget-user",
+        help="delete a user's events, batch lists and live features; suppress and audit",
+    )
+    p.add_argument("user_id", help="the user_id to forget")
+    p.add_argument("--actor", default=None, help="who asks, for the audit (default: cli:<login>)")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(func=cmd_forget_user)
 
     p = sub.add_parser("up", help="Dagster UI and MLflow UI on the embedded storage")
     p.add_argument("--host", default="127.0.0.1", help="address both UIs listen on")

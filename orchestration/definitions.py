@@ -7,6 +7,7 @@ import dagster as dg
 from assets import (
     analytics,
     analytics_checks,
+    governance,
     ingestion,
     models,
     online,
@@ -15,6 +16,7 @@ from assets import (
 )
 from orchestration.environment import resources_for
 from orchestration.jobs import (
+    daily_retention,
     daily_segments,
     daily_training,
     hourly_ingest,
@@ -23,6 +25,7 @@ from orchestration.jobs import (
     new_events_sensor,
     offline_job,
     record_run_failure,
+    retention_job,
     segments_job,
     training_job,
     trends_job,
@@ -36,6 +39,7 @@ ASSET_MODULES = (
     analytics,
     analytics_checks,
     online_analytics,
+    governance,
 )
 
 
@@ -44,8 +48,8 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules(list(ASSET_MODULES)),
         asset_checks=dg.load_asset_checks_from_modules(list(ASSET_MODULES)),
-        jobs=[training_job, offline_job, ingest_job, trends_job, segments_job],
-        schedules=[hourly_ingest, daily_training, hourly_trends, daily_segments],
+        jobs=[training_job, offline_job, ingest_job, trends_job, segments_job, retention_job],
+        schedules=[hourly_ingest, daily_training, hourly_trends, daily_segments, daily_retention],
         sensors=[new_events_sensor, record_run_failure],
         resources=resources if resources is not None else resources_for(),
     )

@@ -61,7 +61,8 @@ def resources_for(env: str | None = None) -> dict[str, Any]:
 def event_store_resource(url: str | dg.EnvVar, home: str) -> EventStoreResource:
     """The event store at `url` (empty: embedded under `home`) with the event contract's bounds
     of this environment (RECSYS_RATING_RANGE, ...)."""
-    limits = get_settings().store.event_limits()
+    store = get_settings().store
+    limits = store.event_limits()
     return EventStoreResource(
         url=url,
         home=home,
@@ -69,4 +70,5 @@ def event_store_resource(url: str | dg.EnvVar, home: str) -> EventStoreResource:
         rating_min=limits.rating_min,
         rating_max=limits.rating_max,
         max_quantity=limits.max_quantity,
+        retention_days=store.retention_days,
     )

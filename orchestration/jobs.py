@@ -48,6 +48,12 @@ segments_job = dg.define_asset_job(
     ),
 )
 
+retention_job = dg.define_asset_job(
+    "retention_job",
+    selection=dg.AssetSelection.groups("governance"),
+    description="Delete events past the retention age and expired batch recommendations.",
+)
+
 hourly_trends = dg.ScheduleDefinition(
     name="hourly_trends", job=trends_job, cron_schedule="15 * * * *"
 )
@@ -59,6 +65,10 @@ hourly_ingest = dg.ScheduleDefinition(
 )
 daily_training = dg.ScheduleDefinition(
     name="daily_training", job=training_job, cron_schedule="0 3 * * *"
+)
+# Before the daily training, so it never trains on events past the retention age.
+daily_retention = dg.ScheduleDefinition(
+    name="daily_retention", job=retention_job, cron_schedule="30 2 * * *"
 )
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import bentoml
-from fastapi import Body, FastAPI, Query
+from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from starlette.responses import Response
 
@@ -20,6 +20,7 @@ from serving.schemas import (
     ErrorResponse,
     EventsRequest,
     EventsResponse,
+    ForgetUserResponse,
     ItemsResponse,
     PopularRequest,
     RecommendRequest,
@@ -223,3 +224,29 @@ async def user_profile_by_path(
     user_id: PathUserId,
 ) -> Response:
     return _service().user_profile(user_id)
+
+
+@app.delete(
+    "/users/{user_id}",
+    response_model=ForgetUserResponse,
+    responses=PATH_ERRORS,
+    summary="Forget a user: events, batch lists and live features deleted, suppressed, audited",
+    description=(
+        "Deletes the user's events from the event store and batch recommendations, and their "
+        "Redis keys (recent items, counters, profile, cached answers, batch candidates) at once; "
+        "adds them to the suppression list so late events are dropped and the next training "
+        "leaves them out; writes a `deletion_audit` record. Idempotent. Admin scope."
+    ),
+)
+async def forget_user(user_id: PathUserId, request: Request) -> Response:
+    return await anyio.to_thread.run_sync(_service().forget_user, user_id, _actor(request))
+
+
+def _actor(request: Request) -> str:
+    """Who asked, for the audit: the API key's name when the auth layer set one, else the
+    client's address."""
+    name = getattr(request.state, "api_key_name", None)
+    if name:
+        return f"api-key:{name}"
+    client = request.client.host if request.client else "unknown"
+    return f"http:{client}"

@@ -1,5 +1,10 @@
 """`recsys consume`: moves events from the Redis stream into the event store through a consumer
-group, acknowledging only stored events (at-least-once delivery + idempotent store = once)."""
+group, acknowledging only stored events (at-least-once delivery + idempotent store = once).
+
+Late events of a forgotten user (still in the stream when they were forgotten) are dropped by
+the store's append itself, against the suppression list of that moment (in the INSERT on
+PostgreSQL, under the writers' lock in the embedded store): no cached copy can be stale, and a
+dropped event is acknowledged like a stored one."""
 
 from __future__ import annotations
 

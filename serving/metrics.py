@@ -27,7 +27,7 @@ class ServiceMetrics:
         )
         self.events = prom.Counter(
             "recsys_events_total",
-            "Events posted to /events, by outcome (accepted, duplicate, rejected).",
+            "Events posted to /events, by outcome (accepted, duplicate, rejected, suppressed).",
             ["outcome"],
         )
         self.unknown_items = prom.Counter(

@@ -313,6 +313,16 @@ class UserActivityResponse(BaseModel):
     known_to_model: bool
 
 
+class ForgetUserResponse(BaseModel):
+    user_id: str
+    deletion_id: str
+    user_hash: str
+    actor: str
+    deleted_at: float
+    removed: dict[str, int]
+    suppressed: bool
+
+
 class ErrorResponse(BaseModel):
     error: str
     field: str | None = None

@@ -14,12 +14,15 @@ import uuid
 
 import bentoml
 import numpy as np
+import polars as pl
 import redis
 from starlette.responses import Response
 
 from config import get_settings
 from feature_repo.connection import connect, revive_embedded
 from feature_repo.definitions import FeatureConfig
+from feature_repo.event_store import EventStore, open_event_store
+from feature_repo.forget import SuppressionCache, forget_user
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
 from feature_repo.types import ScoredItems, TrendList
@@ -107,8 +110,24 @@ class RecommendationService:
         self.features = FeatureReader(
             lambda: self.store, self.settings, self.redis_outage, self.metrics
         )
+        self._suppression_store: EventStore | None = None
+        self.suppressed = SuppressionCache(
+            self._load_suppressed, self.settings.suppression_refresh_seconds
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    def _load_suppressed(self) -> pl.Series:
+        # One connection kept for the reloads (only the reload thread uses it); dropped on a
+        # failure, so the next reload connects again.
+        if self._suppression_store is None:
+            self._suppression_store = open_event_store(self.config.store.postgres_url, self.home)
+        try:
+            return self._suppression_store.suppressed()
+        except Exception:
+            self._suppression_store.close()
+            self._suppression_store = None
+            raise
 
     @staticmethod
     def _open_registry():
@@ -135,6 +154,7 @@ class RecommendationService:
         except REDIS_DOWN as exc:
             self.redis_outage.failed(exc)
         self.models.start()
+        self.suppressed.start()
         # Everything loaded so far lives as long as the worker: keep it out of the cyclic GC's
         # full passes, which otherwise stall requests for milliseconds.
         gc.collect()
@@ -143,6 +163,7 @@ class RecommendationService:
     @bentoml.on_shutdown
     def stop(self) -> None:
         self.models.stop()
+        self.suppressed.stop()
         self.redis_outage.stop()
 
     def _ensure_group(self) -> None:
@@ -334,6 +355,25 @@ class RecommendationService:
                 },
                 422,
             )
+        # Events of a forgotten user are accepted and dropped: refusing would fail the other
+        # users' events of the batch, and would tell any ingest key holder who was forgotten.
+        keep = self.suppressed.keep_mask(checked.events)
+        suppressed = int((~keep).sum())
+        if suppressed:
+            checked = dataclasses.replace(
+                checked, events=checked.events.filter(keep), indices=checked.indices[keep]
+            )
+            self.metrics.events.labels("suppressed").inc(suppressed)
+        if checked.events.is_empty():
+            return json_response(
+                {
+                    "accepted": suppressed,
+                    "duplicates": 0,
+                    "duplicate_indices": [],
+                    "rejected": rejected,
+                    "unknown_items": 0,
+                }
+            )
         result = self.features.live(lambda: self.store.ingest(checked.events))
         if result is None:
             # Nothing of the batch was stored: the client retries all of it (event ids dedupe).
@@ -352,13 +392,39 @@ class RecommendationService:
         self.metrics.unknown_items.inc(unknown)
         return json_response(
             {
-                "accepted": result.accepted,
+                "accepted": result.accepted + suppressed,
                 "duplicates": result.duplicates,
                 "duplicate_indices": checked.indices[~new].tolist(),
                 "rejected": rejected,
                 "unknown_items": unknown,
             }
         )
+
+    # -- forgetting a user (DELETE /users/{id}) --------------------------------------------------
+
+    def forget_user(self, user_id: str, actor: str) -> Response:
+        """Delete everything of the user in the event store and Redis, suppress them, audit it.
+
+        Unlike a read, a deletion has no fallback: with Redis or the event store down it is a
+        503 and the client retries (forgetting is idempotent, the suppression comes first)."""
+        try:
+            events = open_event_store(self.config.store.postgres_url, self.home)
+        except ConnectionError as exc:
+            raise DependencyUnavailable(f"{exc}; retry the deletion", 5) from exc
+        try:
+            # Suppressed here first: this worker's /events drops the user from now on.
+            self.suppressed.add(user_id)
+            done = forget_user(user_id, actor, events, self.store.redis, self.store.namespace)
+        except REDIS_DOWN as exc:
+            self.redis_outage.failed(exc)
+            raise DependencyUnavailable(
+                "Redis is unavailable: the user is suppressed but their live features are not "
+                "deleted yet; retry the deletion",
+                self.redis_outage.retry_after,
+            ) from exc
+        finally:
+            events.close()
+        return json_response(done.as_dict())
 
     # -- user activity -------------------------------------------------------------------------
 

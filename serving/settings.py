@@ -100,6 +100,9 @@ class ServingSettings:
         default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
     )
     trends_ttl: float = _ENV.trends_ttl
+    # How stale the suppression list /events drops forgotten users by may be, in other workers
+    # than the one that forgot them.
+    suppression_refresh_seconds: float = _ENV.suppression_refresh_seconds
 
     @classmethod
     def from_env(cls, env: ServingSettingsEnv | None = None) -> ServingSettings:
@@ -121,6 +124,7 @@ class ServingSettings:
             cache_ttl=env.cache_ttl,
             max_body_bytes=env.max_body_bytes,
             global_lists_ttl=env.global_lists_ttl,
+            suppression_refresh_seconds=env.suppression_refresh_seconds,
         )
 
 

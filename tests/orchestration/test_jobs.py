@@ -25,6 +25,7 @@ JOB_ASSETS = {
     "ingest_job": _INGEST | {"popularity_snapshot", "online_popularity"},
     "trends_job": _INGEST | {"trend_analysis", "online_trends"},
     "segments_job": _INGEST | {"user_segments", "online_profiles"},
+    "retention_job": {"retention_cleanup"},
 }
 
 
