@@ -25,7 +25,7 @@ import sklearn
 from pydantic import Field
 
 from assets.analytics_plots import inline_png, movers_plot, shares_plot
-from assets.resources import MLflowResource
+from assets.resources import EXTERNAL_RETRY, MLflowResource
 from training.evaluation import to_markdown
 from training.registry import flatten_params
 from training.segments import (
@@ -161,6 +161,7 @@ def _run_tags(context: dg.AssetExecutionContext, analysis: str) -> dict[str, str
 @dg.asset(
     group_name=GROUP,
     compute_kind="numpy",
+    retry_policy=EXTERNAL_RETRY,
     freshness_policy=dg.FreshnessPolicy.time_window(
         fail_window=timedelta(hours=3), warn_window=timedelta(hours=2)
     ),
@@ -227,6 +228,7 @@ def trend_analysis(
 @dg.asset(
     group_name=GROUP,
     compute_kind="sklearn",
+    retry_policy=EXTERNAL_RETRY,
     freshness_policy=dg.FreshnessPolicy.time_window(
         fail_window=timedelta(hours=30), warn_window=timedelta(hours=26)
     ),

@@ -4,13 +4,13 @@ import time
 
 import dagster as dg
 
-from assets.resources import EventStoreResource
+from assets.resources import EXTERNAL_RETRY, EventStoreResource
 
 GROUP = "governance"
 DAY = 86_400
 
 
-@dg.asset(group_name=GROUP, compute_kind="sql")
+@dg.asset(group_name=GROUP, compute_kind="sql", retry_policy=EXTERNAL_RETRY)
 def retention_cleanup(
     context: dg.AssetExecutionContext, event_store: EventStoreResource
 ) -> dg.MaterializeResult:

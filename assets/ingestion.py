@@ -4,9 +4,9 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from assets.resources import EventStoreResource, LocalStateResource
+from assets.resources import EXTERNAL_RETRY, EventStoreResource, LocalStateResource
 from feature_repo.event_store import without_users
-from training.data import load_catalog, load_events
+from training.data import DataValidationError, load_catalog, load_events
 from training.evaluation import to_markdown
 from training.events import EARLIEST_TIMESTAMP
 from training.matrix import decayed_popularity, usable_events
@@ -39,7 +39,7 @@ def _span(events: pl.DataFrame) -> str:
     return f"{start} .. {end} UTC"
 
 
-@dg.asset(group_name="ingestion", compute_kind="polars")
+@dg.asset(group_name="ingestion", compute_kind="polars", retry_policy=EXTERNAL_RETRY)
 def raw_events(
     context: dg.AssetExecutionContext,
     config: EventImportConfig,
@@ -50,12 +50,16 @@ def raw_events(
     limits = event_store.limits(config.earliest_timestamp)
     with event_store.open() as store:
         if config.events_path:
-            loaded = load_events(
-                config.events_path,
-                skip_invalid=config.skip_invalid,
-                keep_context=True,
-                limits=limits,
-            )
+            try:
+                loaded = load_events(
+                    config.events_path,
+                    skip_invalid=config.skip_invalid,
+                    keep_context=True,
+                    limits=limits,
+                )
+            except (DataValidationError, FileNotFoundError) as exc:
+                # The file is at fault, not the store: a retry would fail the same way.
+                raise dg.Failure(str(exc), allow_retries=False) from exc
             skipped = loaded.skipped
             imported = store.append(loaded.frame)
             context.log.info(
@@ -73,7 +77,8 @@ def raw_events(
     if events.is_empty():
         raise dg.Failure(
             "the event store is empty: import events first "
-            "(recsys pipeline --events PATH, or POST /events and recsys consume)"
+            "(recsys pipeline --events PATH, or POST /events and recsys consume)",
+            allow_retries=False,
         )
     counts = events.group_by("event_type").len().sort("len", descending=True)
     return dg.Output(

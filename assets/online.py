@@ -5,7 +5,7 @@ import polars as pl
 from pydantic import Field
 
 from assets.models import TrainedHybrid
-from assets.resources import RedisFeaturesResource
+from assets.resources import EXTERNAL_RETRY, RedisFeaturesResource
 from feature_repo.definitions import ITEM_ITEM_LIST
 
 GROUP = "online"
@@ -18,7 +18,7 @@ class OnlineConfig(dg.Config):
     )
 
 
-@dg.asset(group_name=GROUP, compute_kind="redis")
+@dg.asset(group_name=GROUP, compute_kind="redis", retry_policy=EXTERNAL_RETRY)
 def online_features(
     context: dg.AssetExecutionContext,
     config: OnlineConfig,
@@ -47,7 +47,7 @@ def online_features(
     return dg.MaterializeResult(metadata={"pushed": True, **counts})
 
 
-@dg.asset(group_name=GROUP, compute_kind="redis")
+@dg.asset(group_name=GROUP, compute_kind="redis", retry_policy=EXTERNAL_RETRY)
 def online_popularity(
     redis: RedisFeaturesResource, popularity_snapshot: pl.DataFrame
 ) -> dg.MaterializeResult:

@@ -4,7 +4,7 @@ where the service serves them (/trending, /user_profile) and ranks with them."""
 import dagster as dg
 import polars as pl
 
-from assets.resources import RedisFeaturesResource
+from assets.resources import EXTERNAL_RETRY, RedisFeaturesResource
 from feature_repo.definitions import PREFERENCE_KEYS, PROFILE_SCORES
 from training.segments import SegmentResult
 from training.trends import TrendResult
@@ -24,7 +24,7 @@ def profile_frame(users: pl.DataFrame) -> pl.DataFrame:
     return users.select("user_id", *[c for c in PROFILE_SCORES if c in users.columns], preferences)
 
 
-@dg.asset(group_name=GROUP, compute_kind="redis")
+@dg.asset(group_name=GROUP, compute_kind="redis", retry_policy=EXTERNAL_RETRY)
 def online_trends(
     context: dg.AssetExecutionContext, redis: RedisFeaturesResource, trend_analysis: TrendResult
 ) -> dg.MaterializeResult:
@@ -48,7 +48,7 @@ def online_trends(
     )
 
 
-@dg.asset(group_name=GROUP, compute_kind="redis")
+@dg.asset(group_name=GROUP, compute_kind="redis", retry_policy=EXTERNAL_RETRY)
 def online_profiles(
     context: dg.AssetExecutionContext, redis: RedisFeaturesResource, user_segments: SegmentResult
 ) -> dg.MaterializeResult:

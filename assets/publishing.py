@@ -13,7 +13,7 @@ import polars as pl
 from pydantic import Field
 
 from assets.models import TrainedHybrid
-from assets.resources import EventStoreResource, MLflowResource
+from assets.resources import EXTERNAL_RETRY, EventStoreResource, MLflowResource
 from training.evaluation import to_markdown
 from training.matrix import InteractionMatrix
 from training.registry import GATE_METRIC, flatten_params, metric_key
@@ -60,7 +60,7 @@ def _evaluation_plot(table: pl.DataFrame, path: Path) -> Path:
     return path
 
 
-@dg.asset(group_name=GROUP, compute_kind="numpy")
+@dg.asset(group_name=GROUP, compute_kind="numpy", retry_policy=EXTERNAL_RETRY)
 def batch_recommendations(
     context: dg.AssetExecutionContext,
     config: BatchConfig,
@@ -175,7 +175,7 @@ def _gate_value(model_evaluation: pl.DataFrame) -> float:
     return float(model_evaluation.filter(pl.col("model") == "hybrid")["ndcg@10"][0])
 
 
-@dg.asset(group_name=GROUP, compute_kind="mlflow")
+@dg.asset(group_name=GROUP, compute_kind="mlflow", retry_policy=EXTERNAL_RETRY)
 def champion_gate(
     context: dg.AssetExecutionContext,
     config: GateConfig,
@@ -205,6 +205,7 @@ def champion_gate(
 @dg.asset(
     group_name=GROUP,
     compute_kind="mlflow",
+    retry_policy=EXTERNAL_RETRY,
     deps=[
         batch_recommendations,
         item_neighbors,

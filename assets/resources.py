@@ -9,6 +9,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from config import get_settings
 from feature_repo.connection import connect
 from feature_repo.event_store import EventStore, open_event_store
 from feature_repo.store import FeatureStore
@@ -21,6 +22,25 @@ from training.events import (
     EventLimits,
 )
 from training.registry import ModelRegistry
+
+
+def external_retry_policy() -> dg.RetryPolicy:
+    """The retries of every asset that talks to an external system (event store, Redis,
+    MLflow): exponential backoff with jitter, so a restart or failover of that system does not
+    fail the run, and runs retrying at once do not hammer it in step. Pure compute gets none: it
+    would fail the same way again."""
+    orchestration = get_settings().orchestration
+    return dg.RetryPolicy(
+        max_retries=orchestration.retry_max_retries,
+        delay=orchestration.retry_delay_seconds,
+        backoff=dg.Backoff.EXPONENTIAL,
+        jitter=dg.Jitter.PLUS_MINUS,
+    )
+
+
+# Read when the code location loads (like the resource map): a change of RECSYS_RETRY_* applies
+# after the daemon and the UI restart.
+EXTERNAL_RETRY = external_retry_policy()
 
 
 class LocalStateResource(dg.ConfigurableResource):

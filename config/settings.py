@@ -21,6 +21,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator
 
@@ -176,6 +177,41 @@ class OrchestrationSettings(_Group):
         alias="RECSYS_RETRAIN_MIN_EVENTS",
         ge=1,
         description="New events since the last training that make the sensor retrain",
+    )
+    retry_max_retries: int = Field(
+        3,
+        alias="RECSYS_RETRY_MAX_RETRIES",
+        ge=0,
+        description="Retries of an asset whose event store, Redis or MLflow failed",
+    )
+    retry_delay_seconds: float = Field(
+        5.0,
+        alias="RECSYS_RETRY_DELAY_SECONDS",
+        ge=0,
+        description="Base delay of those retries: attempt n waits (2^n - 1) times it, +- one",
+    )
+    alert_webhook_url: str | None = Field(
+        None,
+        alias="RECSYS_ALERT_WEBHOOK_URL",
+        description="Slack-compatible webhook for failed runs and checks, blocked promotions "
+        "(default: the failure log only)",
+    )
+    dagster_ui_url: str | None = Field(
+        None,
+        alias="RECSYS_DAGSTER_UI_URL",
+        description="Dagster UI base URL, for the run link in alerts (default: no link)",
+    )
+    alert_timeout_seconds: float = Field(
+        3.0,
+        alias="RECSYS_ALERT_TIMEOUT_SECONDS",
+        gt=0,
+        description="Timeout of one post to the alert webhook",
+    )
+    alert_retries: int = Field(
+        2,
+        alias="RECSYS_ALERT_RETRIES",
+        ge=0,
+        description="Retries of an alert post that failed or timed out",
     )
 
 
@@ -385,6 +421,9 @@ def effective(settings: Settings) -> list[tuple[str, str, str]]:
             shown = resolved.get(str(field.alias), "") if value is None else str(value)
             if isinstance(value, str) and "://" in value:
                 shown = redact_url(value)
+            if field.alias == "RECSYS_ALERT_WEBHOOK_URL" and value:
+                # A Slack webhook's path is its secret.
+                shown = webhook_host(value)
             rows.append((str(field.alias), group_name, shown))
     return rows
 
@@ -397,3 +436,10 @@ def redact_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user + '@' if user else ''}{host}"
+
+
+def webhook_host(url: str) -> str:
+    """A webhook URL reduced to its scheme and host: the path of a Slack webhook is a token."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}/..."

@@ -16,6 +16,7 @@ from assets import (
 )
 from orchestration.environment import resources_for
 from orchestration.jobs import (
+    alert_on_findings,
     daily_retention,
     daily_segments,
     daily_training,
@@ -50,7 +51,7 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
         asset_checks=dg.load_asset_checks_from_modules(list(ASSET_MODULES)),
         jobs=[training_job, offline_job, ingest_job, trends_job, segments_job, retention_job],
         schedules=[hourly_ingest, daily_training, hourly_trends, daily_segments, daily_retention],
-        sensors=[new_events_sensor, record_run_failure],
+        sensors=[new_events_sensor, record_run_failure, alert_on_findings],
         resources=resources if resources is not None else resources_for(),
     )
 

@@ -1,13 +1,12 @@
-"""Jobs, schedules and sensors: hourly ingest, daily retraining, retrain on new events, failures."""
+"""Jobs, schedules and sensors: hourly ingest, daily retraining, retrain on new events, alerts."""
 
-import json
 import time
-from pathlib import Path
 
 import dagster as dg
 
 from assets.resources import EventStoreResource, LocalStateResource
 from config import get_settings
+from orchestration.alerts import alert_run
 
 # A job is its groups: the analyses' pushes to Redis sit in `analytics` with the analyses, so
 # training runs the `online` group whole.
@@ -123,14 +122,22 @@ def new_events_sensor(
 
 @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING)
 def record_run_failure(context: dg.RunFailureSensorContext, state: LocalStateResource) -> None:
-    """Append every failed run to `$RECSYS_HOME/run_failures.jsonl` and log it."""
-    record = {
-        "run_id": context.dagster_run.run_id,
-        "job": context.dagster_run.job_name,
-        "failed_at": time.time(),
-        "message": context.failure_event.message,
-    }
-    path: Path = state.path / "run_failures.jsonl"
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-    context.log.error(f"run {record['run_id']} of {record['job']} failed: {record['message']}")
+    """Every failed run (and its failed checks) to `$RECSYS_HOME/run_failures.jsonl` and to the
+    alert webhook (RECSYS_ALERT_WEBHOOK_URL)."""
+    _alert(context, state)
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def alert_on_findings(context: dg.RunStatusSensorContext, state: LocalStateResource) -> None:
+    """A run that succeeded with a failed non-blocking check or a gate that kept the champion:
+    to the failure log and the alert webhook, as a failed run."""
+    _alert(context, state)
+
+
+def _alert(context: dg.RunStatusSensorContext, state: LocalStateResource) -> None:
+    run = context.dagster_run
+    alerts = alert_run(context.instance, run.run_id, state.path, get_settings().orchestration)
+    for alert in alerts:
+        context.log.error(f"{alert.title}: run {run.run_id} of {run.job_name}, {alert.subject}")

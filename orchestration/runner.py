@@ -10,6 +10,7 @@ from typing import Any
 import dagster as dg
 
 from config import get_settings
+from orchestration.alerts import alert_run, error_text, innermost_error
 from orchestration.definitions import build_definitions
 
 _PG_DAGSTER_YAML = """\
@@ -117,23 +118,15 @@ def run_job(
         instance = dg.DagsterInstance.get()
     else:
         instance = dg.DagsterInstance.ephemeral()
-    return job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
-
-
-def _user_error(error: Any) -> Any:
-    """The innermost error of a step failure (Dagster wraps the user's exception)."""
-    while error is not None and getattr(error, "cause", None) is not None:
-        error = error.cause
-    return error
-
-
-def error_text(error: Any) -> str:
-    """An error's message without the `module.ClassName: ` prefix Dagster records."""
-    if error is None:
-        return "unknown error"
-    text = error.message.strip()
-    head, sep, rest = text.partition(": ")
-    return rest if sep and head.endswith(error.cls_name) else text
+    result = job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
+    # No daemon sees an in-process run (its sensors watch the runs their code location launched),
+    # so the runner alerts on it itself, through the same function.
+    try:
+        settings = get_settings()
+        alert_run(instance, result.run_id, settings.home_dir(), settings.orchestration)
+    except Exception as exc:  # the run's outcome stands; a broken alert path must not hide it
+        logging.getLogger(__name__).warning(f"could not alert on run {result.run_id}: {exc}")
+    return result
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
@@ -156,5 +149,5 @@ def first_failure(result: dg.ExecuteInProcessResult) -> tuple[str, Any] | None:
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             data = event.step_failure_data
-            return event.step_key or "", _user_error(data.error if data else None)
+            return event.step_key or "", innermost_error(data.error if data else None)
     return None

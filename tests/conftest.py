@@ -18,6 +18,10 @@ import pytest
 
 from training.data import validate_events
 
+# The assets' retry policy is read when they are first imported (after this file): short delays
+# keep the tests that make an external system fail from waiting out production backoff.
+os.environ.setdefault("RECSYS_RETRY_DELAY_SECONDS", "0.2")
+
 MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml-100k"
 _ISOLATED_VARS = (
     "MLFLOW_TRACKING_URI",
