@@ -35,6 +35,8 @@ _TITLES = {
 }
 # Slack's limits: 150 characters of header, 3000 of a section.
 _SUMMARY_CHARS = 1500
+# What Dagster wraps an asset's exception in (a retry that ran out is a RetryRequested...).
+_WRAPPERS = ("Dagster", "RetryRequested")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,14 @@ def redact(text: str) -> str:
 def innermost_error(error: Any) -> Any:
     """The innermost error of a step failure (Dagster wraps the user's exception)."""
     while error is not None and getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
+
+
+def user_error(error: Any) -> Any:
+    """The error the asset raised: the first one below Dagster's wrappers (its own message
+    names the system; the innermost cause is often a driver's bare complaint)."""
+    while error is not None and error.cls_name.startswith(_WRAPPERS) and error.cause is not None:
         error = error.cause
     return error
 
@@ -139,8 +149,11 @@ def _run_failure(job: str, run_id: str, events: list[dg.DagsterEvent]) -> Alert:
     for event in events:
         if event.event_type == dg.DagsterEventType.STEP_FAILURE:
             data = event.step_failure_data
-            error = innermost_error(data.error if data else None)
-            return Alert(RUN_FAILURE, job, run_id, event.step_key or job, error_text(error))
+            top = data.error if data else None
+            summary = error_text(user_error(top))
+            if top is not None and top.cls_name.startswith("RetryRequested"):
+                summary = f"{top.message.strip()}: {summary}"
+            return Alert(RUN_FAILURE, job, run_id, event.step_key or job, summary)
     failures = [e.message for e in events if e.event_type == dg.DagsterEventType.RUN_FAILURE]
     message = next((m for m in failures if m), "the run failed")
     return Alert(RUN_FAILURE, job, run_id, job, message)
