@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets.resources import EventStoreResource, LocalStateResource
 from config import get_settings
-from orchestration.alerts import alert_run
+from orchestration.alerts import alert_run, redact
 
 # A job is its groups: the analyses' pushes to Redis sit in `analytics` with the analyses, so
 # training runs the `online` group whole.
@@ -140,4 +140,7 @@ def _alert(context: dg.RunStatusSensorContext, state: LocalStateResource) -> Non
     run = context.dagster_run
     alerts = alert_run(context.instance, run.run_id, state.path, get_settings().orchestration)
     for alert in alerts:
-        context.log.error(f"{alert.title}: run {run.run_id} of {run.job_name}, {alert.subject}")
+        context.log.error(
+            f"{alert.title}: run {run.run_id} of {run.job_name}, {alert.subject}: "
+            f"{redact(alert.summary)}"
+        )

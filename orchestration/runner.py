@@ -124,7 +124,9 @@ def run_job(
     try:
         settings = get_settings()
         alert_run(instance, result.run_id, settings.home_dir(), settings.orchestration)
-    except Exception as exc:  # the run's outcome stands; a broken alert path must not hide it
+    except (OSError, ValueError) as exc:
+        # An unwritable failure log or a malformed alert setting (SettingsError) is reported
+        # beside the run's outcome, not instead of it.
         logging.getLogger(__name__).warning(f"could not alert on run {result.run_id}: {exc}")
     return result
 
