@@ -215,3 +215,16 @@ def test_daemon_sensors_alert_on_failed_runs_and_on_findings_of_succeeded_ones(
     assert len(webhook.posts) == 2
     assert "trend_analysis_fresh" in webhook.texts()[1]
     assert [e["kind"] for e in failure_log()] == [alerts.RUN_FAILURE, alerts.CHECK_FAILURE]
+
+
+def test_alert_settings_reject_malformed_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_ALERT_TIMEOUT_SECONDS", "soon")
+    with pytest.raises(ValueError, match="RECSYS_ALERT_TIMEOUT_SECONDS must be a number"):
+        settings.alert_settings()
+    monkeypatch.setenv("RECSYS_ALERT_TIMEOUT_SECONDS", "3")
+    monkeypatch.setenv("RECSYS_ALERT_RETRIES", "1.5")
+    with pytest.raises(ValueError, match="RECSYS_ALERT_RETRIES must be a whole number"):
+        settings.alert_settings()
+    monkeypatch.setenv("RECSYS_ALERT_RETRIES", "2")
+    monkeypatch.setenv("RECSYS_DAGSTER_UI_URL", "http://ui.example/")
+    assert settings.alert_settings().dagster_ui_url == "http://ui.example"
