@@ -11,7 +11,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from config import get_settings
+from config import SettingsError, get_settings, load_settings
+from config.settings import effective
 from feature_repo.event_store import open_event_store
 from orchestration import alerts
 from orchestration.definitions import build_definitions
@@ -217,14 +218,22 @@ def test_daemon_sensors_alert_on_failed_runs_and_on_findings_of_succeeded_ones(
     assert [e["kind"] for e in failure_log()] == [alerts.RUN_FAILURE, alerts.CHECK_FAILURE]
 
 
-def test_alert_settings_reject_malformed_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RECSYS_ALERT_TIMEOUT_SECONDS", "soon")
-    with pytest.raises(ValueError, match="RECSYS_ALERT_TIMEOUT_SECONDS must be a number"):
-        settings.alert_settings()
-    monkeypatch.setenv("RECSYS_ALERT_TIMEOUT_SECONDS", "3")
-    monkeypatch.setenv("RECSYS_ALERT_RETRIES", "1.5")
-    with pytest.raises(ValueError, match="RECSYS_ALERT_RETRIES must be a whole number"):
-        settings.alert_settings()
-    monkeypatch.setenv("RECSYS_ALERT_RETRIES", "2")
-    monkeypatch.setenv("RECSYS_DAGSTER_UI_URL", "http://ui.example/")
-    assert settings.alert_settings().dagster_ui_url == "http://ui.example"
+def test_alert_settings_reject_malformed_values_and_hide_the_webhook() -> None:
+    with pytest.raises(SettingsError, match="RECSYS_ALERT_TIMEOUT_SECONDS='soon'"):
+        load_settings({"RECSYS_ALERT_TIMEOUT_SECONDS": "soon"})
+    with pytest.raises(SettingsError, match="RECSYS_ALERT_RETRIES='-1'"):
+        load_settings({"RECSYS_ALERT_RETRIES": "-1"})
+    webhook = "https://hooks.slack.com/services/T0/B0/s3cr3t-token"
+    shown = dict(
+        (name, value)
+        for name, _, value in effective(load_settings({"RECSYS_ALERT_WEBHOOK_URL": webhook}))
+    )
+    assert shown["RECSYS_ALERT_WEBHOOK_URL"] == "https://hooks.slack.com/..."
+
+
+def test_the_run_link_takes_a_ui_url_with_or_without_its_slash() -> None:
+    alert = alerts.Alert(alerts.RUN_FAILURE, "j", "run-1", "s", "x")
+    for base in ("http://ui.example", "http://ui.example/"):
+        assert "<http://ui.example/runs/run-1|Open the run>" in _fields(
+            alerts.slack_message(alert, base)
+        )

@@ -15,6 +15,7 @@ import dagster as dg
 import pytest
 
 from assets.resources import EXTERNAL_RETRY, external_retry_policy
+from config import SettingsError
 from orchestration.definitions import build_definitions
 from orchestration.runner import run_job
 from tests.orchestration.conftest import WebhookReceiver, failure_log
@@ -124,7 +125,7 @@ def test_the_policy_is_exponential_with_jitter_from_the_settings(
         waits = [policy.calculate_delay(attempt) for _ in range(200)]
         assert centre - 2.0 <= min(waits) and max(waits) <= centre + 2.0
     monkeypatch.setenv("RECSYS_RETRY_MAX_RETRIES", "-1")
-    with pytest.raises(ValueError, match="RECSYS_RETRY_MAX_RETRIES must not be negative"):
+    with pytest.raises(SettingsError, match="RECSYS_RETRY_MAX_RETRIES='-1'"):
         external_retry_policy()
 
 
