@@ -62,9 +62,9 @@ class Alert:
             "run_id": self.run_id,
             "job": self.job,
             "failed_at": time.time(),
-            "message": self.summary,
+            "message": redact(self.summary),
             "kind": self.kind,
-            "subject": self.subject,
+            "subject": redact(self.subject),
         }
 
 

@@ -165,6 +165,7 @@ def test_messages_never_carry_a_password() -> None:
     body = _fields(alerts.slack_message(alert, UI_URL))
     assert "hunter2" not in body and "redispw" not in body
     assert "postgresql://alice@db.internal:5432/events" in body
+    assert "hunter2" not in json.dumps(alert.record())
     long = alerts.Alert(alerts.RUN_FAILURE, "j", "r", "s", "x" * 10_000)
     section = alerts.slack_message(long)["blocks"][2]["text"]["text"]
     assert len(section) < 3000
