@@ -282,3 +282,42 @@ for idx = 1, #KEYS do
 end
 return out
 """
+
+
+# Token buckets of the service's rate limiter, all taken or none (KEYS: the buckets; ARGV: per
+# bucket its rate per second and its capacity). A bucket holds `tokens` and the time `ts` they
+# were counted at; it refills at `rate` up to its capacity. Redis' own clock, so every worker and
+# replica counts the same time. Returns 0 when the request may pass (one token taken from each),
+# else the milliseconds until every bucket has a token again (nothing taken).
+RATE_LIMIT = r"""
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local wait = 0
+local tokens = {}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[2 * i - 1])
+  local capacity = tonumber(ARGV[2 * i])
+  local state = redis.call('HMGET', key, 'tokens', 'ts')
+  local left = tonumber(state[1])
+  if left == nil then
+    left = capacity
+  else
+    left = math.min(capacity, left + math.max(0, now - tonumber(state[2])) * rate)
+  end
+  tokens[i] = left
+  if left < 1 then
+    wait = math.max(wait, (1 - left) / rate)
+  end
+end
+if wait > 0 then
+  return math.max(1, math.ceil(wait * 1000))
+end
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[2 * i - 1])
+  local capacity = tonumber(ARGV[2 * i])
+  redis.call('HSET', key, 'tokens', tokens[i] - 1, 'ts', string.format('%.6f', now))
+  -- Gone once it would be full again: an idle client leaves nothing behind.
+  redis.call('PEXPIRE', key, math.ceil(capacity / rate * 1000) + 1000)
+end
+return 0
+"""

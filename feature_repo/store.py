@@ -59,6 +59,13 @@ class FeatureStore:
     def namespace(self) -> str:
         return self.keys.namespace
 
+    def take_tokens(self, buckets: Sequence[tuple[str, float, float]]) -> int:
+        """One token from each of `buckets` (name, rate per second, capacity), all or none, in
+        one round trip: 0 when taken, else the milliseconds until all have one again."""
+        keys = [self.keys.rate_limit(name) for name, _, _ in buckets]
+        args = [f"{v:.17g}" for _, rate, capacity in buckets for v in (rate, capacity)]
+        return int(self.scripts.run("RATE_LIMIT", keys, args))
+
     # -- ingest (POST /events) ---------------------------------------------------------------
 
     def ingest(self, events: pl.DataFrame, now: float | None = None) -> IngestResult:

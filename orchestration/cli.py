@@ -16,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from serving.auth import AuthConfigError
 from training import settings
 from training.data import DataValidationError
 
@@ -192,7 +193,40 @@ def cmd_batch_recommend(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launcher import serve
 
-    return serve(port=args.port, host=args.host)
+    return serve(port=args.port, host=args.host, insecure=args.insecure)
+
+
+def cmd_api_key_create(args: argparse.Namespace) -> int:
+    from serving.auth import add_key
+
+    path = _keys_file(args.file)
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    key = add_key(path, args.name, scopes, args.rate_limit)
+    # The key alone on stdout (for `KEY=$(recsys api-key create ...)`), the rest on stderr.
+    note = f"created API key {args.name!r} ({', '.join(sorted(set(scopes)))}), its hash in {path}"
+    print(f"{note}; the key, shown only now:", file=sys.stderr, flush=True)
+    print(key, flush=True)
+    if os.environ.get("RECSYS_API_KEYS_FILE") != str(path):
+        print(f"serve with RECSYS_API_KEYS_FILE={path} to require it", file=sys.stderr)
+    return OK
+
+
+def cmd_api_key_list(args: argparse.Namespace) -> int:
+    from serving.auth import read_keys_file
+
+    path = _keys_file(args.file)
+    for key in read_keys_file(path):
+        limit = f", {key.rate_limit:g}/s" if key.rate_limit else ""
+        _print(f"{key.name}: {', '.join(sorted(key.scopes))}{limit} (sha256 {key.sha256[:12]}...)")
+    return OK
+
+
+def _keys_file(given: str | None) -> Path:
+    """--file, else RECSYS_API_KEYS_FILE, else $RECSYS_HOME/api-keys.json."""
+    from serving.settings import ServingSettings
+
+    found = given or ServingSettings.from_env().api_keys_file
+    return Path(found).expanduser() if found else settings.recsys_home() / "api-keys.json"
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
@@ -450,7 +484,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the BentoML recommendation service")
     p.add_argument("--port", type=int, default=3001, help="port the service listens on")
     p.add_argument("--host", default="127.0.0.1", help="address the service listens on")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve beyond loopback without API keys (anyone who reaches it may write and "
+        "call admin routes); without it, a non-loopback --host needs RECSYS_API_KEYS_FILE",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("api-key", help="create and list the service's API keys")
+    keys = p.add_subparsers(dest="api_key_command", required=True)
+    file_help = "keys file (default: RECSYS_API_KEYS_FILE, else $RECSYS_HOME/api-keys.json)"
+    p = keys.add_parser("create", help="create a key: print it once, store its hash")
+    p.add_argument("--name", required=True, help="who uses the key (unique), e.g. shop-frontend")
+    p.add_argument("--scopes", required=True, help="comma-separated: read, ingest, admin, metrics")
+    p.add_argument("--file", default=None, help=file_help)
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="requests per second per scope for this key (default: RECSYS_RATE_LIMITS)",
+    )
+    p.set_defaults(func=cmd_api_key_create)
+    p = keys.add_parser("list", help="the keys of the file (names, scopes; never the keys)")
+    p.add_argument("--file", default=None, help=file_help)
+    p.set_defaults(func=cmd_api_key_list)
 
     from serving.consumer import add_arguments as add_consumer_arguments
 
@@ -505,6 +563,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         _error(str(exc))
         return FAILED
+    except AuthConfigError as exc:
+        _error(str(exc))
+        return BAD_INPUT
     except KeyboardInterrupt:
         _error("interrupted")
         return 130

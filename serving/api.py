@@ -38,8 +38,21 @@ if TYPE_CHECKING:
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
+    401: {
+        "model": ErrorResponse,
+        "description": "No API key, or an unknown one (when the service has keys)",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    403: {"model": ErrorResponse, "description": "The API key lacks the scope the route needs"},
     413: {"model": ErrorResponse, "description": "Body larger than the limit"},
     422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
+    429: {
+        "model": ErrorResponse,
+        "description": "Rate limit of the API key or the client address exceeded",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    },
     503: {
         "model": ErrorResponse,
         "description": "A dependency (Redis) is down and no fallback can answer; retry later",

@@ -104,6 +104,14 @@ class ServingSettings:
         default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
     )
     trends_ttl: float = 10.0
+    # API keys and rate limits (serving/auth.py): where the hashed keys are, and requests per
+    # second per key and scope, per client address, and how many seconds of them a burst may take.
+    api_keys_file: str | None = None
+    api_keys: str = ""
+    metrics_open: bool = True
+    rate_limits: dict[str, float] = field(default_factory=dict)
+    rate_limit_per_ip: float | None = None
+    rate_limit_burst_seconds: float = 1.0
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -128,12 +136,42 @@ class ServingSettings:
             cache_ttl=int(_float("RECSYS_CACHE_TTL", 60)),
             max_body_bytes=int(_float("RECSYS_MAX_BODY_BYTES", 1_048_576)),
             global_lists_ttl=_float("RECSYS_GLOBAL_LISTS_TTL", 0.05),
+            api_keys_file=os.environ.get("RECSYS_API_KEYS_FILE") or None,
+            api_keys=os.environ.get("RECSYS_API_KEYS", ""),
+            metrics_open=os.environ.get("RECSYS_METRICS_OPEN", "1").strip().lower()
+            not in ("0", "false", "no", "off"),
+            rate_limits=_rates_env("RECSYS_RATE_LIMITS"),
+            rate_limit_per_ip=_float("RECSYS_RATE_LIMIT_PER_IP", 0.0) or None,
+            rate_limit_burst_seconds=_float("RECSYS_RATE_LIMIT_BURST_SECONDS", 1.0),
         )
         if not 0.0 <= settings.challenger_share <= 1.0:
             raise ValueError("RECSYS_CHALLENGER_SHARE must be between 0 and 1")
         if not 0.0 <= settings.model_share <= 1.0:
             raise ValueError("RECSYS_MODEL_SHARE must be between 0 and 1")
+        if settings.rate_limit_per_ip is not None and settings.rate_limit_per_ip < 0:
+            raise ValueError("RECSYS_RATE_LIMIT_PER_IP must be >= 0 (0: no limit)")
+        if settings.rate_limit_burst_seconds <= 0:
+            raise ValueError("RECSYS_RATE_LIMIT_BURST_SECONDS must be > 0")
         return settings
+
+
+def _rates_env(name: str) -> dict[str, float]:
+    """Requests per second per scope, e.g. '{"read": 200, "ingest": 50}'; a scope left out or
+    given 0 is not limited."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return {}
+    try:
+        parsed = json.loads(raw)
+        rates = {str(k): float(v) for k, v in parsed.items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(
+            f"{name} must be a JSON object of requests per second per scope, like "
+            f'{{"read": 200, "ingest": 50}}: {raw!r}'
+        ) from exc
+    if any(v < 0 for v in rates.values()):
+        raise ValueError(f"{name}: a rate must be >= 0 (0: no limit): {raw!r}")
+    return {k: v for k, v in rates.items() if v > 0}
 
 
 def _weights_env(name: str, default: dict[str, float]) -> dict[str, float]:

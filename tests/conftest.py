@@ -29,6 +29,13 @@ _ISOLATED_VARS = (
     "RECSYS_MODEL_NAME",
     "RECSYS_REDIS_NAMESPACE",
     "RECSYS_ENV",
+    # The tests' services run open on loopback unless a test configures keys or limits.
+    "RECSYS_API_KEYS_FILE",
+    "RECSYS_API_KEYS",
+    "RECSYS_RATE_LIMITS",
+    "RECSYS_RATE_LIMIT_PER_IP",
+    "RECSYS_RATE_LIMIT_BURST_SECONDS",
+    "RECSYS_METRICS_OPEN",
 )
 
 
