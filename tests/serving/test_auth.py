@@ -98,7 +98,7 @@ def test_the_keys_file_holds_hashes_only(keys: dict[str, str], recsys_home: Path
     path = recsys_home / "api-keys.json"
     text = path.read_text()
     assert path.stat().st_mode & 0o077 == 0
-    for name, key in keys.items():
+    for key in keys.values():
         assert key.startswith("rsk_") and len(key) >= 40
         assert key not in text
         assert hashlib.sha256(key.encode()).hexdigest() in text
