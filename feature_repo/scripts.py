@@ -284,19 +284,20 @@ return out
 """
 
 
-# Token buckets of the service's rate limiter, all taken or none (KEYS: the buckets; ARGV: per
-# bucket its rate per second and its capacity). A bucket holds `tokens` and the time `ts` they
-# were counted at; it refills at `rate` up to its capacity. Redis' own clock, so every worker and
-# replica counts the same time. Returns 0 when the request may pass (one token taken from each),
-# else the milliseconds until every bucket has a token again (nothing taken).
+# Token buckets of the service's rate limiter, taken from all or none (KEYS: the buckets; ARGV:
+# per bucket its rate per second, its capacity and how many tokens the caller would like). A
+# bucket holds `tokens` counted at time `ts` and refills at `rate` up to its capacity, on Redis'
+# own clock, so every worker and replica counts the same time. When every bucket has a token,
+# takes from each what the caller wants up to what it has and returns {0, taken...}; else takes
+# nothing and returns {milliseconds until every bucket has a token again}.
 RATE_LIMIT = r"""
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 local wait = 0
 local tokens = {}
 for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[2 * i - 1])
-  local capacity = tonumber(ARGV[2 * i])
+  local rate = tonumber(ARGV[3 * i - 2])
+  local capacity = tonumber(ARGV[3 * i - 1])
   local state = redis.call('HMGET', key, 'tokens', 'ts')
   local left = tonumber(state[1])
   if left == nil then
@@ -310,14 +311,18 @@ for i, key in ipairs(KEYS) do
   end
 end
 if wait > 0 then
-  return math.max(1, math.ceil(wait * 1000))
+  return {math.max(1, math.ceil(wait * 1000))}
 end
+local taken = {0}
 for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[2 * i - 1])
-  local capacity = tonumber(ARGV[2 * i])
-  redis.call('HSET', key, 'tokens', tokens[i] - 1, 'ts', string.format('%.6f', now))
+  local rate = tonumber(ARGV[3 * i - 2])
+  local capacity = tonumber(ARGV[3 * i - 1])
+  local take = math.max(1, math.min(tonumber(ARGV[3 * i]), math.floor(tokens[i])))
+  taken[i + 1] = take
+  redis.call('HSET', key, 'tokens', string.format('%.6f', tokens[i] - take),
+             'ts', string.format('%.6f', now))
   -- Gone once it would be full again: an idle client leaves nothing behind.
   redis.call('PEXPIRE', key, math.ceil(capacity / rate * 1000) + 1000)
 end
-return 0
+return taken
 """

@@ -59,12 +59,16 @@ class FeatureStore:
     def namespace(self) -> str:
         return self.keys.namespace
 
-    def take_tokens(self, buckets: Sequence[tuple[str, float, float]]) -> int:
-        """One token from each of `buckets` (name, rate per second, capacity), all or none, in
-        one round trip: 0 when taken, else the milliseconds until all have one again."""
-        keys = [self.keys.rate_limit(name) for name, _, _ in buckets]
-        args = [f"{v:.17g}" for _, rate, capacity in buckets for v in (rate, capacity)]
-        return int(self.scripts.run("RATE_LIMIT", keys, args))
+    def take_tokens(
+        self, buckets: Sequence[tuple[str, float, float, int]]
+    ) -> tuple[int, list[int]]:
+        """Tokens from each of `buckets` (name, rate per second, capacity, tokens wanted), from
+        all or none, in one round trip: (0, tokens taken from each, at least 1 and at most what
+        was wanted) when every bucket had one, else (milliseconds until all have one, [])."""
+        keys = [self.keys.rate_limit(b[0]) for b in buckets]
+        args = [f"{v:.17g}" for _, rate, capacity, want in buckets for v in (rate, capacity, want)]
+        answer = self.scripts.run("RATE_LIMIT", keys, args)
+        return int(answer[0]), [int(n) for n in answer[1:]]
 
     # -- ingest (POST /events) ---------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from fastapi import Body, FastAPI, Query
 from fastapi import Path as PathParam
 from starlette.responses import Response
 
+from serving.auth import document_security
 from serving.errors import install_error_handlers
 from serving.schemas import (
     ID_PATTERN,
@@ -130,6 +131,7 @@ def _openapi() -> dict:
     # BentoML says 3.0.2, but the schemas FastAPI and pydantic write are OpenAPI 3.1 (JSON Schema
     # 2020-12: `type: null`, `examples` lists), so validators read them right.
     spec["openapi"] = "3.1.0"
+    document_security(spec)
     return spec
 
 

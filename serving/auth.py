@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,7 @@ class KeyRing:
     """The configured keys, looked up by the hash of the presented key."""
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
-        self._by_hash: dict[bytes, ApiKey] = {}
+        self._by_hash: dict[bytes, tuple[bytes, ApiKey]] = {}
         names: set[str] = set()
         for key in keys:
             if key.name in names:
@@ -170,10 +171,10 @@ class KeyRing:
             digest = bytes.fromhex(key.sha256)
             if digest in self._by_hash:
                 raise AuthConfigError(
-                    f"API keys {self._by_hash[digest].name!r} and {key.name!r} are the same key"
+                    f"API keys {self._by_hash[digest][1].name!r} and {key.name!r} are the same key"
                 )
             names.add(key.name)
-            self._by_hash[digest] = key
+            self._by_hash[digest] = (digest, key)
 
     @classmethod
     def from_settings(cls, settings: ServingSettings) -> KeyRing:
@@ -190,7 +191,7 @@ class KeyRing:
 
     @property
     def keys(self) -> list[ApiKey]:
-        return list(self._by_hash.values())
+        return [key for _, key in self._by_hash.values()]
 
     def find(self, presented: str) -> ApiKey | None:
         """The key whose hash is the hash of `presented`, else None.
@@ -199,10 +200,10 @@ class KeyRing:
         something about that digest only, never about a stored key; the final comparison is
         constant-time all the same."""
         digest = hashlib.sha256(presented.encode()).digest()
-        key = self._by_hash.get(digest)
-        if key is None or not hmac.compare_digest(bytes.fromhex(key.sha256), digest):
+        found = self._by_hash.get(digest)
+        if found is None or not hmac.compare_digest(found[0], digest):
             return None
-        return key
+        return found[1]
 
 
 def add_key(path: Path, name: str, scopes: Sequence[str], rate_limit: float | None) -> str:
@@ -316,11 +317,31 @@ class RouteScopes:
         return ADMIN  # no route: the same answer as a route that needs admin
 
 
+def document_security(spec: dict[str, Any]) -> None:
+    """Name the two ways to send a key in an OpenAPI document, and on each operation that needs
+    one the scope it needs (`x-required-scope`)."""
+    spec.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer`"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    for path, operations in spec.get("paths", {}).items():
+        for method, operation in operations.items():
+            key = (method.upper(), path)
+            if key in OPEN_ROUTES or key == METRICS_ROUTE or not isinstance(operation, dict):
+                continue
+            operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            operation["x-required-scope"] = ROUTE_SCOPES.get(key, ADMIN)
+
+
 def _error(status: int, message: str, headers: dict[str, str], **extra: object) -> JSONResponse:
     return JSONResponse({"error": message, "field": None, **extra}, status, headers=headers)
 
 
 UNAUTHORIZED = 'Bearer realm="recsys"'
+# Tokens a worker leased from a bucket and has not spent within this long are forgotten (never
+# handed back: a lease can only make the limit stricter, never looser).
+LEASE_TTL = 1.0
+MAX_LEASES = 100_000  # past this many buckets a worker drops its leases (many addresses)
 INVALID = 'Bearer realm="recsys", error="invalid_token"'
 
 
@@ -340,6 +361,9 @@ class Guard:
         self.rates = dict(settings.rate_limits)
         self.per_ip = settings.rate_limit_per_ip
         self.burst = settings.rate_limit_burst_seconds
+        self.lease_seconds = settings.rate_limit_lease_seconds
+        # bucket -> [tokens this worker took from Redis and has not spent, when they lapse]
+        self._leases: dict[str, list[float]] = {}
         self.store = store
         self.outage = outage
         self._unlimited_outage = 0  # the outage whose fail-open was logged last
@@ -374,6 +398,7 @@ class Guard:
         return self._limit(scope, key, needed)
 
     def _buckets(self, scope: Scope, key: ApiKey | None, needed: str) -> list[tuple]:
+        """(bucket, rate, capacity) of each limit the request counts against."""
         buckets = []
         if key is not None:
             rate = key.rate_limit or self.rates.get(needed)
@@ -386,22 +411,54 @@ class Guard:
         return buckets
 
     def _limit(self, scope: Scope, key: ApiKey | None, needed: str) -> JSONResponse | None:
+        """Spend one token of each bucket. A worker takes up to `lease_seconds` of a bucket's
+        rate from Redis at once and spends them locally, so a busy key costs a round trip per
+        lease, not per request; a limit below 1 / lease_seconds per second leases one token, so
+        each of its requests asks Redis."""
         buckets = self._buckets(scope, key, needed)
         if not buckets:
             return None
+        now = time.monotonic()
+        leases = self._leases
+        missing = []
+        for bucket in buckets:
+            lease = leases.get(bucket[0])
+            if lease is None or lease[0] < 1 or lease[1] < now:
+                missing.append(bucket)
+        if missing:
+            refused = self._lease(missing, now)
+            if refused is not None:
+                return self._too_many(refused, key)
+        for bucket in buckets:
+            lease = leases.get(bucket[0])
+            if lease is not None:  # None: Redis is down and the limiter fails open
+                lease[0] -= 1
+        return None
+
+    def _lease(self, buckets: list[tuple], now: float) -> int | None:
+        """Lease tokens of `buckets` from Redis: None when leased (or Redis is down), else the
+        milliseconds to wait."""
         if self.outage.down:
             self._fail_open()
             return None
         from serving.outage import REDIS_DOWN
 
+        wants = [(*b, max(1, min(int(b[1] * self.lease_seconds), int(b[2])))) for b in buckets]
         try:
-            wait_ms = self.store().take_tokens(buckets)
+            wait_ms, taken = self.store().take_tokens(wants)
         except REDIS_DOWN as exc:
             self.outage.failed(exc)
             self._fail_open()
             return None
-        if wait_ms == 0:
-            return None
+        if wait_ms:
+            return wait_ms
+        if len(self._leases) > MAX_LEASES:
+            self._leases.clear()
+        for bucket, tokens in zip(buckets, taken, strict=True):
+            self._leases[bucket[0]] = [float(tokens), now + LEASE_TTL]
+        return None
+
+    def _too_many(self, wait_ms: int, key: ApiKey | None) -> JSONResponse:
         retry_after = max(1, math.ceil(wait_ms / 1000))
         who = f"the API key {key.name!r}" if key is not None else "this client address"
         return _error(

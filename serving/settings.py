@@ -112,6 +112,7 @@ class ServingSettings:
     rate_limits: dict[str, float] = field(default_factory=dict)
     rate_limit_per_ip: float | None = None
     rate_limit_burst_seconds: float = 1.0
+    rate_limit_lease_seconds: float = 0.01
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -143,6 +144,7 @@ class ServingSettings:
             rate_limits=_rates_env("RECSYS_RATE_LIMITS"),
             rate_limit_per_ip=_float("RECSYS_RATE_LIMIT_PER_IP", 0.0) or None,
             rate_limit_burst_seconds=_float("RECSYS_RATE_LIMIT_BURST_SECONDS", 1.0),
+            rate_limit_lease_seconds=_float("RECSYS_RATE_LIMIT_LEASE_SECONDS", 0.01),
         )
         if not 0.0 <= settings.challenger_share <= 1.0:
             raise ValueError("RECSYS_CHALLENGER_SHARE must be between 0 and 1")
@@ -150,6 +152,8 @@ class ServingSettings:
             raise ValueError("RECSYS_MODEL_SHARE must be between 0 and 1")
         if settings.rate_limit_per_ip is not None and settings.rate_limit_per_ip < 0:
             raise ValueError("RECSYS_RATE_LIMIT_PER_IP must be >= 0 (0: no limit)")
+        if settings.rate_limit_lease_seconds < 0:
+            raise ValueError("RECSYS_RATE_LIMIT_LEASE_SECONDS must be >= 0 (0: no lease)")
         if settings.rate_limit_burst_seconds <= 0:
             raise ValueError("RECSYS_RATE_LIMIT_BURST_SECONDS must be > 0")
         return settings

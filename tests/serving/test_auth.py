@@ -4,23 +4,29 @@ limits answer 429 with Retry-After from buckets in Redis, and fail open while Re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from fastapi.routing import APIRoute
 from starlette.testclient import TestClient
 
 from feature_repo.definitions import Keys
+from feature_repo.store import FeatureStore
 from serving.api import app
 from serving.auth import (
     ADMIN,
@@ -29,6 +35,7 @@ from serving.auth import (
     READ,
     ROUTE_SCOPES,
     AuthConfigError,
+    Guard,
     KeyRing,
     RouteScopes,
     add_key,
@@ -36,7 +43,9 @@ from serving.auth import (
     hash_key,
     read_keys_file,
 )
-from tests.serving.conftest import RedisServer
+from serving.outage import Outage
+from serving.settings import ServingSettings
+from tests.serving.conftest import RedisServer, free_port
 
 BODIES = {
     "/recommend": {"user_id": "u1", "k": 3},
@@ -155,7 +164,11 @@ def test_health_docs_and_metrics_stay_open(guarded: TestClient) -> None:
         if method == "GET" and path != "/":
             assert guarded.get(path).status_code == 200, path
     assert guarded.get("/metrics").status_code == 200
-    assert "/recommend" in guarded.get("/docs.json").json()["paths"]
+    spec = guarded.get("/docs.json").json()
+    assert spec["paths"]["/recommend"]["post"]["x-required-scope"] == READ
+    assert spec["paths"]["/events"]["post"]["x-required-scope"] == INGEST
+    assert {"bearer", "apiKey"} <= set(spec["components"]["securitySchemes"])
+    assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
 def test_metrics_can_require_their_own_scope(
@@ -358,3 +371,102 @@ def test_the_limiter_fails_open_while_redis_is_down(
         assert burst(client, 2)[0][0].status_code == 401  # keys are still checked
         lines = [r.getMessage() for r in caplog.records if r.name.startswith("recsys")]
         assert sum("rate limits are not enforced" in m for m in lines) == 1
+
+
+# -- `recsys serve` over a socket ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def recsys_serve(home: Path, workers: int) -> Iterator[tuple[str, Path]]:
+    """The real `recsys serve` on 127.0.0.1 with `workers` workers: its URL and its log."""
+    port = free_port()
+    log_path = home.parent / f"recsys-serve-{port}.log"
+    env = {**os.environ, "RECSYS_SERVE_WORKERS": str(workers)}
+    command = [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.5)
+        yield url, log_path
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.slow
+def test_recsys_serve_with_keys_shares_one_limit_across_workers(
+    namespace: str, recsys_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = recsys_home / "api-keys.json"
+    key = add_key(path, "shop", [READ], None)
+    monkeypatch.setenv("RECSYS_API_KEYS_FILE", str(path))
+    monkeypatch.setenv("RECSYS_RATE_LIMITS", '{"read": 10}')
+    with recsys_serve(recsys_home, workers=2) as (url, log_path):
+        assert "API keys: 1 configured" in log_path.read_text()
+        assert httpx.post(f"{url}/popular", json={"k": 3}).status_code == 401
+        time.sleep(1.1)  # the bucket is full again after the readiness checks
+        with httpx.Client(headers=bearer(key)) as client, ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            statuses = list(
+                pool.map(
+                    lambda _: client.post(f"{url}/popular", json={"k": 3}).status_code, range(60)
+                )
+            )
+            elapsed = time.monotonic() - started
+        # One bucket of 10 (plus 10/s refill) for both workers; per worker it would be twice.
+        assert set(statuses) == {200, 429}, statuses
+        assert statuses.count(200) <= 10 + math.ceil(10 * elapsed), (statuses, elapsed)
+        assert statuses.count(200) >= 10
+
+
+@pytest.mark.slow
+def test_recsys_serve_on_loopback_without_keys_runs_open_and_says_so(
+    namespace: str, recsys_home: Path
+) -> None:
+    with recsys_serve(recsys_home, workers=1) as (url, log_path):
+        assert httpx.post(f"{url}/popular", json={"k": 3}).status_code == 200
+        lines = [line for line in log_path.read_text().splitlines() if "API keys" in line]
+        assert len(lines) == 1 and "answers every request without a key" in lines[0]
+
+
+def test_workers_share_one_bucket_through_leases(
+    store: FeatureStore, recsys_home: Path, redis_client: redis.Redis
+) -> None:
+    """Two workers' guards over one Redis: together they never admit more than the bucket gives
+    (capacity + refill), and leases lose at most a lease per worker."""
+    path = recsys_home / "api-keys.json"
+    key = add_key(path, "shop", [READ], None)
+    settings = ServingSettings(api_keys_file=str(path), rate_limits={READ: 1000.0})
+    workers = [Guard(settings, app.routes, lambda: store, Outage("Redis")) for _ in range(2)]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/recommend",
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+        "client": ("10.0.0.1", 1234),
+    }
+    statuses = []
+    started = time.monotonic()
+    for i in range(3000):
+        refused = workers[i % 2].check(dict(scope))
+        statuses.append(200 if refused is None else refused.status_code)
+    elapsed = time.monotonic() - started
+    lease = int(1000 * settings.rate_limit_lease_seconds)
+    assert set(statuses) == {200, 429}
+    assert statuses.count(200) <= 1000 + math.ceil(1000 * elapsed), elapsed
+    assert statuses.count(200) >= 1000 - 2 * lease
+    assert redis_client.exists(store.keys.rate_limit("key:shop:read"))
