@@ -493,9 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("api-key", help="create and list the service's API keys")
-    keys = p.add_subparsers(dest="api_key_command", required=True)
+    keys = p.add_subparsers(
+        dest="action",
+        metavar="action",
+        required=True,
+        help="create: a new key, printed once, its hash stored; list: the keys of the file",
+    )
     file_help = "keys file (default: RECSYS_API_KEYS_FILE, else $RECSYS_HOME/api-keys.json)"
-    p = keys.add_parser("create", help="create a key: print it once, store its hash")
+    p = keys.add_parser(
+        "create", help="create a key: print it once, store its hash", formatter_class=HelpFormatter
+    )
     p.add_argument("--name", required=True, help="who uses the key (unique), e.g. shop-frontend")
     p.add_argument("--scopes", required=True, help="comma-separated: read, ingest, admin, metrics")
     p.add_argument("--file", default=None, help=file_help)
@@ -506,7 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests per second per scope for this key (default: RECSYS_RATE_LIMITS)",
     )
     p.set_defaults(func=cmd_api_key_create)
-    p = keys.add_parser("list", help="the keys of the file (names, scopes; never the keys)")
+    p = keys.add_parser(
+        "list",
+        help="the keys of the file (names, scopes; never the keys)",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--file", default=None, help=file_help)
     p.set_defaults(func=cmd_api_key_list)
 
