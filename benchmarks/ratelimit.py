@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     auth = f', ["Authorization"] = "Bearer {shop}"'
     keyed_lua.write_text(RECOMMEND_SCRIPT % {"users": users_file, "auth": auth})
     # Many connections each waiting long, so the answers' latency changes the offered rate little.
-    connections = 50
+    connections = 100
     delay = round(connections * 1000 / (args.offer * args.limit))
     paced_lua.write_text(PACED_SCRIPT % {"key": limited, "delay": delay})
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "off": {},
         # Limits above what this machine serves (so none is refused), per key and per address:
-        # every request counts against both buckets, a worker leases 10 ms (50 tokens) at once.
+        # every request counts against both buckets; a worker leases 10 ms (50 tokens) at once.
         "on": {
             "RECSYS_API_KEYS_FILE": str(keys_file),
             "RECSYS_RATE_LIMITS": f'{{"read": {args.on_limit:g}, "ingest": {args.on_limit:g}}}',

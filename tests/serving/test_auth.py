@@ -142,7 +142,8 @@ def test_every_route_needs_its_scope(guarded: TestClient, keys: dict[str, str]) 
                     assert f"lacks the scope '{scope}'" in response.json()["error"]
     # The read and ingest routes really answer with the right key.
     assert call(guarded, "POST", "/popular", bearer(keys["reader"])).status_code == 200
-    events = call(guarded, "POST", "/events", {"X-API-Key": keys["ingester"]})
+    fresh = {"events": [{"user_id": "u2", "item_id": "i2", "event_type": "view", "event_id": "e1"}]}
+    events = guarded.post("/events", json=fresh, headers={"X-API-Key": keys["ingester"]})
     assert events.status_code == 200 and events.json()["accepted"] == 1
 
 
