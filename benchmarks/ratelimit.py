@@ -79,7 +79,7 @@ end
 def paced(url: str, script: Path, seconds: int, connections: int) -> tuple[int, int, int, float]:
     """(200s, 429s, others, offered req/s) of a paced wrk run."""
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
         capture_output=True,
         text=True,
         check=True,
@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     # Many connections each waiting long, so the answers' latency changes the offered rate little.
     connections = 100
     delay = round(connections * 1000 / (args.offer * args.limit))
-    paced_lua.write_text(PACED_SCRIPT % {"key": limited, "delay": delay})
 
     base = {
         **os.environ,
@@ -186,11 +185,19 @@ def main(argv: list[str] | None = None) -> int:
             check = httpx.post(f"{urls['on']}/recommend", json={"user_id": "u1"}, headers=headers)
             check.raise_for_status()
 
-            # (a) one key limited to N/s, offered about offer x N/s
-            time.sleep(1.5)  # the limited key's bucket is full
-            ok, refused, other, offered = paced(
-                f"{urls['on']}/recommend", paced_lua, args.seconds, connections
+            # (a) one key limited to N/s, offered about offer x N/s: a 3 s run measures how long
+            # an answer takes at this load, and the pause between requests is shortened by it.
+            target = args.offer * args.limit
+            url = f"{urls['on']}/recommend"
+            paced_lua.write_text(PACED_SCRIPT % {"key": limited, "delay": delay})
+            *_, measured = paced(url, paced_lua, 3, connections)
+            latency_ms = max(0.0, connections * 1000 / measured - delay)
+            paced_lua.write_text(
+                PACED_SCRIPT
+                % {"key": limited, "delay": max(1, round(connections * 1000 / target - latency_ms))}
             )
+            time.sleep(1.5)  # the limited key's bucket is full again
+            ok, refused, other, offered = paced(url, paced_lua, args.seconds, connections)
 
             # (b) throughput, alternating, after a warm-up of each (scripts, caches)
             for name in settings:
