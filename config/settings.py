@@ -275,6 +275,46 @@ class ServingSettingsEnv(_Group):
     segment_rerank: bool = Field(
         True, alias="RECSYS_SEGMENT_RERANK", description="Segment-aware re-ranking on or off"
     )
+    # API keys and rate limits (serving/auth.py).
+    api_keys_file: Path | None = Field(
+        None,
+        alias="RECSYS_API_KEYS_FILE",
+        description="Hashed API keys with scopes, `recsys api-key create` writes it (unset and "
+        "no RECSYS_API_KEYS: the service runs open, on loopback only)",
+    )
+    api_keys: str | None = Field(
+        None,
+        alias="RECSYS_API_KEYS",
+        description="More keys: the keys file's entries as JSON",
+    )
+    metrics_open: bool = Field(
+        True,
+        alias="RECSYS_METRICS_OPEN",
+        description="`GET /metrics` without a key (false: it needs the `metrics` scope)",
+    )
+    rate_limits: Json[dict[str, Annotated[float, Field(ge=0)]]] | None = Field(
+        None,
+        alias="RECSYS_RATE_LIMITS",
+        description='Requests/s per key and scope, e.g. `{"read": 200, "ingest": 50}` (0: none)',
+    )
+    rate_limit_per_ip: float = Field(
+        0.0,
+        alias="RECSYS_RATE_LIMIT_PER_IP",
+        ge=0,
+        description="Requests/s per client address on every route that is not open (0: none)",
+    )
+    rate_limit_burst_seconds: float = Field(
+        1.0,
+        alias="RECSYS_RATE_LIMIT_BURST_SECONDS",
+        gt=0,
+        description="A bucket holds this many seconds of its rate: the burst a client may send",
+    )
+    rate_limit_lease_seconds: float = Field(
+        0.01,
+        alias="RECSYS_RATE_LIMIT_LEASE_SECONDS",
+        ge=0,
+        description="Seconds of a bucket's rate a worker takes from Redis at once (0: per request)",
+    )
     suppression_refresh_seconds: float = Field(
         10.0,
         alias="RECSYS_SUPPRESSION_REFRESH_SECONDS",

@@ -342,6 +342,13 @@ class Keys:
         """Where a push writes `key`'s replacement before it RENAMEs it over `key` (same slot)."""
         return key + ":staging"
 
+    def rate_limit(self, bucket: str) -> str:
+        """The token bucket `bucket` of the service's rate limiter (`key:<name>:<scope>`,
+        `ip:<address>`). Every bucket shares one slot: a request's buckets (its key's and its
+        address') are checked and taken together by one script, which Redis Cluster allows only
+        within a slot."""
+        return f"{self.namespace}:{{ratelimit}}:{bucket}"
+
     def pattern(self) -> str:
         """SCAN pattern matching every key of the namespace."""
         return f"{self.namespace}:*"

@@ -282,3 +282,47 @@ for idx = 1, #KEYS do
 end
 return out
 """
+
+
+# Token buckets of the service's rate limiter, taken from all or none (KEYS: the buckets; ARGV:
+# per bucket its rate per second, its capacity and how many tokens the caller would like). A
+# bucket holds `tokens` counted at time `ts` and refills at `rate` up to its capacity, on Redis'
+# own clock, so every worker and replica counts the same time. When every bucket has a token,
+# takes from each what the caller wants up to what it has and returns {0, taken...}; else takes
+# nothing and returns {milliseconds until every bucket has a token again}.
+RATE_LIMIT = r"""
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local wait = 0
+local tokens = {}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[3 * i - 2])
+  local capacity = tonumber(ARGV[3 * i - 1])
+  local state = redis.call('HMGET', key, 'tokens', 'ts')
+  local left = tonumber(state[1])
+  if left == nil then
+    left = capacity
+  else
+    left = math.min(capacity, left + math.max(0, now - tonumber(state[2])) * rate)
+  end
+  tokens[i] = left
+  if left < 1 then
+    wait = math.max(wait, (1 - left) / rate)
+  end
+end
+if wait > 0 then
+  return {math.max(1, math.ceil(wait * 1000))}
+end
+local taken = {0}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[3 * i - 2])
+  local capacity = tonumber(ARGV[3 * i - 1])
+  local take = math.max(1, math.min(tonumber(ARGV[3 * i]), math.floor(tokens[i])))
+  taken[i + 1] = take
+  redis.call('HSET', key, 'tokens', string.format('%.6f', tokens[i] - take),
+             'ts', string.format('%.6f', now))
+  -- Gone once it would be full again: an idle client leaves nothing behind.
+  redis.call('PEXPIRE', key, math.ceil(capacity / rate * 1000) + 1000)
+end
+return taken
+"""

@@ -60,6 +60,17 @@ class FeatureStore:
     def namespace(self) -> str:
         return self.keys.namespace
 
+    def take_tokens(
+        self, buckets: Sequence[tuple[str, float, float, int]]
+    ) -> tuple[int, list[int]]:
+        """Tokens from each of `buckets` (name, rate per second, capacity, tokens wanted), from
+        all or none, in one round trip: (0, tokens taken from each, at least 1 and at most what
+        was wanted) when every bucket had one, else (milliseconds until all have one, [])."""
+        keys = [self.keys.rate_limit(b[0]) for b in buckets]
+        args = [f"{v:.17g}" for _, rate, capacity, want in buckets for v in (rate, capacity, want)]
+        answer = self.scripts.run("RATE_LIMIT", keys, args)
+        return int(answer[0]), [int(n) for n in answer[1:]]
+
     # -- ingest (POST /events) ---------------------------------------------------------------
 
     def ingest(self, events: pl.DataFrame, now: float | None = None) -> IngestResult:

@@ -18,6 +18,7 @@ from typing import Any
 import polars as pl
 
 from config import SettingsError, get_settings
+from serving.auth import AuthConfigError
 from training.data import DataValidationError
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
@@ -193,7 +194,39 @@ def cmd_batch_recommend(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launcher import serve
 
-    return serve(port=args.port, host=args.host)
+    return serve(port=args.port, host=args.host, insecure=args.insecure)
+
+
+def cmd_api_key_create(args: argparse.Namespace) -> int:
+    from serving.auth import add_key
+
+    path = _keys_file(args.file)
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    key = add_key(path, args.name, scopes, args.rate_limit)
+    # The key alone on stdout (for `KEY=$(recsys api-key create ...)`), the rest on stderr.
+    note = f"created API key {args.name!r} ({', '.join(sorted(set(scopes)))}), its hash in {path}"
+    print(f"{note}; the key, shown only now:", file=sys.stderr, flush=True)
+    print(key, flush=True)
+    if get_settings().serving.api_keys_file != path:
+        print(f"serve with RECSYS_API_KEYS_FILE={path} to require it", file=sys.stderr)
+    return OK
+
+
+def cmd_api_key_list(args: argparse.Namespace) -> int:
+    from serving.auth import read_keys_file
+
+    path = _keys_file(args.file)
+    for key in read_keys_file(path):
+        limit = f", {key.rate_limit:g}/s" if key.rate_limit else ""
+        _print(f"{key.name}: {', '.join(sorted(key.scopes))}{limit} (sha256 {key.sha256[:12]}...)")
+    return OK
+
+
+def _keys_file(given: str | None) -> Path:
+    """--file, else RECSYS_API_KEYS_FILE, else $RECSYS_HOME/api-keys.json."""
+    config = get_settings()
+    found = given or config.serving.api_keys_file
+    return Path(found).expanduser() if found else config.home_dir() / "api-keys.json"
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
@@ -505,7 +538,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the BentoML recommendation service")
     p.add_argument("--port", type=int, default=3001, help="port the service listens on")
     p.add_argument("--host", default="127.0.0.1", help="address the service listens on")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve beyond loopback without API keys (anyone who reaches it may write and "
+        "call admin routes); without it, a non-loopback --host needs RECSYS_API_KEYS_FILE",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("api-key", help="create and list the service's API keys")
+    keys = p.add_subparsers(
+        dest="action",
+        metavar="action",
+        required=True,
+        help="create: a new key, printed once, its hash stored; list: the keys of the file",
+    )
+    file_help = "keys file (default: RECSYS_API_KEYS_FILE, else $RECSYS_HOME/api-keys.json)"
+    p = keys.add_parser(
+        "create", help="create a key: print it once, store its hash", formatter_class=HelpFormatter
+    )
+    p.add_argument("--name", required=True, help="who uses the key (unique), e.g. shop-frontend")
+    p.add_argument("--scopes", required=True, help="comma-separated: read, ingest, admin, metrics")
+    p.add_argument("--file", default=None, help=file_help)
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="requests per second per scope for this key (default: RECSYS_RATE_LIMITS)",
+    )
+    p.set_defaults(func=cmd_api_key_create)
+    p = keys.add_parser(
+        "list",
+        help="the keys of the file (names, scopes; never the keys)",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--file", default=None, help=file_help)
+    p.set_defaults(func=cmd_api_key_list)
 
     from serving.consumer import add_arguments as add_consumer_arguments
 
@@ -582,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         _error(str(exc))
         return FAILED
-    except SettingsError as exc:
+    except (SettingsError, AuthConfigError) as exc:
         _error(str(exc))
         return BAD_INPUT
     except KeyboardInterrupt:

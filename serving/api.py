@@ -14,6 +14,7 @@ from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from starlette.responses import Response
 
+from serving.auth import document_security
 from serving.errors import install_error_handlers
 from serving.schemas import (
     ID_PATTERN,
@@ -39,8 +40,21 @@ if TYPE_CHECKING:
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
+    401: {
+        "model": ErrorResponse,
+        "description": "No API key, or an unknown one (when the service has keys)",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    403: {"model": ErrorResponse, "description": "The API key lacks the scope the route needs"},
     413: {"model": ErrorResponse, "description": "Body larger than the limit"},
     422: {"model": ErrorResponse, "description": "A field is invalid; `field` names it"},
+    429: {
+        "model": ErrorResponse,
+        "description": "Rate limit of the API key or the client address exceeded",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    },
     503: {
         "model": ErrorResponse,
         "description": "A dependency (Redis) is down and no fallback can answer; retry later",
@@ -118,6 +132,7 @@ def _openapi() -> dict:
     # BentoML says 3.0.2, but the schemas FastAPI and pydantic write are OpenAPI 3.1 (JSON Schema
     # 2020-12: `type: null`, `examples` lists), so validators read them right.
     spec["openapi"] = "3.1.0"
+    document_security(spec)
     return spec
 
 
@@ -245,7 +260,7 @@ async def forget_user(user_id: PathUserId, request: Request) -> Response:
 def _actor(request: Request) -> str:
     """Who asked, for the audit: the API key's name when the auth layer set one, else the
     client's address."""
-    name = getattr(request.state, "api_key_name", None)
+    name = getattr(request.state, "api_key", None)
     if name:
         return f"api-key:{name}"
     client = request.client.host if request.client else "unknown"

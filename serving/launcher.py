@@ -54,14 +54,26 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return environ
 
 
-def serve(port: int = 3001, host: str = "127.0.0.1") -> int:
+def check_keys(host: str, insecure: bool = False) -> str:
+    """The API keys the service will load (read now, so a bad keys file fails here and not in
+    every worker) against the bind policy: the start-up line, or AuthConfigError."""
+    from serving.auth import KeyRing, bind_policy
+    from serving.settings import ServingSettings
+
+    return bind_policy(host, KeyRing.from_settings(ServingSettings.from_env()), insecure)
+
+
+def serve(port: int = 3001, host: str = "127.0.0.1", insecure: bool = False) -> int:
     """Run the service until it exits or is stopped; returns the server's exit code.
+
+    Without API keys it serves only on a loopback address, unless `insecure` (AuthConfigError).
 
     SIGTERM (docker stop, systemd) and SIGINT (Ctrl-C) are passed on to `bentoml serve`, which
     drains in-flight requests and stops its workers; after 30 s it is killed.
     """
     if not 0 < port < 65536:
         raise ValueError(f"port must be between 1 and 65535, got {port}")
+    print(f"recsys serve: {check_keys(host, insecure)}", file=sys.stderr, flush=True)
     environ = serve_env()
     config = load_settings(environ)
     if config.redis.url is None:

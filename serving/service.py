@@ -28,6 +28,7 @@ from feature_repo.stream import EventStream
 from feature_repo.types import ScoredItems, TrendList
 from serving import lists
 from serving.api import app, json_response
+from serving.auth import Guard, GuardMiddleware
 from serving.errors import DependencyUnavailable, JSONNotFound
 from serving.features import NO_ITEMS, FeatureReader
 from serving.metrics import label_http_metrics_by_route, service_metrics
@@ -107,6 +108,7 @@ class RecommendationService:
         )
         self._store: FeatureStore | None = None
         self._store_lock = threading.Lock()
+        self.guard = Guard(self.settings, app.routes, lambda: self.store, self.redis_outage)
         self.features = FeatureReader(
             lambda: self.store, self.settings, self.redis_outage, self.metrics
         )
@@ -482,3 +484,5 @@ def _envelope(
 
 # Around BentoML's router, whose own 404 and 405 answers are plain text.
 RecommendationService.add_asgi_middleware(JSONNotFound)
+# API keys, scopes and rate limits, before any route (BentoML's and ours).
+RecommendationService.add_asgi_middleware(GuardMiddleware)

@@ -103,6 +103,15 @@ class ServingSettings:
     # How stale the suppression list /events drops forgotten users by may be, in other workers
     # than the one that forgot them.
     suppression_refresh_seconds: float = _ENV.suppression_refresh_seconds
+    # API keys and rate limits (serving/auth.py): where the hashed keys are, and requests per
+    # second per key and scope, per client address, and how many seconds of them a burst may take.
+    api_keys_file: str | None = None
+    api_keys: str = ""
+    metrics_open: bool = _ENV.metrics_open
+    rate_limits: dict[str, float] = field(default_factory=dict)
+    rate_limit_per_ip: float | None = None
+    rate_limit_burst_seconds: float = _ENV.rate_limit_burst_seconds
+    rate_limit_lease_seconds: float = _ENV.rate_limit_lease_seconds
 
     @classmethod
     def from_env(cls, env: ServingSettingsEnv | None = None) -> ServingSettings:
@@ -125,6 +134,13 @@ class ServingSettings:
             max_body_bytes=env.max_body_bytes,
             global_lists_ttl=env.global_lists_ttl,
             suppression_refresh_seconds=env.suppression_refresh_seconds,
+            api_keys_file=str(env.api_keys_file) if env.api_keys_file else None,
+            api_keys=env.api_keys or "",
+            metrics_open=env.metrics_open,
+            rate_limits={k: v for k, v in (env.rate_limits or {}).items() if v > 0},
+            rate_limit_per_ip=env.rate_limit_per_ip or None,
+            rate_limit_burst_seconds=env.rate_limit_burst_seconds,
+            rate_limit_lease_seconds=env.rate_limit_lease_seconds,
         )
 
 

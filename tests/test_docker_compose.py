@@ -13,6 +13,7 @@ import fnmatch
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -611,6 +612,32 @@ def test_recommender_listens_where_it_is_published(services: dict[str, Any]) -> 
     env = environment(service)
     for key in ("REDIS_URL", "MLFLOW_TRACKING_URI", "RECSYS_POSTGRES_URL"):
         assert env.get(key), f"recommender needs {key}"
+
+
+def test_recommender_requires_api_keys(services: dict[str, Any], dockerfile: str) -> None:
+    """It listens on 0.0.0.0, so `recsys serve` needs keys: a keys file on a volume of its own
+    (where `docker compose run recommender recsys api-key create` writes), never --insecure."""
+    service = services["recommender"]
+    command = tokens(service["command"])
+    assert "--insecure" not in command
+    env = environment(service)
+    keys_file = env.get("RECSYS_API_KEYS_FILE", "")
+    assert keys_file, "the recommender configures no API keys"
+    mounted = [target for kind, _, target in volume_mounts(service) if kind == "volume"]
+    assert any(under(keys_file, target) for target in mounted), f"{keys_file} is on no volume"
+    # The image's non-root user must be able to write it (`recsys api-key create`).
+    folder = str(PurePosixPath(keys_file).parent)
+    chown = next(line for line in dockerfile.splitlines() if "chown" in line)
+    assert folder in dockerfile.split("chown")[0] and folder in chown, folder
+    limits = json.loads(env["RECSYS_RATE_LIMITS"])
+    assert set(limits) <= {"read", "ingest", "admin", "metrics"} and all(
+        v > 0 for v in limits.values()
+    )
+    # The health check probes an open route: it needs no key.
+    from serving.auth import OPEN_ROUTES
+
+    check = " ".join(tokens(service["healthcheck"]["test"]))
+    assert ("GET", "/readyz") in OPEN_ROUTES and "/readyz" in check
 
 
 @pytest.mark.parametrize(
