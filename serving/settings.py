@@ -104,6 +104,13 @@ class ServingSettings:
         default_factory=lambda: dict(DEFAULT_SEGMENT_RULES)
     )
     trends_ttl: float = 10.0
+    # The catalog gate: items of no catalog are recommended only when new items are allowed,
+    # and then only once this many distinct users sent events on them.
+    allow_new_items: bool = False
+    new_item_min_users: int = 3
+    # Abuse resistance of the live features (FeatureConfig.repeat_window / repeat_cap).
+    repeat_window: int = 86_400
+    repeat_cap: int = 5
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -128,7 +135,18 @@ class ServingSettings:
             cache_ttl=int(_float("RECSYS_CACHE_TTL", 60)),
             max_body_bytes=int(_float("RECSYS_MAX_BODY_BYTES", 1_048_576)),
             global_lists_ttl=_float("RECSYS_GLOBAL_LISTS_TTL", 0.05),
+            allow_new_items=os.environ.get("RECSYS_ALLOW_NEW_ITEMS", "0").strip().lower()
+            in ("1", "true", "yes", "on"),
+            new_item_min_users=int(_float("RECSYS_NEW_ITEM_MIN_USERS", 3)),
+            repeat_window=int(_float("RECSYS_REPEAT_WINDOW_SECONDS", 86_400)),
+            repeat_cap=int(_float("RECSYS_REPEAT_CAP", 5)),
         )
+        if settings.new_item_min_users < 1:
+            raise ValueError("RECSYS_NEW_ITEM_MIN_USERS must be at least 1")
+        if settings.repeat_window < 0 or settings.repeat_cap < 1:
+            raise ValueError(
+                "RECSYS_REPEAT_WINDOW_SECONDS must be >= 0 and RECSYS_REPEAT_CAP at least 1"
+            )
         if not 0.0 <= settings.challenger_share <= 1.0:
             raise ValueError("RECSYS_CHALLENGER_SHARE must be between 0 and 1")
         if not 0.0 <= settings.model_share <= 1.0:
