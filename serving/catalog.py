@@ -72,6 +72,7 @@ def item_attributes(
         price[in_model] = model_price[in_model] = model.price[cols]
         category[in_model] = model.category[cols]
         brand[in_model] = model.brand[cols]
+        title[in_model] = model.title[cols]
         percentile[in_model] = model.price_percentile[cols]
         listed[in_model] = model.in_catalog[cols]
     gate = model is not None and model.has_catalog

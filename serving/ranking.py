@@ -50,6 +50,8 @@ class ServingModel:
         brands = catalog["brand"] if "brand" in catalog.columns else pl.Series([None] * len(names))
         self.brand = brands.cast(pl.String).fill_null("").to_numpy().astype(str)
         self.in_stock = catalog["in_stock"].fill_null(True).to_numpy().astype(bool)
+        titles = catalog["title"] if "title" in catalog.columns else pl.Series([None] * len(names))
+        self.title = titles.cast(pl.String).to_numpy().astype(object)
         # Which items the frozen catalog lists (a bundle from before the column: all of them).
         self.in_catalog = (
             catalog["in_catalog"].fill_null(False).to_numpy().astype(bool)
