@@ -120,7 +120,7 @@ def compare_store_rates(
     home: Path,
     events: pl.DataFrame,
     batch: int,
-    rounds: int = 3,
+    rounds: int = 5,
 ) -> list[tuple[str, list[float]]]:
     """Events/s of FeatureStore.ingest per (checkout, backend, config), alternating rounds."""
     import subprocess
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline is not None:
         roots["baseline"] = args.baseline.resolve()
     compared = compare_store_rates(roots, args.redis_url, home, events, args.batch)
-    table = Table(title=f"FeatureStore.ingest, batches of {args.batch}, 3 alternating rounds")
+    table = Table(title=f"FeatureStore.ingest, batches of {args.batch}, 5 alternating rounds")
     for column in ("checkout, backend", "median events/s", "ratio to baseline"):
         table.add_column(column, justify="left" if column.startswith("checkout") else "right")
     medians = {name: statistics.median(r) for name, r in compared}

@@ -75,7 +75,9 @@ class FeatureConfig:
     # repeat_window 0 turns the bound off.
     repeat_window: int = DAY
     repeat_cap: int = 5
-    # Distinct users of items the live catalog lacks (the new-item gate reads them).
+    # Distinct users of items the live catalog lacks, which the new-item gate reads: counted only
+    # where the service allows new items (a HyperLogLog write per new user of such an item).
+    count_new_item_users: bool = False
     item_users_ttl: int = 30 * DAY
     event_weights: dict[str, float] = field(default_factory=lambda: dict(EVENT_WEIGHTS))
 

@@ -49,6 +49,7 @@ class Ingest(ABC):
                 "repeat_window": config.repeat_window,
                 "repeat_cap": config.repeat_cap,
                 "item_users_ttl": config.item_users_ttl,
+                "count_users": config.count_new_item_users,
                 # INGEST builds these keys for the ids it reads; Keys stays their one spelling.
                 "keys": {
                     "recent": keys.affixes(keys.recent),

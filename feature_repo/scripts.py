@@ -70,7 +70,7 @@ local function add_item(iid, ts, w, uid, first)
   it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
   it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
   if ts < it.first then it.first = ts end
-  if first then it.users[#it.users + 1] = uid end
+  if first and cfg.count_users then it.users[#it.users + 1] = uid end
 end
 local function write_items(accepted, duplicates)
   local new_items = 0
@@ -84,8 +84,9 @@ local function write_items(accepted, duplicates)
     if #it.users > 0 and redis.call('HEXISTS', catalog_key, iid) == 0 then
       -- Not in the live catalog: count its distinct users for the new-item gate.
       local uk = cfg.keys.item_users[1] .. iid .. cfg.keys.item_users[2]
-      redis.call('PFADD', uk, unpack(it.users))
-      redis.call('EXPIRE', uk, cfg.item_users_ttl)
+      if redis.call('PFADD', uk, unpack(it.users)) == 1 then
+        redis.call('EXPIRE', uk, cfg.item_users_ttl)
+      end
     end
   end
   if accepted > 0 then

@@ -185,6 +185,7 @@ class RecommendationService:
                         cache_ttl=self.settings.cache_ttl,
                         repeat_window=self.settings.repeat_window,
                         repeat_cap=self.settings.repeat_cap,
+                        count_new_item_users=self.settings.allow_new_items,
                     )
                     self._store = FeatureStore(client, env.redis_namespace(), config)
         return self._store

@@ -255,14 +255,16 @@ def test_cache_is_invalidated_by_the_users_events(either_store: FeatureStore) ->
     assert read_user(store, "u2", "sig", 10, 10, now=NOW + 1).cached == '{"other": 1}'
 
 
-def test_keys_have_ttls_and_share_a_slot_per_entity(store: FeatureStore) -> None:
+def test_keys_have_ttls_and_share_a_slot_per_entity(redis_client, namespace: str) -> None:
+    store = FeatureStore(redis_client, namespace, FeatureConfig(count_new_item_users=True))
     store.ingest(events([("u1", "a", "view", 10), ("u1", "b", "view", 5)]), now=NOW)
     store.cache_response("u1", "sig", "{}", now=NOW)
     keys = Keys(store.namespace)
     user_keys = [keys.recent("u1"), keys.counters("u1"), keys.cache("u1"), keys.repeats("u1")]
     assert len({key_slot(k.encode()) for k in user_keys}) == 1
     seen = [keys.seen_event("e0"), keys.seen_event("e1")]
-    # Items no catalog lists count their distinct users (in the {global} slot).
+    # Items no catalog lists count their distinct users (in the {global} slot), where the
+    # service allows new items.
     item_users = [keys.item_users("a"), keys.item_users("b")]
     assert {key_slot(k.encode()) for k in item_users} == {key_slot(keys.popularity.encode())}
     for key in [*user_keys, *seen, *item_users, keys.coview("a")]:
@@ -426,7 +428,9 @@ def test_repeats_are_unbounded_when_the_window_is_off(redis_client, namespace: s
 def test_the_live_catalog_upserts_attributes_and_counts_new_items_users(
     either_store: FeatureStore,
 ) -> None:
-    store = either_store
+    config = FeatureConfig(count_new_item_users=True)
+    cluster = isinstance(either_store._ingest, ClusterIngest)
+    store = FeatureStore(either_store.redis, either_store.namespace, config, cluster)
     store.ingest(events([("u1", "new", "view", 0), ("u2", "new", "view", 0)]), now=NOW)
     assert store.global_lists(1, now=NOW).catalog_version is None
     frame = pl.DataFrame(
