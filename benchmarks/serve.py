@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.insert(0, (f"cache on ({ttl} s)", str(ttl)))
         checkouts = [("", ROOT)]
         if args.baseline is not None:
-            checkouts.append((" [baseline]", args.baseline.resolve()))
+            checkouts.append((" (baseline)", args.baseline.resolve()))
         # The checkouts alternate round by round, so both see the same machine load.
         cases = [
             (label + tag, cache_ttl, root)
