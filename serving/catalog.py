@@ -3,19 +3,19 @@ Redis first, the model's frozen catalog behind it) and the gate that keeps unkno
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from feature_repo.types import CatalogRead
+from training.matrix import lookup
 
 if TYPE_CHECKING:
     from serving.ranking import ServingModel
 
-# What ranking reads of every candidate (in_stock always comes with them), and what a response
-# item may carry when the request names it in `fields`.
-RANKING_ATTRIBUTES = ("price", "category", "brand")
+# What a response item may carry when the request names it in `fields`.
 RESPONSE_FIELDS = ("title", "category", "brand", "price", "in_stock")
 
 
@@ -106,3 +106,47 @@ def item_attributes(
             users = np.array([u or 0 for u in read.users], dtype=np.int64)
             known = known | (users >= policy.new_item_min_users)
     return ItemAttributes(known, in_stock, price, category, brand, percentile, title)
+
+
+class CatalogCache:
+    """A worker's copy of the live catalog's values of the items it has read, valid for one
+    catalog version: every write bumps the version, so a copy of the current version is exact,
+    and a request reads Redis only for items it has not seen since the last write. Distinct-user
+    counts (new items allowed) change with events, not writes, and are never kept."""
+
+    def __init__(self) -> None:
+        self.version: str | None = None
+        self.size = 0
+        self.ids = np.empty(0, dtype=str)
+        self.values: dict[str, np.ndarray] = {}
+
+    def read(
+        self,
+        ids: np.ndarray,
+        version: str | None,
+        fetch: Callable[[list[str]], CatalogRead | None],
+    ) -> CatalogRead | None:
+        """The values of `ids` (a str array) for `version`, fetching the ones not held (all of
+        CATALOG_FIELDS at once); None when the fetch found Redis down."""
+        if version != self.version or not self.values:
+            self.version, self.ids, self.values = version, np.empty(0, dtype=str), {}
+        ids = np.asarray(ids, dtype=str)
+        pos = lookup(self.ids, ids)
+        if (pos < 0).any():
+            missing = np.unique(ids[pos < 0])
+            found = fetch(missing.tolist())
+            if found is None:
+                return None
+            merged = np.concatenate([self.ids, missing])
+            order = np.argsort(merged, kind="stable")
+            self.ids = merged[order]
+            self.values = {
+                name: np.concatenate(
+                    [self.values.get(name, np.empty(0, dtype=object)), np.asarray(v, dtype=object)]
+                )[order]
+                for name, v in found.values.items()
+            }
+            self.size = found.size
+            pos = lookup(self.ids, ids)
+        values = {name: column[pos] for name, column in self.values.items()}
+        return CatalogRead(self.size, values, [None] * len(ids))

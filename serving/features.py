@@ -10,12 +10,12 @@ from typing import TypeVar
 
 import numpy as np
 
-from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
+from feature_repo.definitions import CATALOG_FIELDS, ITEM_ITEM_LIST, NEIGHBORS_LIST
 from feature_repo.store import FeatureStore
-from feature_repo.types import GlobalLists, ScoredItems, UserProfile
+from feature_repo.types import CatalogRead, GlobalLists, ScoredItems, UserProfile
 from serving import lists
 from serving.catalog import (
-    RANKING_ATTRIBUTES,
+    CatalogCache,
     CatalogPolicy,
     ItemAttributes,
     item_attributes,
@@ -85,6 +85,7 @@ class FeatureReader:
         self._champion = champion
         self.settings = settings
         self.policy = CatalogPolicy(settings.allow_new_items, settings.new_item_min_users)
+        self._catalog = CatalogCache()
         self.outage = outage
         self.metrics = metrics
         self._global: tuple[float, GlobalLists] | None = None
@@ -130,29 +131,35 @@ class FeatureReader:
         ids = np.unique(np.concatenate([np.asarray(p.ids, dtype=str) for p in parts]))
         if not len(ids):
             return found
-        allowed = ids[self.known(ids, self._champion())]
+        read = self._catalog_read(ids, found.catalog_version)
+        allowed = ids[item_attributes(ids, read, self._champion(), self.policy).known]
         if len(allowed) == len(ids):
             return found
         masks = [np.isin(np.asarray(p.ids, dtype=str), allowed) for p in parts]
         kept = [ScoredItems(p.ids[m], p.scores[m]) for p, m in zip(parts, masks, strict=True)]
         return GlobalLists(*kept, found.catalog_version)
 
-    def attributes(
-        self, ids: np.ndarray, model: ServingModel | None, extra: tuple[str, ...] = ()
-    ) -> ItemAttributes:
-        """Catalog attributes and the gate of `ids`: one read of the live catalog (the model's
-        frozen catalog alone while Redis is down)."""
-        count = self.policy.allow_new_items
-        read = self.live(
-            lambda: self._store().catalog(ids.tolist(), (*RANKING_ATTRIBUTES, *extra), count)
-        )
-        return item_attributes(ids, read, model, self.policy)
+    def attributes(self, ids: np.ndarray, model: ServingModel | None) -> ItemAttributes:
+        """Catalog attributes and the gate of `ids`: the worker's copy of the live catalog for
+        the version its global lists last read (Redis only for items it has not seen since the
+        last write), the model's frozen catalog alone while Redis is down."""
+        version = self._global[1].catalog_version if self._global is not None else None
+        return item_attributes(ids, self._catalog_read(ids, version), model, self.policy)
 
     def known(self, ids: np.ndarray, model: ServingModel | None) -> np.ndarray:
-        """Which of `ids` the catalog gate lets through (one read of the live catalog)."""
-        count = self.policy.allow_new_items
-        read = self.live(lambda: self._store().catalog(ids.tolist(), (), count))
-        return item_attributes(ids, read, model, self.policy).known
+        """Which of `ids` the catalog gate lets through."""
+        return self.attributes(ids, model).known
+
+    def _catalog_read(self, ids: np.ndarray, version: str | None) -> CatalogRead | None:
+        store = self._store
+        if self.policy.allow_new_items:
+            # Distinct-user counts move with every event: read them with the values each time.
+            return self.live(lambda: store().catalog(ids.tolist(), CATALOG_FIELDS, True))
+        return self._catalog.read(
+            ids,
+            version,
+            lambda missing: self.live(lambda: store().catalog(missing, CATALOG_FIELDS)),
+        )
 
     def trend_list(self, now: float) -> tuple[ScoredItems, np.ndarray]:
         """The trend analysis' top items and their reasons, reused for `trends_ttl` seconds (the

@@ -211,7 +211,6 @@ class RecommendationService:
             return _envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
         fields = tuple(body.fields or ())
-        extra = ("title",) if "title" in fields else ()
         ranked = self.ranker.recommend(
             model=model,
             weights=model.blend if model is not None else self._popularity_blend,
@@ -221,7 +220,7 @@ class RecommendationService:
             exclude_seen=body.exclude_seen,
             live=read.live,
             now=now,
-            attributes=lambda ids: self.features.attributes(ids, model, extra),
+            attributes=lambda ids: self.features.attributes(ids, model),
             fields=fields,
         )
         payload = _answer(ranked, model, variant)

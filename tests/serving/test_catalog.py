@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import polars as pl
 import pytest
 from starlette.testclient import TestClient
 
@@ -212,3 +214,27 @@ def test_new_items_pass_when_allowed_after_enough_distinct_users(
     assert "brand-new" in popular()
     post_events(client, views(["u5"], ["i11"], "u5"))
     assert "brand-new" in ids(recommend(client, user_id="u5", k=50)["items"])
+
+
+def test_a_workers_catalog_copy_reads_only_unseen_items_and_ends_with_a_write(store) -> None:
+    from feature_repo.definitions import CATALOG_FIELDS
+    from serving.catalog import CatalogCache
+
+    store.write_catalog(pl.DataFrame({"item_id": ["a", "b"], "price": [1.0, 2.0]}))
+    version = store.global_lists(1).catalog_version
+    fetched: list[list[str]] = []
+
+    def fetch(missing: list[str]):
+        fetched.append(missing)
+        return store.catalog(missing, CATALOG_FIELDS)
+
+    cache = CatalogCache()
+    first = cache.read(np.array(["b", "a", "zz"]), version, fetch)
+    assert list(first.values["price"]) == ["2.0", "1.0", None] and first.size == 2
+    again = cache.read(np.array(["a", "b"]), version, fetch)
+    assert list(again.values["price"]) == ["1.0", "2.0"]
+    assert fetched == [["a", "b", "zz"]]  # the second read was the worker's copy
+    store.write_catalog(pl.DataFrame({"item_id": ["a"], "price": [5.0]}))
+    newer = store.global_lists(1).catalog_version
+    assert list(cache.read(np.array(["a"]), newer, fetch).values["price"]) == ["5.0"]
+    assert fetched[-1] == ["a"]
