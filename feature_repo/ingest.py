@@ -46,12 +46,18 @@ class Ingest(ABC):
                 "dedupe_ttl": config.dedupe_ttl,
                 "pop_rate": config.popularity_rate,
                 "trend_rate": config.trending_rate,
+                "repeat_window": config.repeat_window,
+                "repeat_cap": config.repeat_cap,
+                "item_users_ttl": config.item_users_ttl,
+                "count_users": config.count_new_item_users,
                 # INGEST builds these keys for the ids it reads; Keys stays their one spelling.
                 "keys": {
                     "recent": keys.affixes(keys.recent),
                     "counters": keys.affixes(keys.counters),
                     "cache": keys.affixes(keys.cache),
                     "coview": keys.affixes(keys.coview),
+                    "repeats": keys.affixes(keys.repeats),
+                    "item_users": keys.affixes(keys.item_users),
                 },
             }
         )
@@ -117,7 +123,15 @@ class SingleNodeIngest(Ingest):
         k = self.keys
         reply = self.scripts.run(
             "INGEST",
-            [k.popularity, k.trending, k.decay, k.first_seen, k.stats, k.stream],
+            [
+                k.popularity,
+                k.trending,
+                k.decay,
+                k.first_seen,
+                k.stats,
+                k.stream,
+                k.catalog("in_stock"),
+            ],
             [
                 repr(float(batch.now)),
                 self._cfg_json,
@@ -136,9 +150,9 @@ class ClusterIngest(Ingest):
 
     Round trip 1 appends every event to the stream (so an event is durable before it is marked
     seen; the event store drops the duplicates this lets through). Round trip 2 marks event ids
-    seen (SET NX) and reads the users' recent items. Round trip 3 writes the user and co-view
-    updates, worked out here exactly as the INGEST script does them; the {global} updates are
-    one script (INGEST_GLOBAL) in their slot.
+    seen (SET NX) and reads the users' recent items and repeat counts. Round trip 3 writes the
+    user, repeat and co-view updates, worked out here exactly as the INGEST script does them;
+    the {global} updates are one script (INGEST_GLOBAL) in their slot.
     """
 
     def _apply(self, batch: Batch) -> IngestResult:
@@ -155,17 +169,27 @@ class ClusterIngest(Ingest):
             pipe.set(key, "1", nx=True, ex=cfg.dedupe_ttl)
         for user in distinct:
             pipe.zrange(k.recent(user), 0, -1, withscores=True)
+        for user in distinct:
+            pipe.hgetall(k.repeats(user))
         replies = pipe.execute()
         new = np.array([bool(r) for r in replies[: len(users)]], dtype=bool)
-        recent = {u: dict(pairs) for u, pairs in zip(distinct, replies[len(users) :], strict=True)}
+        n = len(users)
+        recent = {u: dict(p) for u, p in zip(distinct, replies[n : n + len(distinct)], strict=True)}
+        repeats = {
+            u: {item: int(c) for item, c in r.items()}
+            for u, r in zip(distinct, replies[n + len(distinct) :], strict=True)
+        }
         accepted_rows = np.flatnonzero(new).tolist()
 
-        self._write_users_and_coview(columns, accepted_rows, recent, batch.now)
+        weights, first = self._write_users_and_coview(
+            columns, accepted_rows, recent, repeats, batch.now
+        )
 
-        accepted = {name: [columns[name][r] for r in accepted_rows] for name in ("i", "ts", "w")}
+        accepted = {name: [columns[name][r] for r in accepted_rows] for name in ("i", "ts", "u")}
+        accepted["w"], accepted["f"] = weights, first
         new_items = self.scripts.run(
             "INGEST_GLOBAL",
-            [k.popularity, k.trending, k.decay, k.first_seen, k.stats],
+            [k.popularity, k.trending, k.decay, k.first_seen, k.stats, k.catalog("in_stock")],
             [
                 repr(float(batch.now)),
                 self._cfg_json,
@@ -182,19 +206,42 @@ class ClusterIngest(Ingest):
         columns: dict[str, list],
         accepted_rows: list[int],
         recent: dict[str, dict[str, float]],
+        repeats: dict[str, dict[str, int]],
         now: float,
-    ) -> None:
-        """Round trip 3: the accepted events' recent items, counters and co-view, replayed on
-        `recent` (each user's recent items before the batch) in event order, as INGEST does."""
+    ) -> tuple[list[float], list[bool]]:
+        """Round trip 3: the accepted events' recent items, counters, repeats and co-view,
+        replayed on `recent` (each user's recent items before the batch) and `repeats` (their
+        repeat counts) in event order, as INGEST does; returns each accepted event's weight
+        after repeats and whether it was the user's first on the item in the window."""
         k, cfg = self.keys, self.config
         users, items, types, stamps = columns["u"], columns["i"], columns["t"], columns["ts"]
         coview: dict[str, list[str]] = {}
         counts: dict[str, dict[str, int]] = {}
         touched: dict[str, dict[str, int]] = {}
+        repeat_window, cap = cfg.repeat_window, cfg.repeat_cap
+        fresh_window = {user for user, seen in repeats.items() if not seen}
+        added: dict[str, dict[str, int]] = {}
+        weights: list[float] = []
+        firsts: list[bool] = []
         for row in accepted_rows:
             user, item, ts = users[row], items[row], stamps[row]
+            weight, first = columns["w"][row], True
+            if repeat_window > 0:
+                seen = repeats[user]
+                prior = seen.get(item, 0)
+                seen[item] = prior + 1
+                per_user = added.setdefault(user, {})
+                per_user[item] = per_user.get(item, 0) + 1
+                first = prior == 0
+                weight = 0.0 if prior >= cap else weight / (1 + prior)
+            weights.append(weight)
+            firsts.append(first)
             state = recent[user]
-            if item not in state:
+            if item not in state and not first:
+                state[item] = ts
+                if len(state) > cfg.recent_cap:
+                    del state[min(state.items(), key=lambda p: (p[1], p[0]))[0]]
+            elif item not in state:
                 window = sorted(
                     (
                         (score, member)
@@ -227,6 +274,12 @@ class ClusterIngest(Ingest):
             pipe.hset(counters, "last_seen", repr(float(now)))
             pipe.expire(counters, cfg.counters_ttl)
             pipe.delete(k.cache(user))
+        for user, per_item in added.items():
+            key = k.repeats(user)
+            for item, count in per_item.items():
+                pipe.hincrby(key, item, count)
+            if user in fresh_window:
+                pipe.expire(key, repeat_window)
         for earlier, later in coview.items():
             key = k.coview(earlier)
             for item in later:
@@ -236,3 +289,4 @@ class ClusterIngest(Ingest):
         for item in dict.fromkeys(items[r] for r in accepted_rows):
             pipe.expire(k.coview(item), cfg.coview_ttl)
         pipe.execute()
+        return weights, firsts

@@ -12,6 +12,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from feature_repo.definitions import (
+    CATALOG_FIELDS,
     NEIGHBORS_LIST,
     PROFILE_FIELDS,
     TREND_INFO_FIELDS,
@@ -76,6 +77,51 @@ class Pushes:
             pipe.delete(target)
         pipe.execute()
         return len(ids)
+
+    def write_catalog(self, frame: pl.DataFrame, now: float | None = None) -> int:
+        """Upsert items of the catalog contract (`item_id` and any of title, category, brand,
+        price, in_stock) into the live catalog; returns the items written.
+
+        A null or absent attribute keeps the stored value (a new item without `in_stock` is in
+        stock); every write bumps the catalog's version, which retires cached answers.
+        """
+        self._require(frame, ("item_id",))
+        if frame["item_id"].null_count():
+            raise ValueError("every catalog item needs an item_id")
+        frame = frame.unique("item_id", keep="last", maintain_order=True)
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for name in CATALOG_FIELDS:
+            if name not in frame.columns:
+                continue
+            column = pl.col(name)
+            if name == "in_stock":
+                value = pl.when(column.cast(pl.Boolean)).then(pl.lit("1")).otherwise(pl.lit("0"))
+            elif name == "price":
+                value = column.cast(pl.Float64).cast(pl.String)
+            else:
+                value = column.cast(pl.String)
+            given = frame.filter(column.is_not_null()).select("item_id", value.alias("v"))
+            ids, values = given["item_id"].cast(pl.String).to_list(), given["v"].to_list()
+            for start in range(0, len(ids), _MEMBER_CHUNK):
+                stop = start + _MEMBER_CHUNK
+                pipe.hset(
+                    keys.catalog(name),
+                    mapping=dict(zip(ids[start:stop], values[start:stop], strict=True)),
+                )
+        # Known from its first write: an item without a stock flag is in stock.
+        stock = keys.catalog("in_stock")
+        unset = (
+            frame["item_id"]
+            if "in_stock" not in frame.columns
+            else frame.filter(pl.col("in_stock").is_null())["item_id"]
+        )
+        for item in unset.cast(pl.String).to_list():
+            pipe.hsetnx(stock, item, "1")
+        pipe.hincrby(keys.catalog_meta, "version", 1)
+        pipe.hset(keys.catalog_meta, "updated_at", repr(float(time.time() if now is None else now)))
+        pipe.execute()
+        return frame.height
 
     def push_user_profiles(self, frame: pl.DataFrame, now: float | None = None) -> int:
         """Write profiles from `user_id, segment` and any other of `PROFILE_FIELDS`

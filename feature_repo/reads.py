@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from feature_repo.definitions import FeatureConfig, Keys
+from feature_repo.definitions import CATALOG_FIELDS, FeatureConfig, Keys
 from feature_repo.scripts import Scripts
 from feature_repo.types import (
     EMPTY,
+    CatalogRead,
     FeatureRequest,
     GlobalLists,
     RequestFeatures,
@@ -98,8 +99,10 @@ class Reads:
         """Top-n popular (decayed to `now`), trending and batch-popular items, one round trip."""
         now = time.time() if now is None else now
         k = self.keys
-        pop, trend, batch, refs = self.scripts.run(
-            "GLOBAL_READ", [k.popularity, k.trending, k.batch_popularity, k.decay], [n]
+        pop, trend, batch, refs, version = self.scripts.run(
+            "GLOBAL_READ",
+            [k.popularity, k.trending, k.batch_popularity, k.decay, k.catalog_meta],
+            [n],
         )
         popularity, trending = scored(pop), scored(trend)
         cfg = self.config
@@ -109,7 +112,31 @@ class Reads:
         if refs[1] is not None and len(trending):
             factor = math.exp(-cfg.trending_rate * (now - float(refs[1])))
             trending = ScoredItems(trending.ids, trending.scores * factor)
-        return GlobalLists(popularity, trending, scored(batch))
+        return GlobalLists(popularity, trending, scored(batch), version)
+
+    def catalog(
+        self, item_ids: Sequence[str], attributes: Sequence[str], count_users: bool = False
+    ) -> CatalogRead:
+        """The live catalog's `attributes` (of CATALOG_FIELDS; `in_stock` is always read: it
+        marks an item as known) of `item_ids`, and with `count_users` the distinct users of the
+        items it lacks: one round trip."""
+        wanted = ["in_stock", *(a for a in dict.fromkeys(attributes) if a != "in_stock")]
+        unknown = set(wanted) - set(CATALOG_FIELDS)
+        if unknown:
+            raise ValueError(f"not catalog attributes: {sorted(unknown)}")
+        keys = self.keys
+        head, tail = keys.affixes(keys.item_users)
+        reply = self.scripts.run(
+            "CATALOG_READ",
+            [keys.catalog(a) for a in wanted],
+            ["1" if count_users else "0", head, tail, *item_ids],
+        )
+        users = reply[-1] if count_users else [None] * len(item_ids)
+        return CatalogRead(
+            int(reply[0]),
+            dict(zip(wanted, reply[1:-1], strict=True)),
+            [None if u is None else int(u) for u in users],
+        )
 
     def item_lists(
         self, item_ids: Sequence[str], names: Sequence[str], k: int

@@ -60,16 +60,17 @@ local t_trend = reference('trending', cfg.trend_rate, KEYS[2])
 # (KEYS[5]), and returns how many items are new.
 ITEM_TOTALS = r"""
 local items, item_order = {}, {}
-local function add_item(iid, ts, w)
+local function add_item(iid, ts, w, uid, first)
   local it = items[iid]
   if not it then
-    it = {pop = 0, trend = 0, first = ts}
+    it = {pop = 0, trend = 0, first = ts, users = {}}
     items[iid] = it
     item_order[#item_order + 1] = iid
   end
   it.pop = it.pop + w * math.exp(cfg.pop_rate * (ts - t_pop))
   it.trend = it.trend + w * math.exp(cfg.trend_rate * (ts - t_trend))
   if ts < it.first then it.first = ts end
+  if first and cfg.count_users then it.users[#it.users + 1] = uid end
 end
 local function write_items(accepted, duplicates)
   local new_items = 0
@@ -80,6 +81,13 @@ local function write_items(accepted, duplicates)
       redis.call('ZINCRBY', KEYS[2], string.format('%.17g', it.trend), iid)
     end
     new_items = new_items + redis.call('HSETNX', KEYS[4], iid, math.floor(it.first))
+    if #it.users > 0 and redis.call('HEXISTS', catalog_key, iid) == 0 then
+      -- Not in the live catalog: count its distinct users for the new-item gate.
+      local uk = cfg.keys.item_users[1] .. iid .. cfg.keys.item_users[2]
+      if redis.call('PFADD', uk, unpack(it.users)) == 1 then
+        redis.call('EXPIRE', uk, cfg.item_users_ttl)
+      end
+    end
   end
   if accepted > 0 then
     redis.call('HINCRBY', KEYS[5], 'accepted', accepted)
@@ -98,7 +106,11 @@ end
 # in the co-view window; per user once: counters, TTLs and the response cache; per item once:
 # decayed popularity, trending, first-seen and the TTL of its co-view list.
 #
-# KEYS: popularity, trending, decay, first_seen, stats, stream
+# Repeats (abuse resistance): the n-th event of a user on an item within the repeat window
+# (the user's `repeats` hash, whose TTL is the window) weighs weight / n, and 0 after
+# repeat_cap; only the first adds co-view and counts the user among the item's distinct users.
+#
+# KEYS: popularity, trending, decay, first_seen, stats, stream, catalog in_stock
 # ARGV: now, config JSON, batch JSON (columns k,u,i,t,ts,w), one stream payload per event
 # Returns {accepted, new_items, duplicate positions (0-based)...}
 #
@@ -115,6 +127,7 @@ local function key_of(kind, id)
   local affixes = cfg.keys[kind]
   return affixes[1] .. id .. affixes[2]
 end
+local catalog_key = KEYS[7]
 
 """
     + DECAY_REFERENCES
@@ -129,11 +142,21 @@ for idx = 1, n do
   if redis.call('SET', b.k[idx], '1', 'NX', 'EX', cfg.dedupe_ttl) then
     accepted = accepted + 1
     redis.call('XADD', KEYS[6], '*', 'e', ARGV[3 + idx])
+    local first = true
+    if cfg.repeat_window > 0 then
+      local prior = redis.call('HINCRBY', key_of('repeats', uid), iid, 1) - 1
+      first = prior == 0
+      if prior >= cfg.repeat_cap then w = 0 else w = w / (1 + prior) end
+    end
     local recent = key_of('recent', uid)
     if redis.call('ZADD', recent, 'NX', ts, iid) == 1 then
-      -- A new item in the user's window is co-viewed after each item still in the window.
-      local prev = redis.call('ZREVRANGEBYSCORE', recent, '+inf', ts - cfg.coview_seconds,
-                              'LIMIT', 0, cfg.coview_items + 1)
+      -- A new item in the user's window is co-viewed after each item still in the window
+      -- (once per window: an item that left the recent items and came back adds nothing).
+      local prev = {}
+      if first then
+        prev = redis.call('ZREVRANGEBYSCORE', recent, '+inf', ts - cfg.coview_seconds,
+                          'LIMIT', 0, cfg.coview_items + 1)
+      end
       local done = 0
       for _, j in ipairs(prev) do
         if j ~= iid and done < cfg.coview_items then
@@ -161,7 +184,7 @@ for idx = 1, n do
     end
     local et = b.t[idx]
     u.counts[et] = (u.counts[et] or 0) + 1
-    add_item(iid, ts, w)
+    add_item(iid, ts, w, uid, first)
   else
     out[#out + 1] = idx - 1
   end
@@ -177,6 +200,10 @@ for _, uid in ipairs(user_order) do
   redis.call('EXPIRE', counters, cfg.counters_ttl)
   redis.call('EXPIRE', key_of('recent', uid), cfg.recent_ttl)
   redis.call('DEL', key_of('cache', uid))
+  if cfg.repeat_window > 0 then
+    local rk = key_of('repeats', uid)
+    if redis.call('TTL', rk) < 0 then redis.call('EXPIRE', rk, cfg.repeat_window) end
+  end
 end
 for _, iid in ipairs(item_order) do
   -- An item's own events keep its co-view list alive.
@@ -190,19 +217,21 @@ return out
 
 # The {global} part of an ingest on Redis Cluster (ClusterIngest), where every other update
 # is a plain command in a pipeline: decayed popularity, trending, first-seen and stats.
-# KEYS: popularity, trending, decay, first_seen, stats
-# ARGV: now, config JSON, accepted events JSON (columns i, ts, w), accepted, duplicates
+# KEYS: popularity, trending, decay, first_seen, stats, catalog in_stock
+# ARGV: now, config JSON, accepted events JSON (columns i, ts, w after repeats, u, f: first of
+#       the user on the item in the window), accepted, duplicates
 INGEST_GLOBAL = (
     r"""
 local now = tonumber(ARGV[1])
 local cfg = cjson.decode(ARGV[2])
 local b = cjson.decode(ARGV[3])
+local catalog_key = KEYS[6]
 """
     + DECAY_REFERENCES
     + ITEM_TOTALS
     + r"""
 for idx = 1, #b.i do
-  add_item(b.i[idx], b.ts[idx], b.w[idx])
+  add_item(b.i[idx], b.ts[idx], b.w[idx], b.u[idx], b.f[idx])
 end
 return write_items(tonumber(ARGV[4]), tonumber(ARGV[5]))
 """
@@ -240,14 +269,48 @@ end
 return out
 """
 
-# The global lists: decayed popularity and trending with their reference times, and the batch
-# loop's popularity. KEYS: popularity, trending, batch_popularity, decay. ARGV: n.
+# The global lists: decayed popularity and trending with their reference times, the batch
+# loop's popularity and the live catalog's version.
+# KEYS: popularity, trending, batch_popularity, decay, catalog meta. ARGV: n.
 GLOBAL_READ = r"""
 local n = tonumber(ARGV[1]) - 1
 return {redis.call('ZREVRANGE', KEYS[1], 0, n, 'WITHSCORES'),
         redis.call('ZREVRANGE', KEYS[2], 0, n, 'WITHSCORES'),
         redis.call('ZREVRANGE', KEYS[3], 0, n, 'WITHSCORES'),
-        redis.call('HMGET', KEYS[4], 'popularity', 'trending')}
+        redis.call('HMGET', KEYS[4], 'popularity', 'trending'),
+        redis.call('HGET', KEYS[5], 'version')}
+"""
+
+# The live catalog's attributes of a list of items in one round trip (every key is in the
+# `{global}` slot, so this runs on Redis Cluster too): how many items the catalog has, each
+# attribute hash's value per item, and, when asked, the distinct users of each item the catalog
+# lacks (false for the others).
+# KEYS: the in_stock hash, then the hashes of the other attributes wanted.
+# ARGV: count users ('1' or '0'), item_users key head, tail, item ids...
+CATALOG_READ = r"""
+local n = #ARGV - 3
+local out = {redis.call('HLEN', KEYS[1])}
+for k = 1, #KEYS do
+  local values = {}
+  for start = 4, #ARGV, 1000 do
+    local part = redis.call('HMGET', KEYS[k], unpack(ARGV, start, math.min(start + 999, #ARGV)))
+    for j = 1, #part do values[#values + 1] = part[j] end
+  end
+  out[#out + 1] = values
+end
+local users = {}
+if ARGV[1] == '1' then
+  local stock = out[2]
+  for j = 1, n do
+    if stock[j] then
+      users[j] = false
+    else
+      users[j] = redis.call('PFCOUNT', ARGV[2] .. ARGV[3 + j] .. ARGV[3])
+    end
+  end
+end
+out[#out + 1] = users
+return out
 """
 
 # A trend list and what the service shows with it, in one round trip (every key is in the

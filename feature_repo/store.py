@@ -15,6 +15,7 @@ from feature_repo.pushes import Pushes
 from feature_repo.reads import ClusterReads, Reads
 from feature_repo.scripts import Scripts
 from feature_repo.types import (
+    CatalogRead,
     FeatureRequest,
     GlobalLists,
     IngestResult,
@@ -92,6 +93,16 @@ class FeatureStore:
     def global_lists(self, n: int, now: float | None = None) -> GlobalLists:
         """See `Reads.global_lists`."""
         return self._reads.global_lists(n, now)
+
+    def catalog(
+        self, item_ids: Sequence[str], attributes: Sequence[str], count_users: bool = False
+    ) -> CatalogRead:
+        """See `Reads.catalog`."""
+        return self._reads.catalog(item_ids, attributes, count_users)
+
+    def write_catalog(self, frame: pl.DataFrame, now: float | None = None) -> int:
+        """See `Pushes.write_catalog` (POST /items and the online_catalog asset)."""
+        return self._pushes.write_catalog(frame, now)
 
     def item_lists(
         self, item_ids: Sequence[str], names: Sequence[str], k: int

@@ -154,6 +154,18 @@ class GlobalLists:
     popularity: ScoredItems
     trending: ScoredItems
     batch_popularity: ScoredItems
+    catalog_version: str | None = None  # the live catalog's version (None before any write)
+
+
+@dataclass(frozen=True)
+class CatalogRead:
+    """The live catalog's attributes of some items, as read: `size` items in the catalog, per
+    attribute asked the stored strings aligned with the ids (None where the item has none), and
+    per item the distinct users of those the catalog lacks (None when not counted)."""
+
+    size: int
+    values: dict[str, list[str | None]]
+    users: list[int | None]
 
 
 def pairs(flat: Sequence[str]) -> zip:

@@ -27,8 +27,9 @@ offline_job = dg.define_asset_job(
 )
 ingest_job = dg.define_asset_job(
     "ingest_job",
-    selection=dg.AssetSelection.groups("ingestion") | dg.AssetSelection.assets("online_popularity"),
-    description="Read new events from the store and refresh decayed popularity.",
+    selection=dg.AssetSelection.groups("ingestion")
+    | dg.AssetSelection.assets("online_popularity", "online_catalog"),
+    description="Read new events from the store, refresh decayed popularity and the live catalog.",
 )
 
 # Each analysis job is its push to Redis and everything that push needs.

@@ -22,7 +22,9 @@ from serving.schemas import (
     EventsRequest,
     EventsResponse,
     ForgetUserResponse,
+    ItemsRequest,
     ItemsResponse,
+    ItemsWritten,
     PopularRequest,
     RecommendRequest,
     RecommendResponse,
@@ -185,6 +187,16 @@ async def popular(body: PopularRequest) -> Response:
 async def events(body: Annotated[EventsRequest, Body(examples=[EVENTS_EXAMPLE])]) -> Response:
     # Validation and the Redis script take milliseconds: off the event loop.
     return await anyio.to_thread.run_sync(_service().ingest_events, body)
+
+
+@app.post(
+    "/items",
+    response_model=ItemsWritten,
+    responses=ERRORS,
+    summary="Add or update 1 to 1,000 catalog items; ranking uses them from the next request",
+)
+async def items(body: ItemsRequest) -> Response:
+    return await anyio.to_thread.run_sync(_service().write_items, body)
 
 
 @app.get(

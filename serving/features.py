@@ -10,10 +10,16 @@ from typing import TypeVar
 
 import numpy as np
 
-from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
+from feature_repo.definitions import CATALOG_FIELDS, ITEM_ITEM_LIST, NEIGHBORS_LIST
 from feature_repo.store import FeatureStore
-from feature_repo.types import FeatureRequest, GlobalLists, ScoredItems
+from feature_repo.types import CatalogRead, FeatureRequest, GlobalLists, ScoredItems
 from serving import lists
+from serving.catalog import (
+    CatalogCache,
+    CatalogPolicy,
+    ItemAttributes,
+    item_attributes,
+)
 from serving.errors import DependencyUnavailable
 from serving.metrics import ServiceMetrics
 from serving.outage import REDIS_DOWN, Outage
@@ -47,12 +53,19 @@ def list_names(model: ServingModel | None) -> list[str]:
     return names
 
 
-def cache_signature(model: ServingModel | None, body: RecommendRequest) -> str:
-    """What a cached answer of the user must match: the model serving them and the request."""
+def cache_signature(
+    model: ServingModel | None, body: RecommendRequest, catalog_version: str | None = None
+) -> str:
+    """What a cached answer of the user must match: the model serving them, the request and the
+    live catalog's version (any stock or price change retires every cached answer)."""
     variant = model.variant if model is not None else "popularity"
     version = model.version if model is not None else None
     filters = body.filters.model_dump_json() if body.filters else ""
-    return f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}"
+    fields = ",".join(body.fields) if body.fields else ""
+    return (
+        f"{variant}|{version}|{body.k}|{int(body.exclude_seen)}|{filters}|{fields}|"
+        f"{catalog_version}"
+    )
 
 
 class FeatureReader:
@@ -64,10 +77,15 @@ class FeatureReader:
         settings: ServingSettings,
         outage: Outage,
         metrics: ServiceMetrics,
+        champion: Callable[[], ServingModel | None] = lambda: None,
     ) -> None:
         # A callable: the service opens its store on first use, not at start.
         self._store = store
+        # The model whose frozen catalog gates the shared global lists.
+        self._champion = champion
         self.settings = settings
+        self.policy = CatalogPolicy(settings.allow_new_items, settings.new_item_min_users)
+        self._catalog = CatalogCache()
         self.outage = outage
         self.metrics = metrics
         self._global: tuple[float, GlobalLists] | None = None
@@ -100,11 +118,48 @@ class FeatureReader:
             return cached[1], False
         # Deeper than the ranker needs: /popular filters it by category.
         depth = max(500, self.settings.candidates_per_source)
-        found = self.live(lambda: self._store().global_lists(depth, now))
+        found = self.live(lambda: self._gated_lists(self._store().global_lists(depth, now)))
         if found is None:
             return (cached[1] if cached is not None else _NO_LISTS), True
         self._global = (now, found)
         return found, False
+
+    def _gated_lists(self, found: GlobalLists) -> GlobalLists:
+        """The global lists without the items the catalog gate refuses, before any list is cut
+        to size, so a refused item takes no other item's place."""
+        parts = (found.popularity, found.trending, found.batch_popularity)
+        ids = np.unique(np.concatenate([np.asarray(p.ids, dtype=str) for p in parts]))
+        if not len(ids):
+            return found
+        read = self._catalog_read(ids, found.catalog_version)
+        allowed = ids[item_attributes(ids, read, self._champion(), self.policy).known]
+        if len(allowed) == len(ids):
+            return found
+        masks = [np.isin(np.asarray(p.ids, dtype=str), allowed) for p in parts]
+        kept = [ScoredItems(p.ids[m], p.scores[m]) for p, m in zip(parts, masks, strict=True)]
+        return GlobalLists(*kept, found.catalog_version)
+
+    def attributes(self, ids: np.ndarray, model: ServingModel | None) -> ItemAttributes:
+        """Catalog attributes and the gate of `ids`: the worker's copy of the live catalog for
+        the version its global lists last read (Redis only for items it has not seen since the
+        last write), the model's frozen catalog alone while Redis is down."""
+        version = self._global[1].catalog_version if self._global is not None else None
+        return item_attributes(ids, self._catalog_read(ids, version), model, self.policy)
+
+    def known(self, ids: np.ndarray, model: ServingModel | None) -> np.ndarray:
+        """Which of `ids` the catalog gate lets through."""
+        return self.attributes(ids, model).known
+
+    def _catalog_read(self, ids: np.ndarray, version: str | None) -> CatalogRead | None:
+        store = self._store
+        if self.policy.allow_new_items:
+            # Distinct-user counts move with every event: read them with the values each time.
+            return self.live(lambda: store().catalog(ids.tolist(), CATALOG_FIELDS, True))
+        return self._catalog.read(
+            ids,
+            version,
+            lambda missing: self.live(lambda: store().catalog(missing, CATALOG_FIELDS)),
+        )
 
     def trend_list(self, now: float) -> tuple[ScoredItems, np.ndarray]:
         """The trend analysis' top items and their reasons, reused for `trends_ttl` seconds (the
@@ -113,7 +168,11 @@ class FeatureReader:
         if cached is not None and now - cached[0] < self.settings.trends_ttl:
             return cached[1], cached[2]
         found = self._store().trending_items(self.settings.candidates_per_source)
-        self._trends = (now, found.items, trend_reasons(found.info))
+        items, reasons = found.items, trend_reasons(found.info)
+        if len(items):
+            keep = self.known(np.asarray(items.ids, dtype=str), self._champion())
+            items, reasons = ScoredItems(items.ids[keep], items.scores[keep]), reasons[keep]
+        self._trends = (now, items, reasons)
         return found.items, self._trends[2]
 
     def for_request(
@@ -126,6 +185,9 @@ class FeatureReader:
         # While Redis is known to be down the request does not wait on it.
         if not read.degraded:
             try:
+                # The worker's global lists (read every few ms) carry the catalog's version.
+                glob, _ = self.global_lists(now)
+                signature = cache_signature(model, body, glob.catalog_version)
                 read = self._read(body, model, signature, now)
             except REDIS_DOWN as exc:
                 # Without Redis the model still answers; the response just lacks live signals.
@@ -164,7 +226,7 @@ class FeatureReader:
             self.metrics.cache.labels("hit").inc()
             return RequestRead(signature, cached=found.cached)
         self.metrics.cache.labels("miss").inc()
-        glob, degraded = self.global_lists(now)
+        glob, degraded = self.global_lists(now)  # the worker's copy, read just before
         top = settings.candidates_per_source
         # Topped up from the model's popularity when the live lists are short (a new Redis).
         popularity = lists.popular(glob, model, top, None)

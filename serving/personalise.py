@@ -4,15 +4,12 @@ the pool), and the reasons shown for the trend analysis' items."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from feature_repo.types import UserProfile
+from serving.catalog import ItemAttributes
 from serving.settings import SegmentRule
-
-if TYPE_CHECKING:
-    from serving.ranking import ServingModel
 
 # Below this gain a boost is too small to mention in the reason.
 MENTION = 0.01
@@ -41,37 +38,29 @@ class SegmentBoost:
 def segment_boost(
     rule: SegmentRule,
     profile: UserProfile,
-    pool: np.ndarray,
-    in_model: np.ndarray,
-    model: ServingModel | None,
+    attrs: ItemAttributes,
     trend: np.ndarray | None,
 ) -> SegmentBoost:
-    """The boosts of `rule` over the candidate pool (model columns first, then unknown items).
-
-    Price, brand and category boosts need the model's catalog, so items the model does not know
-    get none; the trend boost scales with the item's normalised trend score.
+    """The boosts of `rule` over the candidate pool, on its catalog attributes (live first,
+    the model's frozen catalog behind): items without a price, brand or category get none of
+    that boost; the trend boost scales with the item's normalised trend score.
     """
-    size = len(pool)
+    size = len(attrs.known)
     parts: dict[str, np.ndarray] = {}
-    if model is not None and in_model.any():
-        cols = pool[in_model]
-        if rule.price > 0:
-            pct = model.price_percentile[cols]
-            gain = np.zeros(size)
-            gain[in_model] = rule.price * np.nan_to_num(
-                np.clip(1.0 - pct / rule.price_cutoff, 0.0, 1.0), nan=0.0
-            )
-            parts["price"] = gain
-        preferences = profile.preferences
-        for name, values, per_item in (
-            ("brand", preferences.get("top_brands"), model.brand),
-            ("category", preferences.get("top_categories"), model.category),
-        ):
-            weight = getattr(rule, name)
-            if weight > 0 and isinstance(values, list) and values:
-                gain = np.zeros(size)
-                gain[in_model] = weight * np.isin(per_item[cols], np.asarray(values, dtype=str))
-                parts[name] = gain
+    if rule.price > 0:
+        pct = attrs.price_percentile
+        parts["price"] = rule.price * np.nan_to_num(
+            np.clip(1.0 - pct / rule.price_cutoff, 0.0, 1.0), nan=0.0
+        )
+    preferences = profile.preferences
+    for name, values, per_item in (
+        ("brand", preferences.get("top_brands"), attrs.brand),
+        ("category", preferences.get("top_categories"), attrs.category),
+    ):
+        weight = getattr(rule, name)
+        if weight > 0 and isinstance(values, list) and values:
+            wanted = np.asarray([str(v) for v in values], dtype=object)
+            parts[name] = weight * np.isin(per_item, wanted) * (per_item != "")
     if rule.trend > 0 and trend is not None:
         parts["trend"] = rule.trend * trend
     multiplier = 1.0 + sum(parts.values(), np.zeros(size))

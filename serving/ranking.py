@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,7 @@ import scipy.sparse as sp
 
 from feature_repo.types import EMPTY, ScoredItems, UserProfile
 from serving.candidates import Candidates, pool_candidates
+from serving.catalog import CatalogPolicy, ItemAttributes, item_attributes
 from serving.personalise import SegmentBoost, segment_boost
 from serving.reranking import EMPTY_RANKED, Ranked, diversify, explain, member, rules
 from serving.schemas import Filters
@@ -48,6 +50,18 @@ class ServingModel:
         brands = catalog["brand"] if "brand" in catalog.columns else pl.Series([None] * len(names))
         self.brand = brands.cast(pl.String).fill_null("").to_numpy().astype(str)
         self.in_stock = catalog["in_stock"].fill_null(True).to_numpy().astype(bool)
+        titles = catalog["title"] if "title" in catalog.columns else pl.Series([None] * len(names))
+        self.title = titles.cast(pl.String).to_numpy().astype(object)
+        # Which items the frozen catalog lists (a bundle from before the column: all of them).
+        self.in_catalog = (
+            catalog["in_catalog"].fill_null(False).to_numpy().astype(bool)
+            if "in_catalog" in catalog.columns
+            else np.ones(len(names), dtype=bool)
+        )
+        self.has_catalog = bool(self.in_catalog.any())
+        self._price_keys, self._price_starts, self._price_counts = _price_index(
+            self.category_code, self.price, len(self.categories)
+        )
         self.weights = dict(bundle.weights)
         # Per-source blend weights; the service sets them from its settings before serving.
         self.blend: dict[str, float] = blend_weights(ServingSettings(), self.weights)
@@ -78,10 +92,44 @@ class ServingModel:
         start, stop = self._indptr[user], self._indptr[user + 1]
         return self._indices[start:stop], self._data[start:stop]
 
+    def price_percentile_of(self, categories: np.ndarray, prices: np.ndarray) -> np.ndarray:
+        """Percentile of each (category, price) among the frozen catalog's prices of that
+        category (0 = cheapest, as price_percentiles); 0.5 for a category it lacks."""
+        code = lookup(self.categories, np.asarray(categories, dtype=str))
+        code = np.where(np.asarray(categories, dtype=str) == "", -1, code)
+        out = np.full(len(code), 0.5)
+        ok = (code >= 0) & np.isfinite(prices)
+        if not ok.any() or not len(self._price_keys):
+            return np.where(np.isfinite(prices), out, np.nan)
+        c = code[ok] + 1  # slot 0: items without a category
+        rank = (
+            np.searchsorted(self._price_keys, c * _PRICE_SPAN + prices[ok]) - self._price_starts[c]
+        )
+        count = self._price_counts[c]
+        out[ok] = np.where(count > 1, np.clip(rank / np.maximum(count - 1, 1), 0.0, 1.0), 0.5)
+        return np.where(np.isfinite(prices), out, np.nan)
+
     def category_codes(self, names: list[str]) -> np.ndarray:
         """Codes of category names (names the catalog lacks match nothing)."""
         pos = lookup(self.categories, np.asarray(names, dtype=str))
         return pos[pos >= 0]
+
+
+# Prices are keyed per category as code * _PRICE_SPAN + price, so one sorted array serves every
+# category's searchsorted (prices above the span are clipped: the dearest of any category).
+_PRICE_SPAN = 1e9
+
+
+def _price_index(
+    code: np.ndarray, price: np.ndarray, n_categories: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted per-category price keys, each category's first position and count."""
+    ok = np.isfinite(price)
+    slot = code[ok] + 1
+    keys = np.sort(slot * _PRICE_SPAN + np.minimum(price[ok], _PRICE_SPAN - 1))
+    counts = np.bincount(slot, minlength=n_categories + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return keys, starts, counts
 
 
 def price_percentiles(catalog: pl.DataFrame) -> np.ndarray:
@@ -154,6 +202,7 @@ class Scored:
     boost: SegmentBoost | None
     cap_share: float
     segment: str | None  # the segment whose rule re-ranked the answer
+    attributes: ItemAttributes  # per pool position: known, stock, price, category, ...
 
 
 class Ranker:
@@ -187,8 +236,15 @@ class Ranker:
         exclude_seen: bool,
         live: LiveFeatures,
         now: float,
+        attributes: Callable[[np.ndarray], ItemAttributes] | None = None,
+        fields: Sequence[str] = (),
     ) -> Ranked:
-        """The top-k of one request: candidates, then scoring, then re-ranking."""
+        """The top-k of one request: candidates, then scoring, then re-ranking.
+
+        `attributes` reads the catalog attributes of the pool (the live catalog, one round
+        trip); without it the model's frozen catalog serves. `fields` are the attributes each
+        chosen item carries in the answer.
+        """
         params = self.params
         filters = filters or Filters()
         weights = self._blend(model, weights, user_id, live)
@@ -207,8 +263,17 @@ class Ranker:
         )
         if found is None:
             return EMPTY_RANKED
-        scored = self._score(model, weights, live, found, recent_w[:n_anchor])
-        return self._rerank(model, weights, k, filters, exclude_seen, found, scored, n_anchor)
+        names = found.ids.names(found.pool).astype(str)
+        attrs = (
+            attributes(names)
+            if attributes is not None
+            else item_attributes(names, None, model, CatalogPolicy())
+        )
+        scored = self._score(model, weights, live, found, recent_w[:n_anchor], attrs)
+        ranked = self._rerank(weights, k, filters, exclude_seen, found, scored, n_anchor)
+        if fields and ranked.positions is not None:
+            ranked.fields = _fields(attrs, ranked.positions, fields)
+        return ranked
 
     def _blend(
         self,
@@ -249,19 +314,22 @@ class Ranker:
         live: LiveFeatures,
         found: Candidates,
         anchor_w: np.ndarray,
+        attrs: ItemAttributes,
     ) -> Scored:
         """Stage 2: normalised per-source scores over the pool, the blend, the freshness boost
-        and the boosts of the user's segment."""
+        and the boosts of the user's segment. Items the catalog gate refuses score nothing and
+        are left out before any normalisation, so their presence changes no other score."""
         params = self.params
         pool = found.pool
         size = len(pool)
+        known = attrs.known
         scores: dict[str, np.ndarray] = {}
         proposed: dict[str, np.ndarray] = {}
         in_model = pool < found.ids.n_model
         for name, values in found.dense.items():
             column = np.zeros(size)
             column[in_model] = values[pool[in_model]]
-            scores[name] = np.where(np.isfinite(column), column, 0.0)
+            scores[name] = np.where(np.isfinite(column) & known, column, 0.0)
             mark = np.zeros(size, dtype=bool)
             mark[np.searchsorted(pool, found.proposed_dense[name])] = True
             proposed[name] = mark
@@ -281,6 +349,7 @@ class Ranker:
                     recency,
                     anchor,
                     anchor_best,
+                    known,
                 )
         if len(anchor_w):
             scores["recency"] = recency
@@ -289,6 +358,7 @@ class Ranker:
             if weights.get(name, 0) > 0 and len(scored):
                 column = np.zeros(size)
                 column[np.searchsorted(pool, found.flat_idx[name])] = np.maximum(scored.scores, 0.0)
+                column[~known] = 0.0
                 scores[name] = _max_normalised(column)
                 proposed[name] = column > 0
 
@@ -303,7 +373,7 @@ class Ranker:
         boost: SegmentBoost | None = None
         cap_share = params.category_cap
         if rule is not None and profile is not None:
-            boost = segment_boost(rule, profile, pool, in_model, model, scores.get("trend"))
+            boost = segment_boost(rule, profile, attrs, scores.get("trend"))
             blended = blended * boost.multiplier
             if rule.category_cap is not None:
                 cap_share = rule.category_cap
@@ -323,11 +393,11 @@ class Ranker:
             boost=boost,
             cap_share=cap_share,
             segment=profile.segment if rule is not None and profile is not None else None,
+            attributes=attrs,
         )
 
     @staticmethod
     def _rerank(
-        model: ServingModel | None,
         weights: dict[str, float],
         k: int,
         filters: Filters,
@@ -338,11 +408,12 @@ class Ranker:
     ) -> Ranked:
         """Stage 3: business rules, seen items, then the category cap; the chosen explained."""
         pool = found.pool
-        keep = rules(pool, scored.in_model, model, filters) & (scored.blended > 0)
+        attrs = scored.attributes
+        keep = rules(attrs, filters) & attrs.known & (scored.blended > 0)
         keep &= ~member(pool, found.excluded_idx)
         if exclude_seen:
             keep &= ~member(pool, found.seen)
-        chosen = diversify(pool, scored.in_model, model, scored.blended, keep, k, scored.cap_share)
+        chosen = diversify(attrs.category, scored.blended, keep, k, scored.cap_share)
         if not len(chosen):
             return EMPTY_RANKED
         anchors = found.ids.names(found.recent_idx[:n_anchor])
@@ -361,6 +432,7 @@ class Ranker:
             scored.boost,
         )
         ranked.segment = scored.segment
+        ranked.positions = chosen
         return ranked
 
 
@@ -375,26 +447,44 @@ def _anchored(
     recency: np.ndarray,
     anchor: np.ndarray,
     anchor_best: np.ndarray,
+    known: np.ndarray,
 ) -> None:
-    """Sum over anchors of recency-weighted, per-anchor max-normalised list scores; the
-    strongest single contribution names the anchor in the reason."""
+    """Sum over anchors of recency-weighted, per-anchor max-normalised list scores (items the
+    catalog gate refuses taken out first); the strongest single contribution names the anchor
+    in the reason."""
     sizes = [len(i) for i in per_idx]
     if not sum(sizes):
         return
     pos = np.searchsorted(pool, np.concatenate(per_idx))
     which = np.repeat(np.arange(len(per_idx)), sizes)
-    tops = np.array([s.scores.max() if len(s) else 1.0 for s in per_anchor])
-    values = np.concatenate([s.scores for s in per_anchor]) / np.repeat(tops, sizes)
+    raw = np.where(known[pos], np.concatenate([s.scores for s in per_anchor]), 0.0)
+    tops = np.zeros(len(per_idx))
+    np.maximum.at(tops, which, raw)
+    values = raw / np.where(tops > 0, tops, 1.0)[which]
     contrib = values * anchor_w[which]
     column = np.zeros(len(pool))
     np.add.at(column, pos, contrib)
     scores[name] = _max_normalised(column)
     proposed[name] = column > 0
-    np.maximum.at(recency, pos, anchor_w[which])
+    np.maximum.at(recency, pos, np.where(known[pos], anchor_w[which], 0.0))
     order = np.argsort(contrib, kind="stable")
     stronger = contrib[order] > anchor_best[pos[order]]
     anchor[pos[order][stronger]] = which[order][stronger]
     np.maximum.at(anchor_best, pos, contrib)
+
+
+def _fields(attrs: ItemAttributes, positions: np.ndarray, fields: Sequence[str]) -> list[dict]:
+    """The catalog fields asked for, per chosen pool position (None where unknown)."""
+    out: dict[str, list] = {}
+    for name in fields:
+        values = getattr(attrs, name)[positions]
+        if name == "price":
+            out[name] = [None if v != v else float(v) for v in values.tolist()]
+        elif name == "in_stock":
+            out[name] = [bool(v) for v in values.tolist()]
+        else:
+            out[name] = [v or None for v in values.tolist()]
+    return [dict(zip(out, row, strict=True)) for row in zip(*out.values(), strict=True)]
 
 
 def _max_normalised(values: np.ndarray) -> np.ndarray:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving.catalog import ItemAttributes
 from serving.personalise import SegmentBoost
 from serving.schemas import Filters
-
-if TYPE_CHECKING:
-    from serving.ranking import ServingModel
 
 _REASONS = {
     "als": "matches your taste",
@@ -45,29 +42,23 @@ class Ranked:
     sources: list[dict[str, float]]
     reasons: list[str]
     segment: str | None = None  # the segment whose rule re-ranked the answer
+    positions: np.ndarray | None = None  # pool positions of the chosen items
+    fields: list[dict] | None = None  # the catalog fields the request asked for, per item
 
 
 EMPTY_RANKED = Ranked([], [], [], [])
 
 
-def rules(
-    pool: np.ndarray, in_model: np.ndarray, model: ServingModel | None, filters: Filters
-) -> np.ndarray:
-    size = len(pool)
-    keep = np.ones(size, dtype=bool)
-    code = np.full(size, -1, dtype=np.int64)
-    price = np.full(size, np.nan)
-    if model is not None:
-        cols = pool[in_model]
-        code[in_model] = model.category_code[cols]
-        price[in_model] = model.price[cols]
-        if filters.in_stock_only:
-            keep[in_model] &= model.in_stock[cols]
+def rules(attrs: ItemAttributes, filters: Filters) -> np.ndarray:
+    """The request's business rules over the pool, on its live catalog attributes."""
+    keep = np.ones(len(attrs.known), dtype=bool)
+    price = attrs.price
+    if filters.in_stock_only:
+        keep &= attrs.in_stock
     if filters.categories:
-        wanted = model.category_codes(filters.categories) if model is not None else []
-        keep &= np.isin(code, wanted)
-    if filters.exclude_categories and model is not None:
-        keep &= ~np.isin(code, model.category_codes(filters.exclude_categories))
+        keep &= np.isin(attrs.category, np.asarray(filters.categories, dtype=object))
+    if filters.exclude_categories:
+        keep &= ~np.isin(attrs.category, np.asarray(filters.exclude_categories, dtype=object))
     # An item of unknown price cannot be shown to satisfy a price range.
     if filters.price_min is not None:
         keep &= price >= filters.price_min
@@ -77,22 +68,21 @@ def rules(
 
 
 def diversify(
-    pool: np.ndarray,
-    in_model: np.ndarray,
-    model: ServingModel | None,
+    category: np.ndarray,
     blended: np.ndarray,
     keep: np.ndarray,
     k: int,
     cap_share: float,
 ) -> np.ndarray:
-    """Best-first pool positions, at most cap_share*k per category while others remain."""
+    """Best-first pool positions, at most cap_share*k per category ('' is none) while others
+    remain."""
     candidates = np.flatnonzero(keep)
     order = candidates[np.argsort(-blended[candidates], kind="stable")]
-    if model is None or len(order) <= 1:
+    if len(order) <= 1:
         return order[:k]
-    code = np.full(len(order), -1, dtype=np.int64)
-    known = in_model[order]
-    code[known] = model.category_code[pool[order][known]]
+    names = category[order].astype(str)
+    _, code = np.unique(names, return_inverse=True)
+    code = np.where(names == "", -1, code).astype(np.int64)
     cap = max(1, math.ceil(cap_share * k))
     by_code = np.argsort(code, kind="stable")
     sorted_code = code[by_code]

@@ -68,6 +68,9 @@ class Filters(BaseModel):
     model_config = _request({"categories": ["shoes"], "price_max": 80.0, "in_stock_only": True})
 
 
+CatalogField = Literal["title", "category", "brand", "price", "in_stock"]
+
+
 class RecommendRequest(BaseModel):
     model_config = _request(
         {"user_id": "u42", "k": 10},
@@ -89,11 +92,21 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = Field(
         default=True, description="Leave out items the user has seen or bought."
     )
+    fields: list[CatalogField] | None = Field(
+        default=None,
+        max_length=5,
+        description="Catalog fields each item carries (live catalog first, the model's behind).",
+    )
 
 
 class RecommendedItem(BaseModel):
     item_id: str
     score: float
+    title: str | None = None
+    category: str | None = None
+    brand: str | None = None
+    price: float | None = None
+    in_stock: bool | None = None
     sources: dict[str, float] = Field(
         description="Each candidate generator that proposed the item, with its normalised score."
     )
@@ -299,6 +312,40 @@ class EventsResponse(BaseModel):
     unknown_items: int = Field(
         description="Accepted events whose item the serving model does not know (new items)."
     )
+
+
+Text = Annotated[str, StringConstraints(strict=True, max_length=MAX_ID_LENGTH)]
+
+
+class CatalogItem(BaseModel):
+    """One item of the catalog contract; an omitted field keeps its stored value (a new item
+    without `in_stock` is in stock)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    item_id: Id
+    title: Annotated[str, StringConstraints(strict=True, max_length=1000)] | None = None
+    category: Text | None = None
+    brand: Text | None = None
+    price: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
+    in_stock: StrictBool | None = None
+
+
+class ItemsRequest(BaseModel):
+    model_config = _request(
+        {
+            "items": [
+                {"item_id": "i12", "title": "Trail shoe", "category": "shoes", "price": 79.0},
+                {"item_id": "i13", "in_stock": False},
+            ]
+        }
+    )
+
+    items: list[CatalogItem] = Field(min_length=1, max_length=1000)
+
+
+class ItemsWritten(BaseModel):
+    written: int = Field(description="Items written to the live catalog.")
 
 
 class RecentItem(BaseModel):

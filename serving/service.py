@@ -38,6 +38,7 @@ from serving.ranking import Ranker, RankingParams, ServingModel
 from serving.reranking import Ranked
 from serving.schemas import (
     EventsRequest,
+    ItemsRequest,
     PopularRequest,
     RecommendRequest,
     SimilarItemsRequest,
@@ -110,7 +111,11 @@ class RecommendationService:
         self._store_lock = threading.Lock()
         self.guard = Guard(self.settings, app.routes, lambda: self.store, self.redis_outage)
         self.features = FeatureReader(
-            lambda: self.store, self.settings, self.redis_outage, self.metrics
+            lambda: self.store,
+            self.settings,
+            self.redis_outage,
+            self.metrics,
+            champion=lambda: self.models.current.champion,
         )
         self._suppression_store: EventStore | None = None
         self.suppressed = SuppressionCache(
@@ -199,7 +204,12 @@ class RecommendationService:
             with self._store_lock:
                 if self._store is None:
                     client = connect(self.config.redis.url, self.home)
-                    config = FeatureConfig(cache_ttl=self.settings.cache_ttl)
+                    config = FeatureConfig(
+                        cache_ttl=self.settings.cache_ttl,
+                        repeat_window=self.settings.repeat_window,
+                        repeat_cap=self.settings.repeat_cap,
+                        count_new_item_users=self.settings.allow_new_items,
+                    )
                     self._store = FeatureStore(client, self.config.redis.namespace, config)
         return self._store
 
@@ -223,6 +233,7 @@ class RecommendationService:
             self.metrics.variant.labels(variant).inc()
             return _envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
+        fields = tuple(body.fields or ())
         ranked = self.ranker.recommend(
             model=model,
             weights=model.blend if model is not None else self._popularity_blend,
@@ -232,6 +243,8 @@ class RecommendationService:
             exclude_seen=body.exclude_seen,
             live=read.live,
             now=now,
+            attributes=lambda ids: self.features.attributes(ids, model),
+            fields=fields,
         )
         payload = _answer(ranked, model, variant)
         self.features.cache_answer(body.user_id, read, payload, now)
@@ -255,11 +268,19 @@ class RecommendationService:
             degraded = found is None
             if found is not None:
                 items = lists.similar_from_lists(found, body.k)
+        items = self._allowed(items, model, body.k)
         if not items:
-            popular, stale = self._popular(body.k, None)
+            popular, stale = self._popular(body.k + 1, None)
             degraded = degraded or stale
             items = lists.popular_instead_of_similar(popular, body.item_id, body.k)
         return self._items(items, model, degraded)
+
+    def _allowed(self, items: list[dict], model: ServingModel | None, k: int) -> list[dict]:
+        """The first k of `items` that the catalog gate lets through."""
+        if not items:
+            return items
+        keep = self.features.known(np.array([i["item_id"] for i in items], dtype=str), model)
+        return [item for item, ok in zip(items, keep.tolist(), strict=True) if ok][:k]
 
     def popular(self, body: PopularRequest) -> Response:
         """Most popular items now (decayed live popularity), optionally of one category."""
@@ -286,22 +307,31 @@ class RecommendationService:
         """The k most popular items (of a category), and whether Redis was down: then the last
         lists read, topped up from the model's training-time popularity."""
         glob, degraded = self.features.global_lists(time.time())
-        return lists.popular(glob, self.models.current.champion, k, category), degraded
+        model = self.models.current.champion
+        # The live lists are gated already; the model's popularity that tops them up is not.
+        found = lists.popular(glob, model, k + 50, category)
+        keep = self.features.known(np.asarray(found.ids, dtype=str), model) if len(found) else []
+        return ScoredItems(found.ids[keep][:k], found.scores[keep][:k]), degraded
 
     # -- /trending and profiles ----------------------------------------------------------------
 
     def trending(self, body: TrendingRequest) -> Response:
         """The trend analysis' top items (of a category) with their trend, and the categories'
         trends; where the analysis has no list, live trending and popular items."""
-        found = self.features.live(lambda: self.store.trending_items(body.k, body.category))
+        # Deeper than k: items the catalog gate refuses are dropped from it.
+        depth = 3 * body.k + 20
+        found = self.features.live(lambda: self.store.trending_items(depth, body.category))
         degraded = found is None
         if found is None:
             found = TrendList(NO_ITEMS, [], [])
         categories = lists.trend_categories(found, body.k)
-        if len(found):
-            items, source = lists.trend_analysis_items(found), "trend_analysis"
+        model = self.models.current.champion
+        items = self._allowed(lists.trend_analysis_items(found), model, body.k)
+        if items:
+            source = "trend_analysis"
         else:
-            live, stale = self._live_trending(body.k, body.category)
+            live, stale = self._live_trending(depth, body.category)
+            live = self._allowed(live, model, body.k)
             degraded = degraded or stale
             no_trend = lists.trend_fields({})
             items = [{**item, "category": body.category, **no_trend} for item in live]
@@ -428,6 +458,29 @@ class RecommendationService:
             events.close()
         return json_response(done.as_dict())
 
+    # -- the live catalog ----------------------------------------------------------------------
+
+    def write_items(self, body: ItemsRequest) -> Response:
+        """Upsert items into the live catalog: ranking reads them from the next request on."""
+        frame = pl.DataFrame(
+            [item.model_dump() for item in body.items],
+            schema={
+                "item_id": pl.String,
+                "title": pl.String,
+                "category": pl.String,
+                "brand": pl.String,
+                "price": pl.Float64,
+                "in_stock": pl.Boolean,
+            },
+        )
+        written = self.features.live(lambda: self.store.write_catalog(frame))
+        if written is None:
+            raise DependencyUnavailable(
+                "the live catalog (Redis) is unavailable; retry the batch",
+                self.redis_outage.retry_after,
+            )
+        return json_response({"written": written})
+
     # -- user activity -------------------------------------------------------------------------
 
     def user_activity(self, user_id: str, n: int) -> Response:
@@ -460,6 +513,9 @@ def _answer(ranked: Ranked, model: ServingModel | None, variant: str) -> str:
             ranked.item_ids, ranked.scores, ranked.sources, ranked.reasons, strict=True
         )
     ]
+    if ranked.fields is not None:
+        for item, fields in zip(items, ranked.fields, strict=True):
+            item.update(fields)
     return json.dumps(
         {
             "items": items,

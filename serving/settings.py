@@ -112,6 +112,13 @@ class ServingSettings:
     rate_limit_per_ip: float | None = None
     rate_limit_burst_seconds: float = _ENV.rate_limit_burst_seconds
     rate_limit_lease_seconds: float = _ENV.rate_limit_lease_seconds
+    # The catalog gate: items of no catalog are recommended only when new items are allowed,
+    # and then only once this many distinct users sent events on them.
+    allow_new_items: bool = _ENV.allow_new_items
+    new_item_min_users: int = _ENV.new_item_min_users
+    # Abuse resistance of the live features (FeatureConfig.repeat_window / repeat_cap).
+    repeat_window: int = _ENV.repeat_window
+    repeat_cap: int = _ENV.repeat_cap
 
     @classmethod
     def from_env(cls, env: ServingSettingsEnv | None = None) -> ServingSettings:
@@ -141,6 +148,10 @@ class ServingSettings:
             rate_limit_per_ip=env.rate_limit_per_ip or None,
             rate_limit_burst_seconds=env.rate_limit_burst_seconds,
             rate_limit_lease_seconds=env.rate_limit_lease_seconds,
+            allow_new_items=env.allow_new_items,
+            new_item_min_users=env.new_item_min_users,
+            repeat_window=env.repeat_window,
+            repeat_cap=env.repeat_cap,
         )
 
 

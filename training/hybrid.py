@@ -389,12 +389,14 @@ class HybridRecommender:
 
 
 def _align_catalog(catalog: pl.DataFrame | None, item_ids: np.ndarray) -> pl.DataFrame:
-    """The catalog in item-index order, with a row (nulls, in stock) for items it lacks."""
+    """The catalog in item-index order, with a row (nulls, in stock) for items it lacks;
+    `in_catalog` says which items it has (the serving gate on unknown items reads it)."""
     base = empty_catalog() if catalog is None else catalog
-    frame = pl.DataFrame({"item_id": item_ids.astype(str)}).join(
-        base.unique("item_id", keep="last"), on="item_id", how="left"
+    base = base.unique("item_id", keep="last").with_columns(pl.lit(True).alias("in_catalog"))
+    frame = pl.DataFrame({"item_id": item_ids.astype(str)}).join(base, on="item_id", how="left")
+    return frame.with_columns(
+        pl.col("in_stock").fill_null(True), pl.col("in_catalog").fill_null(False)
     )
-    return frame.with_columns(pl.col("in_stock").fill_null(True))
 
 
 def candidate_scores(

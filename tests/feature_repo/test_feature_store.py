@@ -255,17 +255,22 @@ def test_cache_is_invalidated_by_the_users_events(either_store: FeatureStore) ->
     assert read_user(store, "u2", "sig", 10, 10, now=NOW + 1).cached == '{"other": 1}'
 
 
-def test_keys_have_ttls_and_share_a_slot_per_entity(store: FeatureStore) -> None:
+def test_keys_have_ttls_and_share_a_slot_per_entity(redis_client, namespace: str) -> None:
+    store = FeatureStore(redis_client, namespace, FeatureConfig(count_new_item_users=True))
     store.ingest(events([("u1", "a", "view", 10), ("u1", "b", "view", 5)]), now=NOW)
     store.cache_response("u1", "sig", "{}", now=NOW)
     keys = Keys(store.namespace)
-    user_keys = [keys.recent("u1"), keys.counters("u1"), keys.cache("u1")]
+    user_keys = [keys.recent("u1"), keys.counters("u1"), keys.cache("u1"), keys.repeats("u1")]
     assert len({key_slot(k.encode()) for k in user_keys}) == 1
     seen = [keys.seen_event("e0"), keys.seen_event("e1")]
-    for key in [*user_keys, *seen, keys.coview("a")]:
+    # Items no catalog lists count their distinct users (in the {global} slot), where the
+    # service allows new items.
+    item_users = [keys.item_users("a"), keys.item_users("b")]
+    assert {key_slot(k.encode()) for k in item_users} == {key_slot(keys.popularity.encode())}
+    for key in [*user_keys, *seen, *item_users, keys.coview("a")]:
         assert store.redis.ttl(key) > 0, key
     # Every key the script wrote is one Keys spells.
-    spelled = {*user_keys, *seen, keys.coview("a")}
+    spelled = {*user_keys, *seen, *item_users, keys.coview("a")}
     spelled |= {
         keys.popularity,
         keys.trending,
@@ -396,3 +401,53 @@ def test_the_kind_of_client_picks_the_backends(redis_client: redis.Redis, namesp
     assert type(cluster._ingest) is ClusterIngest and type(cluster._reads) is ClusterReads
     single = FeatureStore(redis_client, namespace)
     assert type(single._ingest) is SingleNodeIngest and type(single._reads) is Reads
+
+
+def test_one_users_repeats_move_an_item_by_a_bounded_amount(either_store: FeatureStore) -> None:
+    store = either_store
+    spam = [("spammer", "spam", "purchase", 0)] * 200
+    store.ingest(events([("spammer", "a", "view", 0), *spam]), now=NOW)
+    store.ingest(events([("spammer", "spam", "purchase", 0)] * 50, start_id=1000), now=NOW)
+    lists = store.global_lists(10, now=NOW)
+    score = dict(zip(lists.popularity.ids.tolist(), lists.popularity.scores.tolist(), strict=True))
+    cap = store.config.repeat_cap
+    harmonic = sum(1.0 / n for n in range(1, cap + 1))
+    # 250 purchases of one user weigh as much as `cap` of them with weights 1, 1/2, ... 1/cap.
+    assert score["spam"] == pytest.approx(10.0 * harmonic)
+    # Co-view counts the user once, however often they come back.
+    assert store.item_lists(["a"], ["coview"], 10)["coview"][0].scores.tolist() == [1.0]
+    # A second user adds their own bounded share.
+    store.ingest(events([("other", "spam", "purchase", 0)], start_id=2000), now=NOW)
+    after = store.global_lists(10, now=NOW)
+    assert after.popularity.scores[0] == pytest.approx(10.0 * harmonic + 10.0)
+    assert store.redis.ttl(store.keys.repeats("spammer")) > 0
+
+
+def test_repeats_are_unbounded_when_the_window_is_off(redis_client, namespace: str) -> None:
+    store = FeatureStore(redis_client, namespace, FeatureConfig(repeat_window=0))
+    store.ingest(events([("u1", "x", "view", 0)] * 20), now=NOW)
+    assert store.global_lists(1, now=NOW).popularity.scores[0] == pytest.approx(20.0)
+
+
+def test_the_live_catalog_upserts_attributes_and_counts_new_items_users(
+    either_store: FeatureStore,
+) -> None:
+    config = FeatureConfig(count_new_item_users=True)
+    cluster = isinstance(either_store._ingest, ClusterIngest)
+    store = FeatureStore(either_store.redis, either_store.namespace, config, cluster)
+    store.ingest(events([("u1", "new", "view", 0), ("u2", "new", "view", 0)]), now=NOW)
+    assert store.global_lists(1, now=NOW).catalog_version is None
+    frame = pl.DataFrame(
+        {"item_id": ["a", "b"], "price": [9.5, None], "in_stock": [False, None]},
+        schema={"item_id": pl.String, "price": pl.Float64, "in_stock": pl.Boolean},
+    )
+    assert store.write_catalog(frame) == 2
+    # A later write of only a title keeps the price and the stock flag.
+    store.write_catalog(pl.DataFrame({"item_id": ["a"], "title": ["Shoe"]}))
+    read = store.catalog(["a", "b", "new"], ["price", "title"], count_users=True)
+    assert read.size == 2
+    assert read.values["in_stock"] == ["0", "1", None]
+    assert read.values["price"] == ["9.5", None, None]
+    assert read.values["title"] == ["Shoe", None, None]
+    assert read.users == [None, None, 2]
+    assert store.global_lists(1, now=NOW).catalog_version == "2"

@@ -20,9 +20,15 @@ _OFFLINE = _INGEST | {
 }
 JOB_ASSETS = {
     "training_job": _OFFLINE
-    | {"champion_gate", "registered_model", "online_features", "online_popularity"},
+    | {
+        "champion_gate",
+        "registered_model",
+        "online_features",
+        "online_popularity",
+        "online_catalog",
+    },
     "offline_job": _OFFLINE,
-    "ingest_job": _INGEST | {"popularity_snapshot", "online_popularity"},
+    "ingest_job": _INGEST | {"popularity_snapshot", "online_popularity", "online_catalog"},
     "trends_job": _INGEST | {"trend_analysis", "online_trends"},
     "segments_job": _INGEST | {"user_segments", "online_profiles"},
     "retention_job": {"retention_cleanup"},

@@ -58,6 +58,7 @@ def test_definitions_load_with_every_asset_job_schedule_and_sensor() -> None:
         "popularity_snapshot",
         "online_features",
         "online_popularity",
+        "online_catalog",
     } <= keys
     assert defs.resolve_job_def("training_job")
     assert {s.name for s in defs.schedules} >= {"hourly_ingest", "daily_training"}
@@ -103,6 +104,11 @@ def test_training_job_on_embedded_defaults_registers_a_champion(
     lists = store.item_lists(["i1"], ["itemitem", "neighbors"], k=5)
     assert len(lists["itemitem"][0]) > 0 and len(lists["neighbors"][0]) > 0
     assert len(store.global_lists(5).batch_popularity) == 5
+    # The catalog reached the live catalog the service ranks with.
+    catalog = pl.read_csv(catalog_csv)
+    read = store.catalog(catalog["item_id"].cast(pl.String).to_list()[:3], ["category"])
+    assert read.size == catalog.height
+    assert read.values["category"] == catalog["category"].cast(pl.String).to_list()[:3]
 
 
 def test_failed_run_registers_nothing_and_champion_keeps_serving(

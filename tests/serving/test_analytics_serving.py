@@ -148,7 +148,10 @@ def test_trending_falls_back_to_live_items_of_the_category(
     assert all(i["category"] == "c1" for i in items)
     assert all(i["trend_type"] is None and i["predicted_direction"] is None for i in items)
 
-    # As in the trend analysis, an item the catalog lacks is in category `unknown`.
+    # An item no catalog lists is not shown; listed in the live catalog without a category, it
+    # is in category `unknown`, as in the trend analysis.
+    assert client.post("/trending", json={"category": "unknown"}).json()["items"] == []
+    client.post("/items", json={"items": [{"item_id": "new-sku"}]})
     unknown = client.post("/trending", json={"category": "unknown"}).json()
     assert [i["item_id"] for i in unknown["items"]] == ["new-sku"]
     assert client.post("/trending", json={"category": "garden"}).json()["source"] == "none"

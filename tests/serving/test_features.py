@@ -42,10 +42,14 @@ def test_list_names_read_only_the_pushed_lists_the_model_lacks(model: ServingMod
 
 def test_cache_signature_names_the_model_and_the_request(model: ServingModel) -> None:
     body = RecommendRequest(user_id="u1", k=5)
-    assert cache_signature(None, body) == "popularity|None|5|1|"
+    assert cache_signature(None, body) == "popularity|None|5|1|||None"
     assert cache_signature(model, body).startswith("challenger|7|5|1|")
     filtered = RecommendRequest(user_id="u1", k=5, filters={"in_stock_only": True})
     assert cache_signature(model, filtered) != cache_signature(model, body)
+    # Asked-for fields and the live catalog's version are part of it too.
+    fields = RecommendRequest(user_id="u1", k=5, fields=["title"])
+    assert cache_signature(model, fields) != cache_signature(model, body)
+    assert cache_signature(model, body, "3") != cache_signature(model, body, "4")
 
 
 def test_a_request_reads_its_features_then_its_cached_answer(store: FeatureStore) -> None:

@@ -92,6 +92,8 @@ def test_new_items_from_events_surface_as_new_arrivals(
     ]
     body = client.post("/events", json={"events": others}).json()
     assert body["accepted"] == 6 and body["unknown_items"] == 3
+    # A new item is recommended once the live catalog lists it (POST /items).
+    assert client.post("/items", json={"items": [{"item_id": "fresh-item"}]}).status_code == 200
     client.post(
         "/events",
         json={
