@@ -49,6 +49,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/users/{user_id}/profile"): READ,
     ("GET", "/users/{user_id}/activity"): READ,
     ("DELETE", "/users/{user_id}"): ADMIN,
+    ("POST", "/items"): ADMIN,
 }
 # BentoML's probes, its OpenAPI document and docs page (and their static files), ours at
 # /docs.json; HEAD is answered like GET.
