@@ -56,7 +56,7 @@ def online_popularity(
     return dg.MaterializeResult(metadata={"items": written})
 
 
-@dg.asset(group_name=GROUP, compute_kind="redis")
+@dg.asset(group_name=GROUP, compute_kind="redis", retry_policy=EXTERNAL_RETRY)
 def online_catalog(
     redis: RedisFeaturesResource, item_catalog: pl.DataFrame
 ) -> dg.MaterializeResult:
