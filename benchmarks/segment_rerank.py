@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.analytics import ndcg_at_k, plain_popularity, show, temporal_split  # noqa: E402
 from feature_repo.definitions import EVENT_WEIGHTS, FeatureConfig  # noqa: E402
 from feature_repo.types import EMPTY, ScoredItems, UserProfile  # noqa: E402
+from serving.bundle import ServingModel  # noqa: E402
 from serving.personalise import trend_reasons  # noqa: E402
-from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel  # noqa: E402
+from serving.ranking import LiveFeatures, Ranker, RankingParams  # noqa: E402
 from serving.schemas import Filters  # noqa: E402
 from serving.settings import (  # noqa: E402
     DEFAULT_SEGMENT_RULES,

@@ -12,7 +12,8 @@ import scipy.sparse as sp
 from feature_repo.types import ScoredItems
 
 if TYPE_CHECKING:
-    from serving.ranking import LiveFeatures, ServingModel
+    from serving.bundle import ServingModel
+    from serving.ranking import LiveFeatures
 
 _NO_IDS = np.empty(0, dtype=str)
 _NO_INT = np.empty(0, dtype=np.int64)

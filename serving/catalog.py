@@ -14,7 +14,7 @@ from feature_repo.types import CatalogRead
 from training.matrix import lookup
 
 if TYPE_CHECKING:
-    from serving.ranking import ServingModel
+    from serving.bundle import ServingModel
 
 # What a response item may carry when the request names it in `fields`.
 RESPONSE_FIELDS = ("title", "category", "brand", "price", "in_stock")

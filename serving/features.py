@@ -14,6 +14,7 @@ from feature_repo.definitions import CATALOG_FIELDS, ITEM_ITEM_LIST, NEIGHBORS_L
 from feature_repo.store import FeatureStore
 from feature_repo.types import CatalogRead, FeatureRequest, GlobalLists, ScoredItems
 from serving import lists
+from serving.bundle import ServingModel
 from serving.catalog import (
     CatalogCache,
     CatalogPolicy,
@@ -24,7 +25,7 @@ from serving.errors import DependencyUnavailable
 from serving.metrics import ServiceMetrics
 from serving.outage import REDIS_DOWN, Outage
 from serving.personalise import trend_reasons
-from serving.ranking import LiveFeatures, ServingModel
+from serving.ranking import LiveFeatures
 from serving.schemas import RecommendRequest
 from serving.settings import ServingSettings
 

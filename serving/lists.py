@@ -9,8 +9,8 @@ import numpy as np
 
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
 from feature_repo.types import GlobalLists, ScoredItems, TrendList
+from serving.bundle import ServingModel
 from serving.personalise import trend_reasons
-from serving.ranking import ServingModel
 
 # The per-item lists /similar_items falls back to, in order, and the reason each one gives.
 SIMILAR_FALLBACKS = (

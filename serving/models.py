@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from serving.bundle import ServingModel
 from serving.outage import Outage
-from serving.ranking import ServingModel
 from training.hybrid import HybridRecommender
 from training.registry import CHALLENGER, CHAMPION
 

@@ -29,12 +29,13 @@ from feature_repo.types import ScoredItems, TrendList
 from serving import lists
 from serving.api import app, json_response
 from serving.auth import Guard, GuardMiddleware
+from serving.bundle import ServingModel
 from serving.errors import DependencyUnavailable, JSONNotFound
 from serving.features import NO_ITEMS, FeatureReader
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
-from serving.ranking import Ranker, RankingParams, ServingModel
+from serving.ranking import Ranker, RankingParams
 from serving.reranking import Ranked
 from serving.schemas import (
     EventsRequest,

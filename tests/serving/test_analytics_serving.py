@@ -11,8 +11,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from feature_repo.types import ScoredItems, UserProfile
+from serving.bundle import ServingModel, price_percentiles
 from serving.personalise import trend_reasons
-from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel, price_percentiles
+from serving.ranking import LiveFeatures, Ranker, RankingParams
 from serving.schemas import Filters
 from serving.settings import (
     DEFAULT_SEGMENT_RULES,

@@ -8,12 +8,13 @@ import pytest
 
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
 from feature_repo.store import FeatureStore
+from serving.bundle import ServingModel
 from serving.errors import DependencyUnavailable
 from serving.features import FeatureReader, cache_signature, list_names
 from serving.lists import trained_popularity
 from serving.metrics import service_metrics
 from serving.outage import Outage
-from serving.ranking import Ranker, RankingParams, ServingModel
+from serving.ranking import Ranker, RankingParams
 from serving.schemas import RecommendRequest
 from serving.settings import ServingSettings
 from training.events import EventLimits, check_batch

@@ -8,8 +8,8 @@ import pytest
 from feature_repo.definitions import ITEM_ITEM_LIST, NEIGHBORS_LIST
 from feature_repo.types import GlobalLists, ScoredItems, TrendList
 from serving import lists
+from serving.bundle import ServingModel
 from serving.personalise import trend_reasons
-from serving.ranking import ServingModel
 
 NONE = ScoredItems(np.empty(0, dtype=str), np.empty(0))
 

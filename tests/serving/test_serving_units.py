@@ -122,7 +122,8 @@ def test_a_new_visitor_gets_popular_items_when_the_model_left_popularity_out(
     import numpy as np
 
     from feature_repo.types import ScoredItems
-    from serving.ranking import LiveFeatures, Ranker, RankingParams, ServingModel
+    from serving.bundle import ServingModel
+    from serving.ranking import LiveFeatures, Ranker, RankingParams
 
     model = ServingModel(trained_bundle, "1", "champion")
     weights = blend_weights(ServingSettings(), {"als": 0.6, "ease": 0.4, "popularity": 0.0})
