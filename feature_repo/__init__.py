@@ -1,1 +1,2 @@
-"""The stores: the event store (offline, `event_store.py`) and the Redis features (online)."""
+"""The stores: the event store (offline, `event_store.py` over its PostgreSQL and Parquet
+backends) and the Redis features (online)."""
