@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from feature_repo.connection import clear_namespace
-    from serving.auth import add_key
+    from serving.keys import add_key
     from serving.launcher import serve_command, serve_env
 
     work = Path(tempfile.mkdtemp(prefix="recsys-ratelimit-bench-"))

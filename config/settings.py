@@ -275,7 +275,7 @@ class ServingSettingsEnv(_Group):
     segment_rerank: bool = Field(
         True, alias="RECSYS_SEGMENT_RERANK", description="Segment-aware re-ranking on or off"
     )
-    # API keys and rate limits (serving/auth.py).
+    # API keys and rate limits (serving/keys.py, serving/auth.py).
     api_keys_file: Path | None = Field(
         None,
         alias="RECSYS_API_KEYS_FILE",

@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from config import SettingsError, get_settings
-from serving.auth import AuthConfigError
+from serving.keys import AuthConfigError
 from training.data import DataValidationError
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
@@ -198,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_api_key_create(args: argparse.Namespace) -> int:
-    from serving.auth import add_key
+    from serving.keys import add_key
 
     path = _keys_file(args.file)
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
@@ -213,7 +213,7 @@ def cmd_api_key_create(args: argparse.Namespace) -> int:
 
 
 def cmd_api_key_list(args: argparse.Namespace) -> int:
-    from serving.auth import read_keys_file
+    from serving.keys import read_keys_file
 
     path = _keys_file(args.file)
     for key in read_keys_file(path):

@@ -92,6 +92,10 @@ class FeatureReader:
         self._global: tuple[float, GlobalLists] | None = None
         self._trends: tuple[float, ScoredItems, np.ndarray] | None = None
 
+    def store(self) -> FeatureStore:
+        """The service's feature store (opened on first use)."""
+        return self._store()
+
     def unavailable(self, what: str) -> DependencyUnavailable:
         """The 503 of an answer that needs Redis while it is down."""
         return DependencyUnavailable(

@@ -57,7 +57,7 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
 def check_keys(host: str, insecure: bool = False) -> str:
     """The API keys the service will load (read now, so a bad keys file fails here and not in
     every worker) against the bind policy: the start-up line, or AuthConfigError."""
-    from serving.auth import KeyRing, bind_policy
+    from serving.keys import KeyRing, bind_policy
     from serving.settings import ServingSettings
 
     return bind_policy(host, KeyRing.from_settings(ServingSettings.from_env()), insecure)

@@ -1,11 +1,11 @@
 """The BentoML recommendation service: settings, models, the feature store, lifecycle, readiness and
-Redis outages, and the answer behind each route of serving/api.py."""
+Redis outages, and the method behind each route of serving/api.py (the non-personalised read
+answers are serving/answers.py, forgetting a user serving/forgetting.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import os
 import threading
@@ -21,22 +21,19 @@ from starlette.responses import Response
 from config import get_settings
 from feature_repo.connection import connect, revive_embedded
 from feature_repo.definitions import FeatureConfig
-from feature_repo.event_store import EventStore, open_event_store
-from feature_repo.forget import SuppressionCache, forget_user
+from feature_repo.forget import SuppressionCache
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
-from feature_repo.types import ScoredItems, TrendList
-from serving import lists
+from serving import answers
 from serving.api import app, json_response
 from serving.auth import Guard, GuardMiddleware
-from serving.bundle import ServingModel
 from serving.errors import DependencyUnavailable, JSONNotFound
-from serving.features import NO_ITEMS, FeatureReader
+from serving.features import FeatureReader
+from serving.forgetting import SuppressedLoader, forget
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
 from serving.ranking import Ranker, RankingParams
-from serving.reranking import Ranked
 from serving.schemas import (
     EventsRequest,
     ItemsRequest,
@@ -118,24 +115,12 @@ class RecommendationService:
             self.metrics,
             champion=lambda: self.models.current.champion,
         )
-        self._suppression_store: EventStore | None = None
         self.suppressed = SuppressionCache(
-            self._load_suppressed, self.settings.suppression_refresh_seconds
+            SuppressedLoader(self.config.store.postgres_url, self.home),
+            self.settings.suppression_refresh_seconds,
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
-
-    def _load_suppressed(self) -> pl.Series:
-        # One connection kept for the reloads (only the reload thread uses it); dropped on a
-        # failure, so the next reload connects again.
-        if self._suppression_store is None:
-            self._suppression_store = open_event_store(self.config.store.postgres_url, self.home)
-        try:
-            return self._suppression_store.suppressed()
-        except Exception:
-            self._suppression_store.close()
-            self._suppression_store = None
-            raise
 
     @staticmethod
     def _open_registry():
@@ -232,7 +217,7 @@ class RecommendationService:
         read = self.features.for_request(body, model, now)
         if read.cached is not None:
             self.metrics.variant.labels(variant).inc()
-            return _envelope(read.cached, request_id, started, cached=True)
+            return answers.envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
         fields = tuple(body.fields or ())
         ranked = self.ranker.recommend(
@@ -247,118 +232,24 @@ class RecommendationService:
             attributes=lambda ids: self.features.attributes(ids, model),
             fields=fields,
         )
-        payload = _answer(ranked, model, variant)
+        payload = answers.recommend_payload(ranked, model, variant)
         self.features.cache_answer(body.user_id, read, payload, now)
         done = time.perf_counter()
         self.metrics.stage_latency.labels("features").observe(features_done - started)
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
-        return _envelope(payload, request_id, started, cached=False, degraded=read.degraded)
+        return answers.envelope(payload, request_id, started, cached=False, degraded=read.degraded)
 
-    # -- /similar_items and /popular -----------------------------------------------------------
+    # -- /similar_items, /popular, /trending and profiles ---------------------------------------
 
     def similar_items(self, body: SimilarItemsRequest) -> Response:
-        """Items like `item_id`: the model's item-item neighbours, else live co-view, else
-        pushed neighbours, else popular items (the reason says which)."""
-        model = self.models.current.champion
-        items = lists.model_similar(model, body.item_id, body.k)
-        degraded = False
-        if not items:
-            names = [name for name, _ in lists.SIMILAR_FALLBACKS]
-            found = self.features.live(lambda: self.store.item_lists([body.item_id], names, body.k))
-            degraded = found is None
-            if found is not None:
-                items = lists.similar_from_lists(found, body.k)
-        items = self._allowed(items, model, body.k)
-        if not items:
-            popular, stale = self._popular(body.k + 1, None)
-            degraded = degraded or stale
-            items = lists.popular_instead_of_similar(popular, body.item_id, body.k)
-        return self._items(items, model, degraded)
-
-    def _allowed(self, items: list[dict], model: ServingModel | None, k: int) -> list[dict]:
-        """The first k of `items` that the catalog gate lets through."""
-        if not items:
-            return items
-        keep = self.features.known(np.array([i["item_id"] for i in items], dtype=str), model)
-        return [item for item, ok in zip(items, keep.tolist(), strict=True) if ok][:k]
+        return answers.similar_items(self.features, self.models.current.champion, body)
 
     def popular(self, body: PopularRequest) -> Response:
-        """Most popular items now (decayed live popularity), optionally of one category."""
-        model = self.models.current.champion
-        popular, degraded = self._popular(body.k, body.category)
-        items = lists.scored_items(popular, "popular right now", body.k)
-        return self._items(items, model, degraded)
-
-    def _items(self, items: list[dict], model: ServingModel | None, degraded: bool) -> Response:
-        """The body of /similar_items and /popular; nothing to show while degraded and without a
-        model is a 503, not an empty list."""
-        if degraded and not items and model is None:
-            raise self.features.unavailable("no model is loaded")
-        return json_response(
-            {
-                "items": items,
-                "model_version": model.version if model else None,
-                "request_id": uuid.uuid4().hex,
-                "degraded": degraded,
-            }
-        )
-
-    def _popular(self, k: int, category: str | None) -> tuple[ScoredItems, bool]:
-        """The k most popular items (of a category), and whether Redis was down: then the last
-        lists read, topped up from the model's training-time popularity."""
-        glob, degraded = self.features.global_lists(time.time())
-        model = self.models.current.champion
-        # The live lists are gated already; the model's popularity that tops them up is not.
-        found = lists.popular(glob, model, k + 50, category)
-        keep = self.features.known(np.asarray(found.ids, dtype=str), model) if len(found) else []
-        return ScoredItems(found.ids[keep][:k], found.scores[keep][:k]), degraded
-
-    # -- /trending and profiles ----------------------------------------------------------------
+        return answers.popular(self.features, self.models.current.champion, body)
 
     def trending(self, body: TrendingRequest) -> Response:
-        """The trend analysis' top items (of a category) with their trend, and the categories'
-        trends; where the analysis has no list, live trending and popular items."""
-        # Deeper than k: items the catalog gate refuses are dropped from it.
-        depth = 3 * body.k + 20
-        found = self.features.live(lambda: self.store.trending_items(depth, body.category))
-        degraded = found is None
-        if found is None:
-            found = TrendList(NO_ITEMS, [], [])
-        categories = lists.trend_categories(found, body.k)
-        model = self.models.current.champion
-        items = self._allowed(lists.trend_analysis_items(found), model, body.k)
-        if items:
-            source = "trend_analysis"
-        else:
-            live, stale = self._live_trending(depth, body.category)
-            live = self._allowed(live, model, body.k)
-            degraded = degraded or stale
-            no_trend = lists.trend_fields({})
-            items = [{**item, "category": body.category, **no_trend} for item in live]
-            source = "live" if items else "none"
-        if degraded and not items and self.models.current.champion is None:
-            raise self.features.unavailable("no model is loaded")
-        return json_response(
-            {
-                "items": items,
-                "categories": categories,
-                "source": source,
-                "analysed_at": found.analysed_at,
-                "request_id": uuid.uuid4().hex,
-                "degraded": degraded,
-            }
-        )
-
-    def _live_trending(self, k: int, category: str | None) -> tuple[list[dict], bool]:
-        """lists.live_trending over the global lists, and whether Redis was down (then the last
-        lists read, if any, and the model's popularity)."""
-        model = self.models.current.champion
-        # A category needs the model's catalog: without one, Redis is not asked.
-        if category is not None and model is None:
-            return [], self.redis_outage.down
-        glob, degraded = self.features.global_lists(time.time())
-        return lists.live_trending(glob, model, k, category), degraded
+        return answers.trending(self.features, self.models.current.champion, body)
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""
@@ -436,28 +327,14 @@ class RecommendationService:
     # -- forgetting a user (DELETE /users/{id}) --------------------------------------------------
 
     def forget_user(self, user_id: str, actor: str) -> Response:
-        """Delete everything of the user in the event store and Redis, suppress them, audit it.
-
-        Unlike a read, a deletion has no fallback: with Redis or the event store down it is a
-        503 and the client retries (forgetting is idempotent, the suppression comes first)."""
-        try:
-            events = open_event_store(self.config.store.postgres_url, self.home)
-        except ConnectionError as exc:
-            raise DependencyUnavailable(f"{exc}; retry the deletion", 5) from exc
-        try:
-            # Suppressed here first: this worker's /events drops the user from now on.
-            self.suppressed.add(user_id)
-            done = forget_user(user_id, actor, events, self.store.redis, self.store.namespace)
-        except REDIS_DOWN as exc:
-            self.redis_outage.failed(exc)
-            raise DependencyUnavailable(
-                "Redis is unavailable: the user is suppressed but their live features are not "
-                "deleted yet; retry the deletion",
-                self.redis_outage.retry_after,
-            ) from exc
-        finally:
-            events.close()
-        return json_response(done.as_dict())
+        return forget(
+            user_id,
+            actor,
+            features=self.features,
+            suppressed=self.suppressed,
+            postgres_url=self.config.store.postgres_url,
+            home=self.home,
+        )
 
     # -- the live catalog ----------------------------------------------------------------------
 
@@ -504,39 +381,6 @@ class RecommendationService:
                 "known_to_model": bool(model is not None and model.user_index(user_id) >= 0),
             }
         )
-
-
-def _answer(ranked: Ranked, model: ServingModel | None, variant: str) -> str:
-    """The cacheable `{items, model_version, variant, segment}` JSON object of a ranking."""
-    items = [
-        {"item_id": i, "score": s, "sources": src, "reason": r}
-        for i, s, src, r in zip(
-            ranked.item_ids, ranked.scores, ranked.sources, ranked.reasons, strict=True
-        )
-    ]
-    if ranked.fields is not None:
-        for item, fields in zip(items, ranked.fields, strict=True):
-            item.update(fields)
-    return json.dumps(
-        {
-            "items": items,
-            "model_version": model.version if model is not None else None,
-            "variant": variant,
-            "segment": ranked.segment,
-        },
-        separators=(",", ":"),
-    )
-
-
-def _envelope(
-    payload: str, request_id: str, started: float, cached: bool, degraded: bool = False
-) -> str:
-    """Wrap a cached-or-fresh `{items, model_version, variant}` JSON object with request fields."""
-    latency = (time.perf_counter() - started) * 1000.0
-    return (
-        f'{payload[:-1]},"request_id":"{request_id}","latency_ms":{latency:.3f},'
-        f'"cached":{"true" if cached else "false"},"degraded":{"true" if degraded else "false"}}}'
-    )
 
 
 # Around BentoML's router, whose own 404 and 405 answers are plain text.

@@ -103,8 +103,9 @@ class ServingSettings:
     # How stale the suppression list /events drops forgotten users by may be, in other workers
     # than the one that forgot them.
     suppression_refresh_seconds: float = _ENV.suppression_refresh_seconds
-    # API keys and rate limits (serving/auth.py): where the hashed keys are, and requests per
-    # second per key and scope, per client address, and how many seconds of them a burst may take.
+    # API keys and rate limits (serving/keys.py, serving/auth.py): where the hashed keys are, and
+    # requests per second per key and scope, per client address, and how many seconds of them a
+    # burst may take.
     api_keys_file: str | None = None
     api_keys: str = ""
     metrics_open: bool = _ENV.metrics_open

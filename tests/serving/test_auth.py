@@ -28,16 +28,13 @@ from starlette.testclient import TestClient
 from feature_repo.definitions import Keys
 from feature_repo.store import FeatureStore
 from serving.api import app
-from serving.auth import (
+from serving.auth import OPEN_ROUTES, ROUTE_SCOPES, Guard, RouteScopes
+from serving.keys import (
     ADMIN,
     INGEST,
-    OPEN_ROUTES,
     READ,
-    ROUTE_SCOPES,
     AuthConfigError,
-    Guard,
     KeyRing,
-    RouteScopes,
     add_key,
     bind_policy,
     hash_key,
@@ -247,7 +244,7 @@ def test_bind_policy() -> None:
 
 
 def read_keys_file_of(*entries: dict) -> list:
-    from serving.auth import parse_key
+    from serving.keys import parse_key
 
     return [parse_key({**e, "sha256": hash_key(e["name"])}, "test") for e in entries]
 
