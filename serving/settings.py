@@ -74,6 +74,10 @@ DEFAULT_MODEL_SHARE = 0.5
 
 # The environment-backed fields take their defaults from the one settings tree.
 _ENV = ServingSettingsEnv.model_construct()
+# Tree fields of the same name that from_env converts on the way (None to "" or {}, 0 to None).
+_CONVERTED = frozenset(
+    {"segment_rules", "api_keys_file", "api_keys", "rate_limits", "rate_limit_per_ip"}
+)
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,10 @@ class ServingSettings:
         """The service's settings from the settings tree's serving group (default: this
         process's environment)."""
         env = get_settings().serving if env is None else env
+        # The fields the tree holds as the request path uses them pass through by name.
+        same = {f.name for f in dataclasses.fields(cls)} & set(type(env).model_fields)
         return cls(
+            **{name: getattr(env, name) for name in same - _CONVERTED},
             blend_overrides=dict(env.blend_weights or {}),
             cold_start_blend=(
                 {k: v for k, v in env.cold_start_weights.items() if v > 0}
@@ -134,25 +141,10 @@ class ServingSettings:
                 else dict(DEFAULT_COLD_START_BLEND)
             ),
             segment_rules=segment_rules(env) if env.segment_rerank else {},
-            trends_ttl=env.trends_ttl,
-            model_share=env.model_share,
-            challenger_share=env.challenger_share,
-            poll_seconds=env.poll_seconds,
-            cache_ttl=env.cache_ttl,
-            max_body_bytes=env.max_body_bytes,
-            global_lists_ttl=env.global_lists_ttl,
-            suppression_refresh_seconds=env.suppression_refresh_seconds,
             api_keys_file=str(env.api_keys_file) if env.api_keys_file else None,
             api_keys=env.api_keys or "",
-            metrics_open=env.metrics_open,
             rate_limits={k: v for k, v in (env.rate_limits or {}).items() if v > 0},
             rate_limit_per_ip=env.rate_limit_per_ip or None,
-            rate_limit_burst_seconds=env.rate_limit_burst_seconds,
-            rate_limit_lease_seconds=env.rate_limit_lease_seconds,
-            allow_new_items=env.allow_new_items,
-            new_item_min_users=env.new_item_min_users,
-            repeat_window=env.repeat_window,
-            repeat_cap=env.repeat_cap,
         )
 
 

@@ -111,3 +111,14 @@ def test_recsys_config_prints_values_without_passwords(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "RECSYS_MAX_BODY_BYTES" in bad.stderr
+
+
+def test_the_service_settings_defaults_are_the_trees() -> None:
+    from serving.settings import ServingSettings
+
+    assert ServingSettings.from_env(load_settings({}).serving) == ServingSettings()
+    tuned = load_settings(
+        {"RECSYS_CACHE_TTL": "5", "RECSYS_RATE_LIMITS": '{"read": 0, "ingest": 5}'}
+    )
+    settings = ServingSettings.from_env(tuned.serving)
+    assert settings.cache_ttl == 5 and settings.rate_limits == {"ingest": 5.0}
