@@ -12,6 +12,9 @@ which these fields refer to). The README's configuration table is generated from
 The groups are plain pydantic models validated from a mapping rather than pydantic-settings'
 BaseSettings: the launcher validates the environment it hands to its server (not its own), and
 the fingerprint cache needs the same mapping; nothing here wants dotenv files or secret folders.
+
+One field per variable, with its bound and its README line, is why this file is long (about 500
+lines): the tree is read as one table, like feature_repo/definitions.py's key schema.
 """
 
 from __future__ import annotations
