@@ -178,7 +178,7 @@ class FeatureReader:
             keep = self.known(np.asarray(items.ids, dtype=str), self._champion())
             items, reasons = ScoredItems(items.ids[keep], items.scores[keep]), reasons[keep]
         self._trends = (now, items, reasons)
-        return found.items, self._trends[2]
+        return items, reasons
 
     def for_request(
         self, body: RecommendRequest, model: ServingModel | None, now: float

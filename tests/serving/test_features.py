@@ -100,3 +100,19 @@ def test_while_redis_is_down_only_a_model_answers(store: FeatureStore, model: Se
         assert len(ranked.item_ids) == 3
     finally:
         outage.stop()
+
+
+def test_the_trend_list_leaves_out_what_the_catalog_gate_refuses(store: FeatureStore) -> None:
+    import polars as pl
+
+    from tests.feature_repo.test_analytics_features import trend_items
+
+    store.push_trends(trend_items())
+    # A live catalog that lists every trend item but "c": "c" may not be recommended.
+    listed = pl.DataFrame({"item_id": ["a", "b", "d", "e", "f"], "title": ["x"] * 5})
+    store.write_catalog(listed)
+    features = reader(store)
+    features.global_lists()  # the catalog version the gate reads, as a request would
+    for _ in range(2):  # the fresh read and the one reused for trends_ttl agree
+        items, reasons = features.trend_list(time.time())
+        assert "c" not in set(items.ids) and len(reasons) == len(items)
