@@ -211,6 +211,20 @@ def catalog_of(bundle: HybridRecommender) -> dict[str, dict]:
     return {r["item_id"]: r for r in bundle.catalog.iter_rows(named=True)}
 
 
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    """Until the started service answers /readyz 200; fails with its log if it exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, log_path.read_text()
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        assert time.monotonic() < deadline, "the service did not become ready"
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     """A port the OS has free now (first free of a fixed range raced between two test runs)."""
     with socket.socket() as sock:

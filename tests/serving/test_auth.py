@@ -42,7 +42,7 @@ from serving.keys import (
 )
 from serving.outage import Outage
 from serving.settings import ServingSettings
-from tests.serving.conftest import RedisServer, free_port
+from tests.serving.conftest import RedisServer, free_port, wait_ready
 
 BODIES = {
     "/recommend": {"user_id": "u1", "k": 3},
@@ -388,14 +388,7 @@ def recsys_serve(home: Path, workers: int) -> Iterator[tuple[str, Path]]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.5)
+        wait_ready(url, process, log_path)
         yield url, log_path
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -24,7 +24,7 @@ from feature_repo.event_store import open_event_store
 from feature_repo.stream import EventStream
 from serving.consumer import run_consumer
 from serving.launcher import serve_command, serve_env
-from tests.serving.conftest import RedisServer, free_port, shutdown_embedded
+from tests.serving.conftest import RedisServer, free_port, shutdown_embedded, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +47,7 @@ def bentoml_serve(
     url = f"http://127.0.0.1:{port}"
     workers: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.5)
+        wait_ready(url, process, log_path)
         # BentoML's workers run in sessions of their own: remember them to stop them too.
         workers = psutil.Process(process.pid).children(recursive=True)
         yield url, process
