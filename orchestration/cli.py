@@ -20,6 +20,7 @@ import polars as pl
 from config import SettingsError, get_settings
 from serving.keys import AuthConfigError
 from training.data import DataValidationError
+from training.experiments import ExperimentError
 
 OK, FAILED, BAD_INPUT = 0, 1, 2
 # Errors a step raises about the input itself (the user fixes the data, not the platform).
@@ -624,8 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from orchestration.analytics_cli import add_parsers as add_analytics_parsers
+    from orchestration.experiments_cli import add_parsers as add_experiment_parsers
 
     add_analytics_parsers(sub)
+    add_experiment_parsers(sub)
     # Subcommands do not inherit the top parser's formatter: set it on each, in one place.
     for subparser in sub.choices.values():
         subparser.formatter_class = HelpFormatter
@@ -650,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         _error(str(exc))
         return FAILED
-    except (SettingsError, AuthConfigError) as exc:
+    except (SettingsError, AuthConfigError, ExperimentError) as exc:
         _error(str(exc))
         return BAD_INPUT
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -52,6 +52,8 @@ class ModelSet:
     champion: ServingModel | None = None
     challenger: ServingModel | None = None
     challenger_share: float = 0.0
+    # Other registered versions that running experiments name (`version:N` arms), by version.
+    versions: dict[str, ServingModel] = field(default_factory=dict)
 
     def for_user(self, user_id: str) -> ServingModel | None:
         """The challenger for a stable share of users (by a hash of the id), else the champion."""
@@ -73,6 +75,7 @@ class ModelManager:
         challenger_share: float = 0.1,
         on_change: Callable[[ModelSet], None] | None = None,
         prepare: Callable[[ServingModel], None] | None = None,
+        wanted_versions: Callable[[], set[str]] | None = None,
     ) -> None:
         self._registry_factory = registry_factory
         self._registry: Registry | None = None
@@ -83,6 +86,8 @@ class ModelManager:
         # Runs on each newly loaded model before it serves (e.g. to attach its blend weights),
         # so a request reads everything about its model from the one object it picked.
         self.prepare = prepare
+        # The versions beside champion and challenger to keep loaded (experiment arms).
+        self.wanted_versions = wanted_versions or set
         self.current = ModelSet(challenger_share=challenger_share)
         self.last_error: str | None = None
         self.last_check: float | None = None
@@ -161,6 +166,7 @@ class ModelManager:
                             ServingModel(bundle, info.version, variant)
                         )
                         log.info("loaded %s version %s", variant, info.version)
+                versions = self._versions(loaded)
             # Any registry failure (network, auth, a corrupt artifact) keeps the last good models.
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -172,11 +178,25 @@ class ModelManager:
             self.outage.recovered()
             if wanted[CHAMPION] is not None:
                 self.orphaned = None
-            models = ModelSet(loaded[CHAMPION], loaded[CHALLENGER], self.challenger_share)
+            models = ModelSet(loaded[CHAMPION], loaded[CHALLENGER], self.challenger_share, versions)
             if models != self.current:
                 self._swap(models)
                 self._save_last_good(models)
             return True
+
+    def _versions(self, loaded: dict[str, ServingModel | None]) -> dict[str, ServingModel]:
+        """The experiment versions that neither alias names, kept or loaded now."""
+        aliased = {m.version for m in loaded.values() if m is not None}
+        have = self.current.versions
+        versions = {}
+        for version in sorted(self.wanted_versions() - aliased):
+            if version in have:
+                versions[version] = have[version]
+            else:
+                bundle = self.registry.load_bundle(version)
+                versions[version] = self._prepared(ServingModel(bundle, version, f"v{version}"))
+                log.info("loaded version %s for an experiment", version)
+        return versions
 
     def _prepared(self, model: ServingModel) -> ServingModel:
         if self.prepare is not None:

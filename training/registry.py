@@ -31,6 +31,8 @@ EXPERIMENT = "recsys"
 GATE_METRIC = "hybrid_validation_ndcg_at_10"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# The champion a promotion replaced: what `recsys rollback` and an automatic rollback return to.
+PREVIOUS_CHAMPION = "previous-champion"
 BUNDLE_ARTIFACT = "bundle"
 # Logged as code rather than as a cloudpickled object: MLflow recommends it, and loading a version
 # then runs this reviewed file instead of deserialising whatever the pickle holds.
@@ -228,6 +230,67 @@ class ModelRegistry:
         self.client.set_model_version_tag(self.model_name, version, "gate", decision.reason)
         log.info("gate for version %s: %s", version, decision.reason)
         return decision
+
+    # -- online decisions (experiments) --------------------------------------------------------
+
+    def version_exists(self, version: str) -> bool:
+        """Whether `version` is a registered version of this model."""
+        try:
+            self.client.get_model_version(self.model_name, str(version))
+        except MlflowException:
+            return False
+        return True
+
+    def promote(self, version: str, reason: str) -> str | None:
+        """Make `version` the champion and remember the one it replaces (the alias
+        PREVIOUS_CHAMPION and a tag on the new version) for a rollback; returns that one."""
+        version = str(version)
+        previous = self.get_version(CHAMPION)
+        if previous is not None and previous.version == version:
+            return None
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+        if previous is not None:
+            self.client.set_registered_model_alias(
+                self.model_name, PREVIOUS_CHAMPION, previous.version
+            )
+            self.client.set_model_version_tag(
+                self.model_name, version, "replaced_champion", previous.version
+            )
+        challenger = self.get_version(CHALLENGER)
+        if challenger is not None and challenger.version == version:
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        self.client.set_model_version_tag(self.model_name, version, "promoted", reason)
+        log.info("promoted version %s to champion: %s", version, reason)
+        return previous.version if previous is not None else None
+
+    def rollback(self, reason: str) -> tuple[str, str]:
+        """Move `champion` back to the version it replaced; returns (from, to). RuntimeError
+        when there is nothing to roll back to."""
+        current = self.get_version(CHAMPION)
+        previous = self.get_version(PREVIOUS_CHAMPION)
+        if current is None:
+            raise RuntimeError(f"model {self.model_name!r} has no champion to roll back")
+        if previous is None or previous.version == current.version:
+            raise RuntimeError(
+                f"champion version {current.version} replaced no earlier version: nothing to "
+                "roll back to (promote a version by hand with the MLflow UI or client)"
+            )
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, previous.version)
+        self.client.delete_registered_model_alias(self.model_name, PREVIOUS_CHAMPION)
+        self.client.set_model_version_tag(self.model_name, current.version, "rolled_back", reason)
+        log.info("champion back from %s to %s: %s", current.version, previous.version, reason)
+        return current.version, previous.version
+
+    def tag_version(self, version: str, key: str, value: str) -> None:
+        """Record something on a version (an experiment's decision, say)."""
+        self.client.set_model_version_tag(self.model_name, str(version), key, value[:5000])
+
+    def resolve(self, alias_or_version: str) -> str | None:
+        """The version an alias (champion, challenger) or a version number names, or None."""
+        if alias_or_version.isdigit():
+            return alias_or_version if self.version_exists(alias_or_version) else None
+        found = self.get_version(alias_or_version)
+        return found.version if found is not None else None
 
     def download_uri(self, version: str) -> str:
         """Where a version's model files live, resolved through this registry's own client.
