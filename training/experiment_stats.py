@@ -622,13 +622,14 @@ def guardrail_breaches(
 # --------------------------------------------------------------------------- the analysis
 
 
-def _jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
+    """obj with non-finite floats replaced by None, so json.dumps gives strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     return obj
 
 
@@ -691,7 +692,7 @@ class ExperimentAnalysis:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (non-finite numbers become null)."""
-        return _jsonable(asdict(self))
+        return to_jsonable(asdict(self))
 
 
 def _estimate(values: np.ndarray) -> Estimate:
