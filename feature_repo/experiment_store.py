@@ -13,7 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
+import polars as pl
+
 from config import redact_url
+from feature_repo.event_store import EventStore
+from training.experiment_stats import DEFAULT_PRE_PERIOD_SECONDS
 from training.experiments import Experiment, ExperimentError
 
 
@@ -176,3 +180,13 @@ def open_experiment_store(url: str | None, home: str | Path) -> ExperimentStore:
     if url and url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         return PostgresExperimentStore(url)
     return FileExperimentStore(Path(home) / "experiments.json")
+
+
+def read_inputs(events: EventStore, experiment: Experiment) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The experiment's impressions and the events from a pre-period before its start on (each
+    user's engagement then is the CUPED covariate; attribution needs an impression first, so
+    an event before the start is never attributed)."""
+    logs = events.read_impressions(since=experiment.started_at)
+    logs = logs.filter(pl.col("experiment") == experiment.name)
+    since = int(experiment.started_at - DEFAULT_PRE_PERIOD_SECONDS)
+    return logs, events.read(since_timestamp=since, with_context=True)

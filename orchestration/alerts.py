@@ -25,6 +25,7 @@ FAILURE_LOG = "run_failures.jsonl"
 RUN_FAILURE = "run_failure"
 CHECK_FAILURE = "check_failure"
 PROMOTION_BLOCKED = "promotion_blocked"
+EXPERIMENT_ACTION = "experiment_action"  # a treatment rolled back, an experiment invalid
 # The asset whose materialization says whether the new model replaces the champion.
 GATE_ASSET = dg.AssetKey("champion_gate")
 
@@ -32,6 +33,7 @@ _TITLES = {
     RUN_FAILURE: "Run failed",
     CHECK_FAILURE: "Asset check failed",
     PROMOTION_BLOCKED: "Promotion blocked",
+    EXPERIMENT_ACTION: "Experiment rolled back or invalid",
 }
 # Slack's limits: 150 characters of header, 3000 of a section.
 _SUMMARY_CHARS = 1500

@@ -7,6 +7,7 @@ import dagster as dg
 from assets import (
     analytics,
     analytics_checks,
+    experiments,
     governance,
     ingestion,
     models,
@@ -20,6 +21,9 @@ from orchestration.jobs import (
     daily_retention,
     daily_segments,
     daily_training,
+    experiment_decisions,
+    experiment_report_job,
+    hourly_experiment_report,
     hourly_ingest,
     hourly_trends,
     ingest_job,
@@ -41,6 +45,7 @@ ASSET_MODULES = (
     analytics_checks,
     online_analytics,
     governance,
+    experiments,
 )
 
 
@@ -49,9 +54,24 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules(list(ASSET_MODULES)),
         asset_checks=dg.load_asset_checks_from_modules(list(ASSET_MODULES)),
-        jobs=[training_job, offline_job, ingest_job, trends_job, segments_job, retention_job],
-        schedules=[hourly_ingest, daily_training, hourly_trends, daily_segments, daily_retention],
-        sensors=[new_events_sensor, record_run_failure, alert_on_findings],
+        jobs=[
+            training_job,
+            offline_job,
+            ingest_job,
+            trends_job,
+            segments_job,
+            retention_job,
+            experiment_report_job,
+        ],
+        schedules=[
+            hourly_ingest,
+            daily_training,
+            hourly_trends,
+            daily_segments,
+            daily_retention,
+            hourly_experiment_report,
+        ],
+        sensors=[new_events_sensor, record_run_failure, alert_on_findings, experiment_decisions],
         resources=resources if resources is not None else resources_for(),
     )
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from config import get_settings
 from feature_repo.experiment_store import ExperimentStore, open_experiment_store
+from training.experiment_stats import METRICS
 from training.experiments import (
     KINDS,
-    METRICS,
     Experiment,
     check_arms,
     new_experiment,
@@ -93,16 +93,21 @@ def cmd_experiment_list(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment_status(args: argparse.Namespace) -> int:
-    from orchestration.experiment_report import report
+    from feature_repo.event_store import open_event_store
+    from feature_repo.experiment_store import read_inputs
+    from training.experiment_report import report, stored_catalog, summary
 
+    config = get_settings()
     with open_store() as store:
         experiment = store.get(args.name)
-    analysis = report(experiment)
+    with open_event_store(config.store.postgres_url, config.home_dir()) as events:
+        logs, frame = read_inputs(events, experiment)
+    analysis = report(experiment, logs, frame, stored_catalog(config.home_dir()))
     if args.json:
         _show({"experiment": experiment.to_dict(), "analysis": analysis.to_dict()}, True)
     else:
         _print(describe(experiment))
-        _print(analysis.summary())
+        _print(summary(analysis))
     return 0
 
 
@@ -136,7 +141,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shares", default=None, help="comma-separated weight per arm (default equal)")
     p.add_argument("--traffic", type=float, default=1.0, help="share of all users in the test")
-    p.add_argument("--metric", choices=METRICS, default="ctr", help="the decision metric")
+    p.add_argument("--metric", choices=sorted(METRICS), default="ctr", help="the decision metric")
     p.add_argument("--alpha", type=float, default=0.05, help="false-positive rate of the test")
     p.add_argument("--min-users", type=int, default=200, help="users per arm before deciding")
     p.add_argument("--min-hours", type=float, default=1.0, help="hours before deciding")

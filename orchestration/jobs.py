@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from assets.resources import EventStoreResource, LocalStateResource
+from assets.resources import EventStoreResource, LocalStateResource, MLflowResource
 from config import get_settings
 from orchestration.alerts import alert_run, redact
 
@@ -145,3 +145,75 @@ def _alert(context: dg.RunStatusSensorContext, state: LocalStateResource) -> Non
             f"{alert.title}: run {run.run_id} of {run.job_name}, {alert.subject}: "
             f"{redact(alert.summary)}"
         )
+
+
+experiment_report_job = dg.define_asset_job(
+    "experiment_report_job",
+    selection=dg.AssetSelection.groups("experiments"),
+    description="Analyse every running online experiment; the decisions sensor acts on it.",
+)
+hourly_experiment_report = dg.ScheduleDefinition(
+    name="hourly_experiment_report", job=experiment_report_job, cron_schedule="45 * * * *"
+)
+
+
+@dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def experiment_decisions(
+    context: dg.SensorEvaluationContext,
+    event_store: EventStoreResource,
+    tracking: MLflowResource,
+    state: LocalStateResource,
+) -> dg.SkipReason:
+    """Act on the newest `experiment_report`: promote a winning treatment, roll back a losing
+    one or one that broke a guardrail, end the experiments that are decided; each decision is
+    recorded on the MLflow versions and the experiment, and a rollback or an invalid
+    experiment is also an alert."""
+    entry = context.instance.get_latest_materialization_event(dg.AssetKey("experiment_report"))
+    if entry is None or entry.asset_materialization is None:
+        return dg.SkipReason("no experiment report yet")
+    if context.cursor and int(context.cursor) >= entry.storage_id:
+        return dg.SkipReason("the newest experiment report was acted on")
+    decisions = entry.asset_materialization.metadata.get("decisions")
+    done = act_on_report(
+        decisions.value if decisions is not None else {}, event_store, tracking, state, entry.run_id
+    )
+    context.update_cursor(str(entry.storage_id))
+    return dg.SkipReason("; ".join(done) or "every experiment continues")
+
+
+def act_on_report(
+    decisions: dict,
+    event_store: EventStoreResource,
+    tracking: MLflowResource,
+    state: LocalStateResource,
+    run_id: str,
+) -> list[str]:
+    """Carry out each report decision that is not `continue` (of experiments still running with
+    the salt the report analysed); returns a line per action."""
+    from feature_repo.experiment_store import open_experiment_store
+    from orchestration.alerts import EXPERIMENT_ACTION, Alert, notify
+    from training.experiment_report import act
+
+    registry = tracking.registry()
+    done: list[str] = []
+    alerts: list[Alert] = []
+    with open_experiment_store(event_store.url or None, event_store.home) as experiments:
+        for name, found in decisions.items():
+            decision = found.get("decision", "continue")
+            if decision == "continue":
+                continue
+            experiment = experiments.get(name)
+            if not experiment.running:
+                continue
+            details = {"report_run_id": run_id, "mlflow_run_id": found.get("mlflow_run_id")}
+            action, decided = act(experiment, decision, found.get("reason", ""), details, registry)
+            experiments.update(decided)
+            done.append(f"{name}: {decision} ({action.reason})")
+            if decision.startswith(("rollback", "invalid")):
+                alerts.append(
+                    Alert(
+                        EXPERIMENT_ACTION, experiment_report_job.name, run_id, name, action.reason
+                    )
+                )
+    notify(alerts, state.path, get_settings().orchestration)
+    return done

@@ -17,11 +17,11 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from training.experiment_stats import METRICS, GuardrailThresholds
 from training.registry import CHALLENGER, CHAMPION, ModelRegistry
 
 POPULARITY = "popularity"
 KINDS = ("ab", "interleave")
-METRICS = ("ctr", "conversion", "revenue_per_user")
 STATUSES = ("running", "stopped", "decided")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION = re.compile(r"^version:([1-9][0-9]{0,9})$")
@@ -64,16 +64,6 @@ class Arm:
 
 
 @dataclass(frozen=True)
-class Guardrails:
-    """Limits a treatment must keep relative to the control, or it is rolled back."""
-
-    p99_latency_ratio: float = 1.5  # treatment p99 latency at most this times the control's
-    p99_latency_slack_ms: float = 5.0  # ... plus this (small p99s are noisy)
-    error_rate_increase: float = 0.01  # absolute
-    coverage_ratio: float = 0.5  # treatment catalog coverage at least this times the control's
-
-
-@dataclass(frozen=True)
 class Experiment:
     """An online experiment: the control is the first arm, the treatments the others."""
 
@@ -86,12 +76,15 @@ class Experiment:
     min_users: int = 200  # per arm, before any decision but a guardrail's or SRM's
     min_duration_s: float = 3600.0
     max_duration_s: float = 14 * 86400.0
-    guardrails: Guardrails = field(default_factory=Guardrails)
+    guardrails: GuardrailThresholds = field(default_factory=GuardrailThresholds)
     salt: str = ""
     status: str = "running"
     started_at: float = 0.0
     stopped_at: float | None = None
     decision: dict[str, Any] | None = None
+    # The always-valid p-value of each treatment at the last report: the next one never goes
+    # above it (an always-valid p-value is a running minimum).
+    last_p_values: dict[str, float] | None = None
 
     @property
     def control(self) -> Arm:
@@ -127,7 +120,7 @@ class Experiment:
     def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
         values = dict(data)
         values["arms"] = tuple(Arm(**arm) for arm in values.get("arms", ()))
-        values["guardrails"] = Guardrails(**(values.get("guardrails") or {}))
+        values["guardrails"] = GuardrailThresholds(**(values.get("guardrails") or {}))
         return validate(cls(**values))
 
     def stopped(
@@ -149,7 +142,7 @@ def new_experiment(
     min_users: int = 200,
     min_duration_s: float = 3600.0,
     max_duration_s: float = 14 * 86400.0,
-    guardrails: Guardrails | None = None,
+    guardrails: GuardrailThresholds | None = None,
     now: float | None = None,
 ) -> Experiment:
     """A running experiment from what a user types: targets name the arms (`champion`,
@@ -176,7 +169,7 @@ def new_experiment(
             min_users=min_users,
             min_duration_s=min_duration_s,
             max_duration_s=max_duration_s,
-            guardrails=guardrails or Guardrails(),
+            guardrails=guardrails or GuardrailThresholds(),
             salt=f"{name}:{started:.6f}",
             started_at=started,
         )
