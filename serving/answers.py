@@ -143,8 +143,11 @@ def _live_trending(
 # -- /recommend's JSON -------------------------------------------------------------------------
 
 
-def recommend_payload(ranked: Ranked, model: ServingModel | None, variant: str) -> str:
-    """The cacheable `{items, model_version, variant, segment}` JSON object of a ranking."""
+def recommend_payload(
+    ranked: Ranked, model: ServingModel | None, variant: str, experiment: str | None = None
+) -> str:
+    """The cacheable `{items, model_version, variant, experiment, segment}` JSON object of a
+    ranking."""
     items = [
         {"item_id": i, "score": s, "sources": src, "reason": r}
         for i, s, src, r in zip(
@@ -159,6 +162,7 @@ def recommend_payload(ranked: Ranked, model: ServingModel | None, variant: str) 
             "items": items,
             "model_version": model.version if model is not None else None,
             "variant": variant,
+            "experiment": experiment,
             "segment": ranked.segment,
         },
         separators=(",", ":"),

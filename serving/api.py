@@ -21,6 +21,8 @@ from serving.schemas import (
     ErrorResponse,
     EventsRequest,
     EventsResponse,
+    ExperimentResponse,
+    ExperimentStartRequest,
     ForgetUserResponse,
     ItemsRequest,
     ItemsResponse,
@@ -277,3 +279,53 @@ def _actor(request: Request) -> str:
         return f"api-key:{name}"
     client = request.client.host if request.client else "unknown"
     return f"http:{client}"
+
+
+# -- online experiments (admin) -----------------------------------------------------------------
+
+ExperimentName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+@app.get(
+    "/experiments",
+    response_model=list[ExperimentResponse],
+    responses=PATH_ERRORS,
+    summary="Every online experiment, oldest first (admin)",
+)
+async def list_experiments() -> Response:
+    return await anyio.to_thread.run_sync(_service().list_experiments)
+
+
+@app.post(
+    "/experiments",
+    response_model=ExperimentResponse,
+    responses=ERRORS,
+    summary="Start an online experiment (admin); the service's workers pick it up within seconds",
+    description=(
+        "Arms name what serves them: `champion`, `challenger`, `popularity` or `version:N`. "
+        "Users are assigned by a salted hash of their id, so a user sees one arm. The hourly "
+        "`experiment_report` asset analyses it and its sensor promotes or rolls back."
+    ),
+)
+async def start_experiment(body: ExperimentStartRequest) -> Response:
+    return await anyio.to_thread.run_sync(_service().start_experiment, body)
+
+
+@app.get(
+    "/experiments/{name}",
+    response_model=ExperimentResponse,
+    responses=PATH_ERRORS,
+    summary="One experiment (admin)",
+)
+async def get_experiment(name: ExperimentName) -> Response:
+    return await anyio.to_thread.run_sync(_service().get_experiment, name)
+
+
+@app.post(
+    "/experiments/{name}/stop",
+    response_model=ExperimentResponse,
+    responses=PATH_ERRORS,
+    summary="Stop an experiment (admin): its users see the champion again",
+)
+async def stop_experiment(name: ExperimentName) -> Response:
+    return await anyio.to_thread.run_sync(_service().stop_experiment, name)

@@ -37,6 +37,10 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/users/{user_id}/activity"): READ,
     ("DELETE", "/users/{user_id}"): ADMIN,
     ("POST", "/items"): ADMIN,
+    ("GET", "/experiments"): ADMIN,
+    ("POST", "/experiments"): ADMIN,
+    ("GET", "/experiments/{name}"): ADMIN,
+    ("POST", "/experiments/{name}/stop"): ADMIN,
 }
 # BentoML's probes, its OpenAPI document and docs page (and their static files), ours at
 # /docs.json; HEAD is answered like GET.

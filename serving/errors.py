@@ -13,6 +13,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import get_settings
+from feature_repo.experiment_store import UnknownExperiment
+from training.experiments import ExperimentError
 
 log = logging.getLogger("recsys.serving")
 
@@ -110,6 +112,12 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     # A 405 keeps its Allow header.
     response.headers.update(exc.headers or {})
     return response
+
+
+async def _experiment_error(request: Request, exc: ExperimentError) -> JSONResponse:
+    # A definition the registry or the store refuses (an unknown version, a name already
+    # running) is the caller's to fix; an unknown experiment is a 404.
+    return _error(404 if isinstance(exc, UnknownExperiment) else 422, str(exc), None)
 
 
 async def _unavailable(request: Request, exc: DependencyUnavailable) -> JSONResponse:
@@ -213,6 +221,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(DependencyUnavailable, _unavailable)
+    app.add_exception_handler(ExperimentError, _experiment_error)
     app.add_middleware(BodySizeLimit)
     # Added last, so outermost of the app's own middleware: it also catches BodySizeLimit's.
     app.add_middleware(CatchAll)

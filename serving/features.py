@@ -55,11 +55,15 @@ def list_names(model: ServingModel | None) -> list[str]:
 
 
 def cache_signature(
-    model: ServingModel | None, body: RecommendRequest, catalog_version: str | None = None
+    model: ServingModel | None,
+    body: RecommendRequest,
+    catalog_version: str | None = None,
+    label: str | None = None,
 ) -> str:
-    """What a cached answer of the user must match: the model serving them, the request and the
-    live catalog's version (any stock or price change retires every cached answer)."""
-    variant = model.variant if model is not None else "popularity"
+    """What a cached answer of the user must match: the model serving them and the label of
+    its answer (variant and experiment), the request and the live catalog's version (any stock
+    or price change retires every cached answer)."""
+    variant = label or (model.variant if model is not None else "popularity")
     version = model.version if model is not None else None
     filters = body.filters.model_dump_json() if body.filters else ""
     fields = ",".join(body.fields) if body.fields else ""
@@ -181,18 +185,23 @@ class FeatureReader:
         return items, reasons
 
     def for_request(
-        self, body: RecommendRequest, model: ServingModel | None, now: float
+        self,
+        body: RecommendRequest,
+        model: ServingModel | None,
+        now: float,
+        label: str | None = None,
     ) -> RequestRead:
-        """The user's cached answer, else the features to rank with; degraded (no live features)
-        while Redis is down, which only a model can answer."""
-        signature = cache_signature(model, body)
+        """The user's cached answer (of the same `label`: variant and experiment), else the
+        features to rank with; degraded (no live features) while Redis is down, which only a
+        model can answer."""
+        signature = cache_signature(model, body, label=label)
         read = RequestRead(signature, degraded=self.outage.down)
         # While Redis is known to be down the request does not wait on it.
         if not read.degraded:
             try:
                 # The worker's global lists (read every few ms) carry the catalog's version.
                 glob, _ = self.global_lists(now)
-                signature = cache_signature(model, body, glob.catalog_version)
+                signature = cache_signature(model, body, glob.catalog_version, label)
                 read = self._read(body, model, signature, now)
             except REDIS_DOWN as exc:
                 # Without Redis the model still answers; the response just lacks live signals.

@@ -44,9 +44,26 @@ class Ranked:
     segment: str | None = None  # the segment whose rule re-ranked the answer
     positions: np.ndarray | None = None  # pool positions of the chosen items
     fields: list[dict] | None = None  # the catalog fields the request asked for, per item
+    teams: list[str] | None = None  # interleaving: the arm that drafted each item
 
 
 EMPTY_RANKED = Ranked([], [], [], [])
+
+
+def merge_ranked(items: list[str], teams: list[str], by_team: dict[str, Ranked]) -> Ranked:
+    """The ranking of an interleaved list: each item with the score, sources, reason and
+    fields its team's ranking gave it."""
+    index = {team: {item: i for i, item in enumerate(r.item_ids)} for team, r in by_team.items()}
+    picked = [(by_team[team], index[team][item]) for item, team in zip(items, teams, strict=True)]
+    with_fields = all(r.fields is not None for r in by_team.values())
+    return Ranked(
+        item_ids=list(items),
+        scores=[r.scores[i] for r, i in picked],
+        sources=[r.sources[i] for r, i in picked],
+        reasons=[r.reasons[i] for r, i in picked],
+        fields=[r.fields[i] for r, i in picked] if with_fields else None,  # type: ignore[index]
+        teams=list(teams),
+    )
 
 
 def rules(attrs: ItemAttributes, filters: Filters) -> np.ndarray:

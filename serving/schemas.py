@@ -116,7 +116,13 @@ class RecommendedItem(BaseModel):
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str | None
-    variant: Literal["champion", "challenger", "popularity"]
+    variant: str = Field(
+        description="Who answered: `champion`, `challenger` (its share of users), `popularity` "
+        "(no model), an experiment arm's name, or `interleaved` (an interleaving experiment)."
+    )
+    experiment: str | None = Field(
+        default=None, description="The online experiment that chose the variant, if any."
+    )
     segment: str | None = Field(
         default=None,
         description="The user's segment when its re-ranking rule applied (see /user_profile).",
@@ -374,3 +380,49 @@ class ErrorResponse(BaseModel):
     error: str
     field: str | None = None
     detail: list[dict[str, Any]] | None = None
+
+
+# -- online experiments (admin) -----------------------------------------------------------------
+
+
+class ExperimentStartRequest(BaseModel):
+    """An experiment to start: the control and treatments name what serves each arm."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "als-vs-popularity", "control": "champion",
+                          "treatments": ["popularity"], "min_users": 500}]
+        },
+    )  # fmt: skip
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    control: str = Field(
+        default="champion", description="champion, challenger, popularity, version:N"
+    )
+    treatments: list[str] = Field(min_length=1, max_length=8)
+    kind: Literal["ab", "interleave"] = "ab"
+    shares: list[float] | None = Field(
+        default=None, description="A weight per arm (default equal)."
+    )
+    traffic: float = Field(default=1.0, gt=0, le=1)
+    metric: Literal["ctr", "conversion", "revenue_per_user"] = "ctr"
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    min_users: int = Field(default=200, ge=1)
+    min_hours: float = Field(default=1.0, ge=0)
+    max_days: float = Field(default=14.0, gt=0)
+
+
+class ExperimentResponse(BaseModel):
+    """An experiment as stored: its arms, status and, once decided, the decision."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    status: str
+    arms: list[dict]
+    metric: str
+    traffic: float
+    started_at: float
+    decision: dict | None = None

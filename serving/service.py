@@ -21,21 +21,26 @@ from starlette.responses import Response
 from config import get_settings
 from feature_repo.connection import connect, revive_embedded
 from feature_repo.definitions import FeatureConfig
+from feature_repo.experiment_store import ExperimentStore, open_experiment_store
 from feature_repo.forget import SuppressionCache
 from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
 from serving import answers
 from serving.api import app, json_response
 from serving.auth import Guard, GuardMiddleware
+from serving.bundle import ServingModel
 from serving.errors import DependencyUnavailable, JSONNotFound
-from serving.features import FeatureReader
+from serving.experiments import ExperimentLoader, ExperimentRouter, Served
+from serving.features import FeatureReader, RequestRead
 from serving.forgetting import SuppressedLoader, forget
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
 from serving.ranking import Ranker, RankingParams
+from serving.reranking import Ranked, merge_ranked
 from serving.schemas import (
     EventsRequest,
+    ExperimentStartRequest,
     ItemsRequest,
     PopularRequest,
     RecommendRequest,
@@ -44,6 +49,8 @@ from serving.schemas import (
 )
 from serving.settings import ServingSettings, blend_weights
 from training.events import check_batch
+from training.experiments import check_arms, new_experiment
+from training.interleaving import seed_for, team_draft
 
 log = logging.getLogger("recsys.serving")
 # While Redis is down requests skip it; a probe checks it this often, so this is also about how
@@ -87,6 +94,11 @@ class RecommendationService:
         self.metrics = service_metrics()
         self.ranker = Ranker(RankingParams.from_settings(self.settings))
         self._popularity_blend = blend_weights(self.settings, None)
+        # The running experiments first: the models they name load with the aliases' ones.
+        self.experiments = ExperimentRouter(
+            ExperimentLoader(self.config.store.postgres_url, self.home)
+        )
+        self.experiments.reload()
         self.models = ModelManager(
             self._open_registry,
             state_dir=self.home / "serving",
@@ -96,7 +108,10 @@ class RecommendationService:
             prepare=lambda model: setattr(
                 model, "blend", blend_weights(self.settings, model.weights)
             ),
+            wanted_versions=self.experiments.versions,
         )
+        # An experiment that names a version not loaded yet has it loaded at once.
+        self.experiments.on_change = lambda _: self.models.refresh()
         self._models_changed(self.models.current)
         self.models.load_initial()
         self.redis_outage = Outage(
@@ -148,6 +163,7 @@ class RecommendationService:
             self.redis_outage.failed(exc)
         self.models.start()
         self.suppressed.start()
+        self.experiments.start()
         # Everything loaded so far lives as long as the worker: keep it out of the cyclic GC's
         # full passes, which otherwise stall requests for milliseconds.
         gc.collect()
@@ -157,6 +173,7 @@ class RecommendationService:
     def stop(self) -> None:
         self.models.stop()
         self.suppressed.stop()
+        self.experiments.stop()
         self.redis_outage.stop()
 
     def _ensure_group(self) -> None:
@@ -212,15 +229,32 @@ class RecommendationService:
         started = time.perf_counter()
         now = time.time()
         request_id = uuid.uuid4().hex
-        model = self.models.current.for_user(body.user_id)
-        variant = model.variant if model is not None else "popularity"
-        read = self.features.for_request(body, model, now)
+        served = self.experiments.route(self.models.current, body.user_id)
+        model, variant = served.model, served.variant
+        # An interleaved answer is drawn per request, so it is never cached.
+        label = f"{variant}|{served.experiment}" if not served.rivals else request_id
+        read = self.features.for_request(body, model, now, label)
         if read.cached is not None:
             self.metrics.variant.labels(variant).inc()
             return answers.envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
-        fields = tuple(body.fields or ())
-        ranked = self.ranker.recommend(
+        if served.rivals:
+            ranked = self._interleaved(served, body, read, now, request_id)
+        else:
+            ranked = self._ranked(model, body, read, now)
+        payload = answers.recommend_payload(ranked, model, variant, served.experiment)
+        if not served.rivals:
+            self.features.cache_answer(body.user_id, read, payload, now)
+        done = time.perf_counter()
+        self.metrics.stage_latency.labels("features").observe(features_done - started)
+        self.metrics.stage_latency.labels("ranking").observe(done - features_done)
+        self.metrics.variant.labels(variant).inc()
+        return answers.envelope(payload, request_id, started, cached=False, degraded=read.degraded)
+
+    def _ranked(
+        self, model: ServingModel | None, body: RecommendRequest, read: RequestRead, now: float
+    ) -> Ranked:
+        return self.ranker.recommend(
             model=model,
             weights=model.blend if model is not None else self._popularity_blend,
             user_id=body.user_id,
@@ -230,15 +264,21 @@ class RecommendationService:
             live=read.live,
             now=now,
             attributes=lambda ids: self.features.attributes(ids, model),
-            fields=fields,
+            fields=tuple(body.fields or ()),
         )
-        payload = answers.recommend_payload(ranked, model, variant)
-        self.features.cache_answer(body.user_id, read, payload, now)
-        done = time.perf_counter()
-        self.metrics.stage_latency.labels("features").observe(features_done - started)
-        self.metrics.stage_latency.labels("ranking").observe(done - features_done)
-        self.metrics.variant.labels(variant).inc()
-        return answers.envelope(payload, request_id, started, cached=False, degraded=read.degraded)
+
+    def _interleaved(
+        self, served: Served, body: RecommendRequest, read: RequestRead, now: float, request_id: str
+    ) -> Ranked:
+        """Team-draft interleaving of the two rivals' rankings (seeded by the request id, so a
+        replay gives the same teams); the merged ranking names each position's arm (`teams`)."""
+        (name_a, model_a), (name_b, model_b) = served.rivals
+        ranked_a = self._ranked(model_a, body, read, now)
+        ranked_b = self._ranked(model_b, body, read, now)
+        items, teams = team_draft(
+            ranked_a.item_ids, ranked_b.item_ids, body.k, seed_for(request_id), (name_a, name_b)
+        )
+        return merge_ranked(items, teams, {name_a: ranked_a, name_b: ranked_b})
 
     # -- /similar_items, /popular, /trending and profiles ---------------------------------------
 
@@ -335,6 +375,42 @@ class RecommendationService:
             postgres_url=self.config.store.postgres_url,
             home=self.home,
         )
+
+    # -- online experiments (admin) ------------------------------------------------------------
+
+    def list_experiments(self) -> Response:
+        with self._experiment_store() as store:
+            return json_response([e.to_dict() for e in store.all()])
+
+    def get_experiment(self, name: str) -> Response:
+        with self._experiment_store() as store:
+            return json_response(store.get(name).to_dict())
+
+    def start_experiment(self, body: ExperimentStartRequest) -> Response:
+        """Check the arms against the registry, store the experiment, serve it in this worker at
+        once (the others reload within seconds)."""
+        fields = body.model_dump(exclude={"min_hours", "max_days"})
+        fields.update(
+            min_duration_s=body.min_hours * 3600.0, max_duration_s=body.max_days * 86400.0
+        )
+        experiment = new_experiment(**fields)
+        check_arms(experiment, self.models.registry)
+        with self._experiment_store() as store:
+            store.start(experiment)
+        self.experiments.reload()
+        return json_response(experiment.to_dict())
+
+    def stop_experiment(self, name: str) -> Response:
+        with self._experiment_store() as store:
+            stopped = store.stop(name)
+        self.experiments.reload()
+        return json_response(stopped.to_dict())
+
+    def _experiment_store(self) -> ExperimentStore:
+        try:
+            return open_experiment_store(self.config.store.postgres_url, self.home)
+        except ConnectionError as exc:
+            raise DependencyUnavailable(f"{exc}; retry", 5) from exc
 
     # -- the live catalog ----------------------------------------------------------------------
 
