@@ -128,6 +128,8 @@ def attribute(
             by=["user_id", "item_id"],
             strategy="backward",
             tolerance=float(window_seconds),
+            # Sorted by time above; polars cannot verify it within `by` groups and would warn.
+            check_sortedness=False,
         )
         .drop_nulls("request_id")
         .with_columns(pl.lit("window").alias("how"))
