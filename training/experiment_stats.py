@@ -748,7 +748,9 @@ def analyse(
     now = float(now) if now is not None else float(exp_logs["timestamp"].max() or 0.0)
     duration = 0.0 if start is None else max(0.0, now - start)
 
-    attributed = attribute(events, exp_logs, window_seconds, prices)
+    # All answers, not only the experiment's: a later answer outside it may be the one that
+    # showed the item last, and then the click is not the experiment's.
+    attributed = attribute(events, logs, window_seconds, prices)
     pre = None
     if start is not None and not events.is_empty():
         pre = events.filter(

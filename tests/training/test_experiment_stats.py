@@ -485,3 +485,12 @@ def test_analyse_rejects_unknown_metrics_and_bad_arms() -> None:
         analyse(logs, events, "exp1", "control", ["treat"], metric="dwell")
     with pytest.raises(ValueError, match="cannot also be a treatment"):
         analyse(logs, events, "exp1", "control", ["control"])
+
+
+def test_analyse_of_an_experiment_without_answers_continues_and_is_strict_json() -> None:
+    logs, events = _experiment(100, {"control": 0.05, "treat": 0.05})
+    for frame, ev, name in ((logs, events, "absent"), (logs.head(0), events.head(0), "exp1")):
+        res = analyse(frame, ev, name, "control", ["treat"])
+        assert res.decision == "continue"
+        assert [v.users for v in res.variants] == [0, 0]
+        json.dumps(res.to_dict(), allow_nan=False)
