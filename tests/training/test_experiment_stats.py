@@ -288,6 +288,15 @@ def test_a_real_effect_is_detected_and_the_confidence_sequence_covers_it() -> No
     assert sequential_path(y[:200], t[:200], 0.05, previous_p=0.01).p_value[-1] <= 0.01
 
 
+def test_a_look_before_each_arm_has_min_arm_users_carries_no_evidence() -> None:
+    # A 10% arm whose first users happen not to click against a clicking control.
+    y = np.r_[np.zeros(20), np.ones(300)]
+    t = np.r_[np.ones(20, bool), np.zeros(300, bool)]
+    path = sequential_path(y, t, 0.05, look_every=10)
+    assert np.all(path.p_value == 1.0)
+    assert np.all(np.isinf(path.lower)) and np.all(np.isinf(path.upper))
+
+
 def test_power_users_matches_the_formula_and_the_simulated_power() -> None:
     n = power_users(1.0, 1.0, 0.1, alpha=0.05, power=0.8, shares=(0.5, 0.5))
     z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
