@@ -503,3 +503,14 @@ def test_analyse_of_an_experiment_without_answers_continues_and_is_strict_json()
         assert res.decision == "continue"
         assert [v.users for v in res.variants] == [0, 0]
         json.dumps(res.to_dict(), allow_nan=False)
+
+
+def test_aa_over_20_seeds_declares_a_difference_in_at_most_2_and_srm_in_none() -> None:
+    """The issue's A/A target at the level of analyse(): the same click rate on both arms."""
+    decisions = []
+    for seed in range(20):
+        logs, events = _experiment(3000, {"control": 0.05, "treat": 0.05}, seed=100 + seed)
+        res = analyse(logs, events, "exp1", "control", ["treat"], metric="ctr", **KW)
+        assert not res.srm
+        decisions.append(res.decision)
+    assert sum(d.startswith(("promote", "rollback")) for d in decisions) <= 2, decisions
