@@ -22,6 +22,10 @@ CI_LEVEL = 0.95
 # typical effect of a ranking change on a per-user metric.
 DEFAULT_TAU_SD = 0.1
 DEFAULT_LOOK_EVERY = 100
+# A look counts only once every arm has this many users: the normal approximation (and the
+# variance estimate the mSPRT plugs in) is poor below it, and with the running minimum one early
+# fluke would stay rejected for good.
+MIN_ARM_USERS = 30
 DEFAULT_PRE_PERIOD_SECONDS = 28 * 86400.0
 METRICS: dict[str, str] = {
     "ctr": "ctr",
@@ -128,6 +132,8 @@ def attribute(
             by=["user_id", "item_id"],
             strategy="backward",
             tolerance=float(window_seconds),
+            # Sorted by time above; polars cannot verify it within `by` groups and would warn.
+            check_sortedness=False,
         )
         .drop_nulls("request_id")
         .with_columns(pl.lit("window").alias("how"))
@@ -390,7 +396,8 @@ def sequential_path(
     At each look: est = mean_T - mean_C, V = s_T^2 / n_T + s_C^2 / n_C (the normal approximation),
     then msprt(). `tau` defaults to DEFAULT_TAU_SD x the pooled sd of all values. The p-values are
     the running minimum over looks (and `previous_p`, a p-value reported earlier), so they never
-    rise as data grows; the confidence sequence is the running intersection."""
+    rise as data grows; the confidence sequence is the running intersection. Looks before each
+    arm has MIN_ARM_USERS users carry no evidence (p = 1, an unbounded sequence)."""
     y = np.asarray(values, dtype=float)
     t = np.asarray(is_treatment, dtype=bool)
     if y.shape != t.shape:
@@ -417,7 +424,8 @@ def sequential_path(
     n_c, m_c, v_c = moments(~t)
     with np.errstate(invalid="ignore", divide="ignore"):
         est = m_t - m_c
-        var = np.where((n_t > 1) & (n_c > 1), v_t / n_t + v_c / n_c, np.nan)
+        enough = (n_t >= MIN_ARM_USERS) & (n_c >= MIN_ARM_USERS)
+        var = np.where(enough, v_t / n_t + v_c / n_c, np.nan)
     p, lower, upper = msprt(est, var, tau, alpha)
     p, lower, upper = _monotone(p, lower, upper, previous_p)
     return SequentialPath(looks, est, p, lower, upper)
@@ -446,7 +454,9 @@ def one_sample_path(
     ss = np.cumsum(y * y)[idx]
     mean = s / n
     with np.errstate(invalid="ignore", divide="ignore"):
-        var = np.where(n > 1, np.maximum(ss - n * mean * mean, 0.0) / (n - 1) / n, np.nan)
+        var = np.where(
+            n >= MIN_ARM_USERS, np.maximum(ss - n * mean * mean, 0.0) / (n - 1) / n, np.nan
+        )
     p, lower, upper = msprt(mean, var, tau, alpha)
     p, lower, upper = _monotone(p, lower, upper, previous_p)
     return SequentialPath(looks, mean, p, lower, upper)
@@ -746,7 +756,9 @@ def analyse(
     now = float(now) if now is not None else float(exp_logs["timestamp"].max() or 0.0)
     duration = 0.0 if start is None else max(0.0, now - start)
 
-    attributed = attribute(events, exp_logs, window_seconds, prices)
+    # All answers, not only the experiment's: a later answer outside it may be the one that
+    # showed the item last, and then the click is not the experiment's.
+    attributed = attribute(events, logs, window_seconds, prices)
     pre = None
     if start is not None and not events.is_empty():
         pre = events.filter(

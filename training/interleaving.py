@@ -149,13 +149,24 @@ def user_preferences(credit: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _users_until(
+    credit: pl.DataFrame, prefs: pl.DataFrame, with_preference: int | None
+) -> int | None:
+    """All users (with a preference or not) seen by the time the given number of users with a
+    preference was reached: the sample size an A/B test of the same traffic is compared with."""
+    if with_preference is None:
+        return None
+    last = prefs["first_seen"][with_preference - 1]
+    return int(credit.filter(pl.col("timestamp") <= last)["user_id"].n_unique())
+
+
 @dataclass(frozen=True)
 class InterleavingAnalysis:
     """An interleaving experiment of arm_b against arm_a. delta: the user-level preference for B,
     (users preferring B + tied users / 2) / users - 1/2, in [-1/2, 1/2], with its 95% CI;
     p_value and confidence_sequence: the always-valid mSPRT on the per-user scores, the sequence
-    expressed on the delta's scale; detected_at_users: users with a preference at the first look
-    whose p-value fell below alpha (None: not yet)."""
+    expressed on the delta's scale; detected_at_users: users exposed (with a preference or not) by
+    the first look whose p-value fell below alpha (None: not yet)."""
 
     experiment: str
     arm_a: str
@@ -273,7 +284,7 @@ def interleaving_analysis(
         delta=delta,
         p_value=p,
         confidence_sequence=(lo, hi),
-        detected_at_users=path.first_rejection(alpha),
+        detected_at_users=_users_until(credit, prefs, path.first_rejection(alpha)),
         duration_s=duration,
         decision=decision,
         reason=reason,
