@@ -569,7 +569,7 @@ class GuardrailBreach:
     limit: float
 
 
-def guardrails(
+def variant_guardrails(
     logs: pl.DataFrame, experiment: str, catalog_size: int | None = None
 ) -> dict[str, VariantGuardrails]:
     """Per variant of the experiment: answers, p99 latency_ms, share of status "error", and
@@ -722,7 +722,7 @@ def analyse(
     max_duration_s: float = 28 * 86400.0,
     now: float | None = None,
     prices: pl.DataFrame | None = None,
-    guardrail_thresholds: GuardrailThresholds | None = None,
+    guardrails: GuardrailThresholds | None = None,
     *,
     shares: Mapping[str, float] | None = None,
     window_seconds: float = DEFAULT_WINDOW_SECONDS,
@@ -830,8 +830,8 @@ def analyse(
             )
         )
 
-    per_variant = guardrails(logs, experiment, catalog_size)
-    breaches = guardrail_breaches(per_variant, control, treatments, guardrail_thresholds)
+    per_variant = variant_guardrails(logs, experiment, catalog_size)
+    breaches = guardrail_breaches(per_variant, control, treatments, guardrails)
     decision, reason = _decide(
         results, breaches, srm, srm_p, counts, control, min_users, duration,
         min_duration_s, max_duration_s, level,

@@ -16,12 +16,12 @@ from training.experiment_stats import (
     attribute,
     cuped_adjust,
     guardrail_breaches,
-    guardrails,
     power_users,
     sequential_path,
     sequential_users,
     srm_test,
     user_metrics,
+    variant_guardrails,
 )
 
 T0 = 1_700_000_000.0
@@ -343,7 +343,7 @@ def test_guardrails_flag_latency_errors_and_coverage_relative_to_control() -> No
         + _served("narrow", 400, 20.0, 4, 10, rng)
         + _served("fine", 400, 22.0, 6, 90, rng)
     )
-    per = guardrails(logs, "exp1", catalog_size=200)
+    per = variant_guardrails(logs, "exp1", catalog_size=200)
     assert per["control"].p99_latency_ms == pytest.approx(20.0)
     assert per["faulty"].error_rate == pytest.approx(0.05)
     assert per["narrow"].coverage == pytest.approx(0.05)
