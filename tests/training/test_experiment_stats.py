@@ -112,6 +112,7 @@ def test_window_attribution_takes_the_latest_earlier_impression_within_the_windo
             {"request_id": "new", "user_id": "u1", "timestamp": T0 + 100, "items": ["b", "a"]},
             {"request_id": "late", "user_id": "u1", "timestamp": T0 + 500, "items": ["a"]},
             {"request_id": "other", "user_id": "u2", "timestamp": T0 + 150, "items": ["a"]},
+            {"request_id": "ms", "user_id": "u4", "timestamp": T0 + 9.7, "items": ["a"]},
         ]
     )
     ev = _events(
@@ -129,10 +130,14 @@ def test_window_attribution_takes_the_latest_earlier_impression_within_the_windo
             {"user_id": "u1", "item_id": "a", "event_type": "purchase", "timestamp": T0 + 1500},
             # Another user's impression never counts.
             {"user_id": "u3", "item_id": "a", "event_type": "click", "timestamp": T0 + 200},
+            # Stored in whole seconds: a click at T0 + 9 (.9) follows the answer at T0 + 9.7.
+            {"user_id": "u4", "item_id": "a", "event_type": "click", "timestamp": T0 + 9},
+            {"user_id": "u4", "item_id": "a", "event_type": "click", "timestamp": T0 + 8},
         ]
     )  # fmt: skip
     out = attribute(ev, logs, window_seconds=1000).sort("timestamp")
     assert out.select("request_id", "item_id", "position", "how").rows() == [
+        ("ms", "a", 0, "window"),
         ("new", "b", 0, "window"),
         ("new", "a", 1, "window"),
         ("late", "a", 0, "window"),
