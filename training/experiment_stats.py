@@ -786,6 +786,8 @@ def analyse(
             )
         )
     expected = dict(shares) if shares is not None else {v: 1.0 for v in variants}
+    if missing := [v for v in variants if v not in expected]:
+        raise ValueError(f"shares name no traffic share for the variants {missing}")
     srm_chi2, srm_p = srm_test(counts, {v: expected[v] for v in variants})
     srm = srm_p < SRM_ALPHA
 

@@ -499,6 +499,8 @@ def test_analyse_rejects_unknown_metrics_and_bad_arms() -> None:
         analyse(logs, events, "exp1", "control", ["treat"], metric="dwell")
     with pytest.raises(ValueError, match="cannot also be a treatment"):
         analyse(logs, events, "exp1", "control", ["control"])
+    with pytest.raises(ValueError, match="no traffic share"):
+        analyse(logs, events, "exp1", "control", ["treat"], shares={"control": 0.9})
 
 
 def test_analyse_of_an_experiment_without_answers_continues_and_is_strict_json() -> None:
