@@ -89,7 +89,8 @@ def attribute(
     An event naming a logged `request_id` goes to that impression if the item is in it (else it is
     dropped: it came from somewhere else). An event without a request_id, or naming one that is not
     in the logs, goes to the latest impression of that item to that user at or before the event and
-    at most `window_seconds` earlier. `prices` (item_id, price) gives revenue = price x quantity
+    at most `window_seconds` earlier (answers compared by their whole second, the resolution of
+    stored events). `prices` (item_id, price) gives revenue = price x quantity
     (`value`, null = 1) for purchases; a missing price counts 0. Unattributed events are dropped.
     Returns ATTRIBUTED_SCHEMA, one row per attributed event.
     """
@@ -126,9 +127,11 @@ def attribute(
         unnamed.drop("request_id")
         .sort("timestamp")
         .join_asof(
-            shown.sort("impression_ts"),
+            # Events are stored in whole seconds (EVENT_SCHEMA), answers to the millisecond: an
+            # answer at 100.7 s precedes a click stored as 100, so answers count by their second.
+            shown.with_columns(pl.col("impression_ts").floor().alias("_second")).sort("_second"),
             left_on="timestamp",
-            right_on="impression_ts",
+            right_on="_second",
             by=["user_id", "item_id"],
             strategy="backward",
             tolerance=float(window_seconds),
@@ -136,6 +139,7 @@ def attribute(
             check_sortedness=False,
         )
         .drop_nulls("request_id")
+        .drop("_second")
         .with_columns(pl.lit("window").alias("how"))
     )
     out = pl.concat([by_request.select(by_window.columns), by_window], how="vertical")
@@ -569,7 +573,7 @@ class GuardrailBreach:
     limit: float
 
 
-def guardrails(
+def variant_guardrails(
     logs: pl.DataFrame, experiment: str, catalog_size: int | None = None
 ) -> dict[str, VariantGuardrails]:
     """Per variant of the experiment: answers, p99 latency_ms, share of status "error", and
@@ -722,7 +726,7 @@ def analyse(
     max_duration_s: float = 28 * 86400.0,
     now: float | None = None,
     prices: pl.DataFrame | None = None,
-    guardrail_thresholds: GuardrailThresholds | None = None,
+    guardrails: GuardrailThresholds | None = None,
     *,
     shares: Mapping[str, float] | None = None,
     window_seconds: float = DEFAULT_WINDOW_SECONDS,
@@ -782,6 +786,8 @@ def analyse(
             )
         )
     expected = dict(shares) if shares is not None else {v: 1.0 for v in variants}
+    if missing := [v for v in variants if v not in expected]:
+        raise ValueError(f"shares name no traffic share for the variants {missing}")
     srm_chi2, srm_p = srm_test(counts, {v: expected[v] for v in variants})
     srm = srm_p < SRM_ALPHA
 
@@ -830,8 +836,8 @@ def analyse(
             )
         )
 
-    per_variant = guardrails(logs, experiment, catalog_size)
-    breaches = guardrail_breaches(per_variant, control, treatments, guardrail_thresholds)
+    per_variant = variant_guardrails(logs, experiment, catalog_size)
+    breaches = guardrail_breaches(per_variant, control, treatments, guardrails)
     decision, reason = _decide(
         results, breaches, srm, srm_p, counts, control, min_users, duration,
         min_duration_s, max_duration_s, level,

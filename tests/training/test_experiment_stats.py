@@ -16,12 +16,12 @@ from training.experiment_stats import (
     attribute,
     cuped_adjust,
     guardrail_breaches,
-    guardrails,
     power_users,
     sequential_path,
     sequential_users,
     srm_test,
     user_metrics,
+    variant_guardrails,
 )
 
 T0 = 1_700_000_000.0
@@ -112,6 +112,7 @@ def test_window_attribution_takes_the_latest_earlier_impression_within_the_windo
             {"request_id": "new", "user_id": "u1", "timestamp": T0 + 100, "items": ["b", "a"]},
             {"request_id": "late", "user_id": "u1", "timestamp": T0 + 500, "items": ["a"]},
             {"request_id": "other", "user_id": "u2", "timestamp": T0 + 150, "items": ["a"]},
+            {"request_id": "ms", "user_id": "u4", "timestamp": T0 + 9.7, "items": ["a"]},
         ]
     )
     ev = _events(
@@ -129,10 +130,14 @@ def test_window_attribution_takes_the_latest_earlier_impression_within_the_windo
             {"user_id": "u1", "item_id": "a", "event_type": "purchase", "timestamp": T0 + 1500},
             # Another user's impression never counts.
             {"user_id": "u3", "item_id": "a", "event_type": "click", "timestamp": T0 + 200},
+            # Stored in whole seconds: a click at T0 + 9 (.9) follows the answer at T0 + 9.7.
+            {"user_id": "u4", "item_id": "a", "event_type": "click", "timestamp": T0 + 9},
+            {"user_id": "u4", "item_id": "a", "event_type": "click", "timestamp": T0 + 8},
         ]
     )  # fmt: skip
     out = attribute(ev, logs, window_seconds=1000).sort("timestamp")
     assert out.select("request_id", "item_id", "position", "how").rows() == [
+        ("ms", "a", 0, "window"),
         ("new", "b", 0, "window"),
         ("new", "a", 1, "window"),
         ("late", "a", 0, "window"),
@@ -343,7 +348,7 @@ def test_guardrails_flag_latency_errors_and_coverage_relative_to_control() -> No
         + _served("narrow", 400, 20.0, 4, 10, rng)
         + _served("fine", 400, 22.0, 6, 90, rng)
     )
-    per = guardrails(logs, "exp1", catalog_size=200)
+    per = variant_guardrails(logs, "exp1", catalog_size=200)
     assert per["control"].p99_latency_ms == pytest.approx(20.0)
     assert per["faulty"].error_rate == pytest.approx(0.05)
     assert per["narrow"].coverage == pytest.approx(0.05)
@@ -494,6 +499,8 @@ def test_analyse_rejects_unknown_metrics_and_bad_arms() -> None:
         analyse(logs, events, "exp1", "control", ["treat"], metric="dwell")
     with pytest.raises(ValueError, match="cannot also be a treatment"):
         analyse(logs, events, "exp1", "control", ["control"])
+    with pytest.raises(ValueError, match="no traffic share"):
+        analyse(logs, events, "exp1", "control", ["treat"], shares={"control": 0.9})
 
 
 def test_analyse_of_an_experiment_without_answers_continues_and_is_strict_json() -> None:
