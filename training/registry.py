@@ -179,9 +179,7 @@ class ModelRegistry:
             experiment_id=self.experiment_id(), run_name=run_name, tags=tags or {}
         )
 
-    def log_bundle(
-        self, bundle: HybridRecommender, lineage: TrainingLineage | None = None
-    ) -> str:
+    def log_bundle(self, bundle: HybridRecommender, lineage: TrainingLineage | None = None) -> str:
         """Log the bundle as a pyfunc model in the active run and register it; return version.
 
         `lineage` (who trained it, the Dagster run, the training data) is written as tags of the
