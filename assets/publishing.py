@@ -15,6 +15,7 @@ from pydantic import Field
 from assets.models import TrainedHybrid
 from assets.resources import EXTERNAL_RETRY, EventStoreResource, MLflowResource
 from training.evaluation import to_markdown
+from training.lineage import DAGSTER, DataSummary, TrainingLineage
 from training.matrix import InteractionMatrix
 from training.registry import GATE_METRIC, flatten_params, metric_key
 from training.train import SplitData
@@ -254,7 +255,11 @@ def registered_model(
             tuning = {name: c.tuning for name, c in hybrid_ranker.components.items()}
             (folder / "tuning.json").write_text(json.dumps(tuning, indent=2, default=str))
             mlflow.log_artifacts(str(folder), artifact_path="evaluation")
-        version = registry.log_bundle(hybrid_ranker.final)
+        # What `recsys lineage` and every answer of the service trace the version back to.
+        lineage = TrainingLineage(
+            DAGSTER, context.run_id, DataSummary.of(training_split.events, event_store.kind())
+        )
+        version = registry.log_bundle(hybrid_ranker.final, lineage)
         run_id = run.info.run_id
     with event_store.open() as store:
         store.relabel_recommendations(_run_label(context.run_id), str(version))
@@ -284,5 +289,6 @@ def registered_model(
             "gate": decision.reason,
             "mlflow_run_id": run_id,
             "tracking_uri": registry.tracking_uri,
+            "training_events": lineage.data.event_count if lineage.data else 0,
         },
     )

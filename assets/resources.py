@@ -11,7 +11,7 @@ from pydantic import Field
 
 from config import get_settings
 from feature_repo.connection import connect
-from feature_repo.event_store import EventStore, open_event_store
+from feature_repo.event_store import EventStore, event_store_kind, open_event_store
 from feature_repo.store import FeatureStore
 from training.data import empty_catalog
 from training.events import (
@@ -102,6 +102,10 @@ class EventStoreResource(dg.ConfigurableResource):
     def open(self) -> EventStore:
         """A connected store; close it (or use it as a context manager) when done."""
         return open_event_store(self.url or None, self.home)
+
+    def kind(self) -> str:
+        """Which backend `open` connects to: `postgresql` or `parquet`."""
+        return event_store_kind(self.url or None)
 
 
 class MLflowResource(dg.ConfigurableResource):

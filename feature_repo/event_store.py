@@ -226,12 +226,20 @@ def _audit_record(user_id: str, actor: str, removed: dict[str, int]) -> dict:
     }
 
 
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def event_store_kind(url: str | None) -> str:
+    """The backend a URL selects (see `open_event_store`): `postgresql` or `parquet`."""
+    return "postgresql" if url and url.startswith(_POSTGRES_SCHEMES) else "parquet"
+
+
 def open_event_store(url: str | None, home: str | Path) -> EventStore:
     """The store for a URL: PostgreSQL for `postgresql://`, else Parquet under `home/events`."""
     from feature_repo.event_store_parquet import ParquetEventStore
     from feature_repo.event_store_postgres import PostgresEventStore
 
-    if url and url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+    if event_store_kind(url) == "postgresql":
         return PostgresEventStore(url)
     if url:
         return ParquetEventStore(Path(url.removeprefix("file://")))

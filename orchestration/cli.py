@@ -629,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analytics_parsers(sub)
     add_experiment_parsers(sub)
+    from orchestration.lineage_cli import add_parsers as add_lineage_parsers
+
+    add_lineage_parsers(sub)
     # Subcommands do not inherit the top parser's formatter: set it on each, in one place.
     for subparser in sub.choices.values():
         subparser.formatter_class = HelpFormatter

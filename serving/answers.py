@@ -71,6 +71,7 @@ def _items(
         {
             "items": items,
             "model_version": model.version if model else None,
+            "lineage": model.lineage_json if model else None,
             "request_id": uuid.uuid4().hex,
             "degraded": degraded,
         }
@@ -122,6 +123,7 @@ def trending(
             "categories": categories,
             "source": source,
             "analysed_at": found.analysed_at,
+            "lineage": model.lineage_json if model else None,
             "request_id": uuid.uuid4().hex,
             "degraded": degraded,
         }
@@ -146,8 +148,8 @@ def _live_trending(
 def recommend_payload(
     ranked: Ranked, model: ServingModel | None, variant: str, experiment: str | None = None
 ) -> str:
-    """The cacheable `{items, model_version, variant, experiment, segment}` JSON object of a
-    ranking."""
+    """The cacheable `{items, model_version, lineage, variant, experiment, segment}` JSON object
+    of a ranking."""
     items = [
         {"item_id": i, "score": s, "sources": src, "reason": r}
         for i, s, src, r in zip(
@@ -161,6 +163,7 @@ def recommend_payload(
         {
             "items": items,
             "model_version": model.version if model is not None else None,
+            "lineage": model.lineage_json if model is not None else None,
             "variant": variant,
             "experiment": experiment,
             "segment": ranked.segment,

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 from serving.settings import ServingSettings, blend_weights
 from training.hybrid import HybridRecommender
+from training.lineage import ModelLineage
 from training.matrix import lookup
 
 ITEM_ITEM = ("ease", "itemknn")
@@ -17,10 +18,19 @@ ITEM_ITEM = ("ease", "itemknn")
 class ServingModel:
     """A loaded bundle plus the arrays the request path reads, computed once at load."""
 
-    def __init__(self, bundle: HybridRecommender, version: str, variant: str) -> None:
+    def __init__(
+        self,
+        bundle: HybridRecommender,
+        version: str,
+        variant: str,
+        lineage: ModelLineage | None = None,
+    ) -> None:
         self.bundle = bundle
         self.version = version
         self.variant = variant
+        # Read from the version's tags once, at load: answers name it without asking MLflow.
+        self.lineage = lineage or ModelLineage(version, None, None, "unknown")
+        self.lineage_json = self.lineage.as_json()
         self.item_ids = np.asarray(bundle.item_ids).astype(str)
         if len(self.item_ids) > 1 and not np.all(self.item_ids[:-1] < self.item_ids[1:]):
             raise ValueError("the bundle's item_ids must be sorted and unique")

@@ -19,6 +19,7 @@ from typing import Protocol
 from serving.bundle import ServingModel
 from serving.outage import Outage
 from training.hybrid import HybridRecommender
+from training.lineage import ModelLineage
 from training.registry import CHALLENGER, CHAMPION
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _saved_lineage(entry: dict) -> ModelLineage | None:
+    """The lineage the last good record kept (records written before it have none)."""
+    saved = entry.get("lineage")
+    return ModelLineage.from_json(saved, entry.get("created_at")) if saved else None
 
 
 class Registry(Protocol):
@@ -163,7 +170,7 @@ class ModelManager:
                     else:
                         bundle = self.registry.load_bundle(info.version)
                         loaded[variant] = self._prepared(
-                            ServingModel(bundle, info.version, variant)
+                            ServingModel(bundle, info.version, variant, info.lineage())
                         )
                         log.info("loaded %s version %s", variant, info.version)
                 versions = self._versions(loaded)
@@ -213,7 +220,12 @@ class ModelManager:
         if models.champion is None and models.challenger is None:
             return  # nothing serves: the last good record stays for the next start
         state = {
-            variant: {"version": m.version, "path": str(self.registry.bundle_path(m.version))}
+            variant: {
+                "version": m.version,
+                "path": str(self.registry.bundle_path(m.version)),
+                "lineage": m.lineage.as_json(),
+                "created_at": m.lineage.created_at,
+            }
             for variant, m in ((CHAMPION, models.champion), (CHALLENGER, models.challenger))
             if m is not None
         }
@@ -229,7 +241,12 @@ class ModelManager:
             state = json.loads(self.state_file.read_text())
             loaded = {
                 variant: self._prepared(
-                    ServingModel(HybridRecommender.load(entry["path"]), entry["version"], variant)
+                    ServingModel(
+                        HybridRecommender.load(entry["path"]),
+                        entry["version"],
+                        variant,
+                        _saved_lineage(entry),
+                    )
                 )
                 for variant, entry in state.items()
                 if variant in (CHAMPION, CHALLENGER)

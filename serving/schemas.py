@@ -113,9 +113,28 @@ class RecommendedItem(BaseModel):
     reason: str
 
 
+class Lineage(BaseModel):
+    """Where the model behind an answer came from (`recsys lineage VERSION` prints the rest)."""
+
+    model_version: str
+    mlflow_run_id: str | None = Field(description="The MLflow run that logged the version.")
+    dagster_run_id: str | None = Field(
+        description="The Dagster run that trained it; null when it was not trained by Dagster."
+    )
+    trained_by: str = Field(
+        description="`dagster` (the training job), `python` (ModelRegistry.log_bundle called "
+        "directly: a script, a test, a benchmark) or `unknown` (registered before lineage was "
+        "recorded)."
+    )
+
+
+LINEAGE = Field(default=None, description="The serving model's lineage; null without a model.")
+
+
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str | None
+    lineage: Lineage | None = LINEAGE
     variant: str = Field(
         description="Who answered: `champion`, `challenger` (its share of users), `popularity` "
         "(no model), an experiment arm's name, or `interleaved` (an interleaving experiment)."
@@ -156,6 +175,7 @@ class ScoredItem(BaseModel):
 class ItemsResponse(BaseModel):
     items: list[ScoredItem]
     model_version: str | None
+    lineage: Lineage | None = LINEAGE
     request_id: str
     degraded: bool = DEGRADED
 
@@ -218,6 +238,7 @@ class TrendingResponse(BaseModel):
     analysed_at: float | None = Field(
         default=None, description="End of the analysed window (epoch seconds)."
     )
+    lineage: Lineage | None = LINEAGE
     request_id: str
     degraded: bool = DEGRADED
 

@@ -24,6 +24,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from config import get_settings
 from training.hybrid import HybridRecommender
+from training.lineage import ModelLineage, TrainingLineage
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,27 @@ class RegisteredVersion:
     run_id: str
     metrics: dict[str, float] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    created_at: float | None = None  # epoch seconds
 
     @property
     def gate_value(self) -> float | None:
         return self.metrics.get(GATE_METRIC)
+
+    def lineage(self) -> ModelLineage:
+        """The version's lineage as its tags recorded it at registration."""
+        trained = TrainingLineage.from_tags(self.tags)
+        return ModelLineage(
+            self.version,
+            self.run_id or None,
+            trained.dagster_run_id,
+            trained.trained_by,
+            self.created_at,
+        )
+
+
+class UnknownVersionError(LookupError):
+    """The registered model has no such version."""
 
 
 @dataclass
@@ -163,8 +181,18 @@ class ModelRegistry:
             experiment_id=self.experiment_id(), run_name=run_name, tags=tags or {}
         )
 
-    def log_bundle(self, bundle: HybridRecommender) -> str:
-        """Log the bundle as a pyfunc model in the active run and register it; return version."""
+    def log_bundle(self, bundle: HybridRecommender, lineage: TrainingLineage | None = None) -> str:
+        """Log the bundle as a pyfunc model in the active run and register it; return version.
+
+        `lineage` (who trained it, the Dagster run, the training data) is written as tags of the
+        run and of the version, and its data summary as run params; without it the version reads
+        `trained_by: python` (registered by a direct call, no orchestrator run).
+        """
+        lineage = lineage or TrainingLineage()
+        tags = lineage.tags()
+        mlflow.set_tags(tags)
+        if lineage.data is not None:
+            mlflow.log_params(lineage.data.tags())
         with tempfile.TemporaryDirectory() as tmp:
             path = bundle.save(Path(tmp) / BUNDLE_ARTIFACT)
             example = pd.DataFrame(
@@ -180,6 +208,8 @@ class ModelRegistry:
                 registered_model_name=self.model_name,
             )
         version = str(info.registered_model_version)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, version, key, value)
         self.client.set_registered_model_alias(self.model_name, CHALLENGER, version)
         return version
 
@@ -194,7 +224,60 @@ class ModelRegistry:
         metrics: dict[str, float] = {}
         if mv.run_id:
             metrics = dict(self.client.get_run(mv.run_id).data.metrics)
-        return RegisteredVersion(str(mv.version), mv.run_id or "", metrics, list(mv.aliases))
+        return self._registered(mv, metrics)
+
+    @staticmethod
+    def _registered(mv: Any, metrics: dict[str, float]) -> RegisteredVersion:
+        created = mv.creation_timestamp / 1000.0 if mv.creation_timestamp else None
+        return RegisteredVersion(
+            str(mv.version), mv.run_id or "", metrics, list(mv.aliases), dict(mv.tags), created
+        )
+
+    def describe(self, version: str) -> dict[str, Any]:
+        """A version's chain as JSON: the version (aliases, tags, creation time), its MLflow run
+        (id, name, status, metrics) and its recorded lineage. `UnknownVersionError` names the
+        versions there are when this one does not exist."""
+        try:
+            mv = self.client.get_model_version(self.model_name, str(version))
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+                raise
+            raise UnknownVersionError(self._unknown_message(str(version))) from None
+        run: dict[str, Any] | None = None
+        metrics: dict[str, float] = {}
+        if mv.run_id:
+            found = self.client.get_run(mv.run_id)
+            metrics = dict(found.data.metrics)
+            run = {
+                "run_id": mv.run_id,
+                "run_name": found.info.run_name,
+                "status": found.info.status,
+                "start_time": found.info.start_time / 1000.0 if found.info.start_time else None,
+                "metrics": metrics,
+                "tags": {k: v for k, v in found.data.tags.items() if not k.startswith("mlflow.")},
+            }
+        registered = self._registered(mv, metrics)
+        trained = TrainingLineage.from_tags(registered.tags)
+        return {
+            "model_name": self.model_name,
+            "version": registered.version,
+            "aliases": sorted(registered.aliases),
+            "created_at": registered.created_at,
+            "tags": registered.tags,
+            "mlflow_run": run,
+            "trained_by": trained.trained_by,
+            "dagster_run_id": trained.dagster_run_id,
+            "data": None if trained.data is None else trained.data.__dict__.copy(),
+        }
+
+    def _unknown_message(self, version: str) -> str:
+        try:
+            found = self.client.search_model_versions(f"name = '{self.model_name}'")
+        except MlflowException:
+            found = []
+        known = sorted((str(v.version) for v in found), key=lambda v: int(v) if v.isdigit() else 0)
+        there = f"registered versions: {', '.join(known)}" if known else "it has no version yet"
+        return f"model {self.model_name!r} has no version {version!r}; {there}"
 
     def decide(self, challenger_value: float, margin: float, version: str = "") -> GateDecision:
         """What the gate decides for a challenger of this value against today's champion.
