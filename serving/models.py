@@ -47,6 +47,8 @@ class Registry(Protocol):
 
     def get_version(self, alias: str): ...  # -> RegisteredVersion | None
 
+    def get_numbered(self, version: str): ...  # -> RegisteredVersion | None
+
     def load_bundle(self, version: str) -> HybridRecommender: ...
 
     def bundle_path(self, version: str) -> Path: ...
@@ -200,8 +202,12 @@ class ModelManager:
             if version in have:
                 versions[version] = have[version]
             else:
+                info = self.registry.get_numbered(version)
                 bundle = self.registry.load_bundle(version)
-                versions[version] = self._prepared(ServingModel(bundle, version, f"v{version}"))
+                lineage = info.lineage() if info is not None else None
+                versions[version] = self._prepared(
+                    ServingModel(bundle, version, f"v{version}", lineage)
+                )
                 log.info("loaded version %s for an experiment", version)
         return versions
 

@@ -226,6 +226,15 @@ class ModelRegistry:
             metrics = dict(self.client.get_run(mv.run_id).data.metrics)
         return self._registered(mv, metrics)
 
+    def get_numbered(self, version: str) -> RegisteredVersion | None:
+        """A version by its number (an experiment's `version:N` arm), or None."""
+        try:
+            mv = self.client.get_model_version(self.model_name, str(version))
+        except MlflowException:
+            return None
+        metrics = dict(self.client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+        return self._registered(mv, metrics)
+
     @staticmethod
     def _registered(mv: Any, metrics: dict[str, float]) -> RegisteredVersion:
         created = mv.creation_timestamp / 1000.0 if mv.creation_timestamp else None
@@ -318,11 +327,7 @@ class ModelRegistry:
 
     def version_exists(self, version: str) -> bool:
         """Whether `version` is a registered version of this model."""
-        try:
-            self.client.get_model_version(self.model_name, str(version))
-        except MlflowException:
-            return False
-        return True
+        return self.get_numbered(version) is not None
 
     def promote(self, version: str, reason: str) -> str | None:
         """Make `version` the champion and remember the one it replaces (the alias
