@@ -13,6 +13,7 @@ import polars as pl
 
 from feature_repo.definitions import FeatureConfig, Keys
 from feature_repo.scripts import Scripts
+from feature_repo.stream import EVENT_FIELD
 from feature_repo.types import IngestResult
 
 
@@ -171,7 +172,7 @@ class ClusterIngest(Ingest):
         users = columns["u"]
         pipe = self.redis.pipeline(transaction=False)
         for payload in batch.payloads:
-            pipe.xadd(k.stream, {"e": payload})
+            pipe.xadd(k.stream, {EVENT_FIELD: payload})
         pipe.execute()
 
         distinct = list(dict.fromkeys(users))

@@ -62,6 +62,15 @@ class ServiceMetrics:
             "Polls of the model registry, by outcome (ok, error).",
             ["outcome"],
         )
+        self.impressions = prom.Counter(
+            "recsys_impressions_total",
+            "Impressions (answers served) written to the event stream, by route and variant.",
+            ["route", "variant"],
+        )
+        self.impressions_dropped = prom.Counter(
+            "recsys_impressions_dropped_total",
+            "Impressions dropped: the worker's buffer was full (Redis down too long).",
+        )
         self._shown: set[tuple[str, str]] = set()
 
     def show_models(self, loaded: dict[str, Any]) -> None:

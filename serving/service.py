@@ -27,12 +27,14 @@ from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
 from serving import answers
 from serving.api import app, json_response
+from serving.assignment import Assignment, assign
 from serving.auth import Guard, GuardMiddleware
 from serving.bundle import ServingModel
 from serving.errors import DependencyUnavailable, JSONNotFound
 from serving.experiments import ExperimentLoader, ExperimentRouter, Served
 from serving.features import FeatureReader, RequestRead
 from serving.forgetting import SuppressedLoader, forget
+from serving.impressions import ImpressionLog
 from serving.metrics import label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
@@ -134,6 +136,14 @@ class RecommendationService:
             SuppressedLoader(self.config.store.postgres_url, self.home),
             self.settings.suppression_refresh_seconds,
         )
+        self._stream: EventStream | None = None
+        self.impressions = ImpressionLog(
+            lambda payloads: self.stream.add_impressions(payloads),
+            enabled=self.settings.log_impressions,
+            ready=lambda: not self.redis_outage.down,
+            on_written=self._impressions_written,
+            on_dropped=self.metrics.impressions_dropped.inc,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -164,6 +174,7 @@ class RecommendationService:
         self.models.start()
         self.suppressed.start()
         self.experiments.start()
+        self.impressions.start()
         # Everything loaded so far lives as long as the worker: keep it out of the cyclic GC's
         # full passes, which otherwise stall requests for milliseconds.
         gc.collect()
@@ -174,10 +185,22 @@ class RecommendationService:
         self.models.stop()
         self.suppressed.stop()
         self.experiments.stop()
+        # Before Redis' outage probe stops: the last impressions are written on the way out.
+        self.impressions.stop()
         self.redis_outage.stop()
 
     def _ensure_group(self) -> None:
-        EventStream(self.store.redis, self.store.namespace).ensure_group()
+        self.stream.ensure_group()
+
+    @property
+    def stream(self) -> EventStream:
+        if self._stream is None:
+            self._stream = EventStream(self.store.redis, self.store.namespace)
+        return self._stream
+
+    def _impressions_written(self, counts: dict[tuple[str, str], int]) -> None:
+        for (route, variant), n in counts.items():
+            self.metrics.impressions.labels(route, variant).inc(n)
 
     def __is_ready__(self) -> bool:
         # While Redis is known to be down the probe says so; a probe request does not wait on it.
@@ -222,21 +245,38 @@ class RecommendationService:
         }
         self.metrics.show_models(shown or {"popularity": "live"})
 
+    # -- which arm serves a request ----------------------------------------------------------
+
+    def assignment(self, user_id: str | None) -> Assignment:
+        """The model, variant and experiment of a request: the one place they are decided."""
+        return assign(self.models.current, user_id)
+
     # -- /recommend ----------------------------------------------------------------------------
 
     def recommend_json(self, body: RecommendRequest) -> str:
-        """The /recommend response body for a validated request."""
+        """The /recommend response body for a validated request; logged as an impression."""
         started = time.perf_counter()
         now = time.time()
         request_id = uuid.uuid4().hex
-        served = self.experiments.route(self.models.current, body.user_id)
+        served = self.assignment(body.user_id)
         model, variant = served.model, served.variant
         # An interleaved answer is drawn per request, so it is never cached.
         label = f"{variant}|{served.experiment}" if not served.rivals else request_id
         read = self.features.for_request(body, model, now, label)
         if read.cached is not None:
             self.metrics.variant.labels(variant).inc()
-            return answers.envelope(read.cached, request_id, started, cached=True)
+            latency = answers.latency_ms(started)
+            self.impressions.recommend(
+                request_id,
+                body.user_id,
+                read.cached,
+                latency,
+                True,
+                False,
+                served.experiment,
+                body.context,
+            )
+            return answers.envelope(read.cached, request_id, latency, cached=True)
         features_done = time.perf_counter()
         if served.rivals:
             ranked = self._interleaved(served, body, read, now, request_id)
@@ -249,7 +289,19 @@ class RecommendationService:
         self.metrics.stage_latency.labels("features").observe(features_done - started)
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
-        return answers.envelope(payload, request_id, started, cached=False, degraded=read.degraded)
+        latency = answers.latency_ms(started)
+        self.impressions.recommend(
+            request_id,
+            body.user_id,
+            payload,
+            latency,
+            False,
+            read.degraded,
+            served.experiment,
+            body.context,
+            ranked.teams,
+        )
+        return answers.envelope(payload, request_id, latency, cached=False, degraded=read.degraded)
 
     def _ranked(
         self, model: ServingModel | None, body: RecommendRequest, read: RequestRead, now: float
@@ -283,13 +335,35 @@ class RecommendationService:
     # -- /similar_items, /popular, /trending and profiles ---------------------------------------
 
     def similar_items(self, body: SimilarItemsRequest) -> Response:
-        return answers.similar_items(self.features, self.models.current.champion, body)
+        started, arm = time.perf_counter(), self.assignment(None)
+        answer = answers.similar_items(self.features, arm.model, body)
+        return self._items_answer("/similar_items", answer, arm, started)
 
     def popular(self, body: PopularRequest) -> Response:
-        return answers.popular(self.features, self.models.current.champion, body)
+        started, arm = time.perf_counter(), self.assignment(None)
+        answer = answers.popular(self.features, arm.model, body)
+        return self._items_answer("/popular", answer, arm, started)
 
     def trending(self, body: TrendingRequest) -> Response:
-        return answers.trending(self.features, self.models.current.champion, body)
+        started, arm = time.perf_counter(), self.assignment(None)
+        answer = answers.trending(self.features, arm.model, body)
+        return self._items_answer("/trending", answer, arm, started)
+
+    def _items_answer(self, route: str, answer: dict, arm: Assignment, started: float) -> Response:
+        """Send a non-personal answer and log it as an impression (no user: these routes have
+        none)."""
+        self.impressions.items(
+            route,
+            answer["request_id"],
+            None,
+            answer["items"],
+            arm.model.version if arm.model is not None else None,
+            arm.variant,
+            answers.latency_ms(started),
+            answer["degraded"],
+            arm.experiment,
+        )
+        return json_response(answer)
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""

@@ -107,6 +107,8 @@ class ServingSettings:
     # How stale the suppression list /events drops forgotten users by may be, in other workers
     # than the one that forgot them.
     suppression_refresh_seconds: float = _ENV.suppression_refresh_seconds
+    # Impressions (serving/impressions.py): every read answer, onto the event stream.
+    log_impressions: bool = _ENV.log_impressions
     # API keys and rate limits (serving/keys.py, serving/auth.py): where the hashed keys are, and
     # requests per second per key and scope, per client address, and how many seconds of them a
     # burst may take.

@@ -44,6 +44,30 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "request_id": pl.String(),
     "position": pl.Int32(),
 }
+# An impression: one answer of /recommend, /similar_items, /popular or /trending as served (the
+# `recommendation_logs` table). `items`, `scores` and `sources` are parallel lists in answer
+# order (an item's position is its index); `sources` names the generators behind each item
+# (`als+coview`) or, outside /recommend, the list it came from. `timestamp` is epoch seconds
+# with fractions; `context` is the request's context as JSON text.
+IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
+    "request_id": pl.String(),
+    "user_id": pl.String(),
+    "timestamp": pl.Float64(),
+    "route": pl.String(),
+    "items": pl.List(pl.String()),
+    "scores": pl.List(pl.Float64()),
+    "sources": pl.List(pl.String()),
+    "variant": pl.String(),
+    "experiment": pl.String(),
+    "model_version": pl.String(),
+    "latency_ms": pl.Float64(),
+    "status": pl.String(),
+    "cached": pl.Boolean(),
+    "context": pl.String(),
+    # Interleaving experiments: the arm that drafted each position (null otherwise).
+    "teams": pl.List(pl.String()),
+}
+IMPRESSION_ROUTES = ("/recommend", "/similar_items", "/popular", "/trending")
 REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
 OPTIONAL_EVENT_COLUMNS = ("value", "session_id", "event_id", "context", "request_id", "position")
 
@@ -613,6 +637,11 @@ def with_event_ids(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(pl.Series("event_id", ids, dtype=pl.String)).drop(
         "_ts_us", strict=False
     )
+
+
+def empty_impressions() -> pl.DataFrame:
+    """An empty frame of impressions (IMPRESSION_SCHEMA)."""
+    return pl.DataFrame(schema=IMPRESSION_SCHEMA)
 
 
 def empty_records() -> pl.DataFrame:
