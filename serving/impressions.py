@@ -30,7 +30,7 @@ _WRITE_CHUNK = 2_000
 _RECOMMEND = 0  # (kind, ts, request_id, user_id, payload JSON, latency, cached, degraded,
 #                  experiment, context, teams)
 _ITEMS = 1  # (kind, ts, route, request_id, user_id, items, model_version, variant, latency,
-#              degraded, experiment)
+#              status, experiment); a failed request is one of these without items
 
 
 def _sources(sources: Mapping[str, float] | None) -> str:
@@ -67,7 +67,7 @@ def recommend_impression(record: tuple) -> dict[str, Any]:
 def items_impression(record: tuple) -> dict[str, Any]:
     """The impression of a /similar_items, /popular or /trending record: an item's source is
     the list its reason names."""
-    _, ts, route, request_id, user_id, items, version, variant, latency, degraded, exp = record
+    _, ts, route, request_id, user_id, items, version, variant, latency, status, exp = record
     return {
         "request_id": request_id,
         "user_id": user_id,
@@ -80,7 +80,7 @@ def items_impression(record: tuple) -> dict[str, Any]:
         "experiment": exp,
         "model_version": version,
         "latency_ms": latency,
-        "status": "degraded" if degraded else "ok",
+        "status": status,
         "cached": False,
         "context": None,
         "teams": None,
@@ -193,7 +193,36 @@ class ImpressionLog:
                     model_version,
                     variant,
                     latency_ms,
-                    degraded,
+                    "degraded" if degraded else "ok",
+                    experiment,
+                )
+            )
+
+    def failed(
+        self,
+        route: str,
+        request_id: str,
+        user_id: str | None,
+        model_version: str | None,
+        variant: str,
+        latency_ms: float,
+        experiment: str | None,
+    ) -> None:
+        """Log a request its variant could not answer (status `error`, no items): the error-rate
+        guardrail of an experiment counts these."""
+        if self.enabled:
+            self._append(
+                (
+                    _ITEMS,
+                    time.time(),
+                    route,
+                    request_id,
+                    user_id,
+                    [],
+                    model_version,
+                    variant,
+                    latency_ms,
+                    "error",
                     experiment,
                 )
             )

@@ -254,11 +254,29 @@ class RecommendationService:
     # -- /recommend ----------------------------------------------------------------------------
 
     def recommend_json(self, body: RecommendRequest) -> str:
-        """The /recommend response body for a validated request; logged as an impression."""
+        """The /recommend response body for a validated request; logged as an impression (a
+        failure too, as an error of its variant)."""
         started = time.perf_counter()
-        now = time.time()
         request_id = uuid.uuid4().hex
         served = self.assignment(body.user_id)
+        try:
+            return self._recommend(body, served, request_id, started)
+        except Exception:
+            self.impressions.failed(
+                "/recommend",
+                request_id,
+                body.user_id,
+                served.model.version if served.model is not None else None,
+                served.variant,
+                answers.latency_ms(started),
+                served.experiment,
+            )
+            raise
+
+    def _recommend(
+        self, body: RecommendRequest, served: Served, request_id: str, started: float
+    ) -> str:
+        now = time.time()
         model, variant = served.model, served.variant
         # An interleaved answer is drawn per request, so it is never cached.
         label = f"{variant}|{served.experiment}" if not served.rivals else request_id
