@@ -87,8 +87,12 @@ class ExperimentRouter:
         """The registered versions the running experiments name (`version:N` arms)."""
         return {v for e in self.experiments for v in e.versions()}
 
-    def route(self, models: ModelSet, user_id: str) -> Served:
-        """The model, variant and experiment of one user's request."""
+    def route(self, models: ModelSet, user_id: str | None) -> Served:
+        """The model, variant and experiment of one user's request; a request without a user
+        (/similar_items, /popular, /trending) is the champion's."""
+        if user_id is None:
+            model = models.champion
+            return Served(model, model.variant if model is not None else POPULARITY)
         choice = choose(self.experiments, user_id) if self.experiments else None
         if choice is None:
             model = models.for_user(user_id)

@@ -27,7 +27,6 @@ from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
 from serving import answers
 from serving.api import app, json_response
-from serving.assignment import Assignment, assign
 from serving.auth import Guard, GuardMiddleware
 from serving.bundle import ServingModel
 from serving.errors import DependencyUnavailable, JSONNotFound
@@ -247,9 +246,10 @@ class RecommendationService:
 
     # -- which arm serves a request ----------------------------------------------------------
 
-    def assignment(self, user_id: str | None) -> Assignment:
-        """The model, variant and experiment of a request: the one place they are decided."""
-        return assign(self.models.current, user_id)
+    def assignment(self, user_id: str | None) -> Served:
+        """The model, variant and experiment of a request: the one place they are decided (the
+        running experiments, else the champion or its challenger's share)."""
+        return self.experiments.route(self.models.current, user_id)
 
     # -- /recommend ----------------------------------------------------------------------------
 
@@ -367,7 +367,7 @@ class RecommendationService:
         answer = answers.trending(self.features, arm.model, body)
         return self._items_answer("/trending", answer, arm, started)
 
-    def _items_answer(self, route: str, answer: dict, arm: Assignment, started: float) -> Response:
+    def _items_answer(self, route: str, answer: dict, arm: Served, started: float) -> Response:
         """Send a non-personal answer and log it as an impression (no user: these routes have
         none)."""
         self.impressions.items(
