@@ -168,16 +168,22 @@ def experiment_decisions(
     one or one that broke a guardrail, end the experiments that are decided; each decision is
     recorded on the MLflow versions and the experiment, and a rollback or an invalid
     experiment is also an alert."""
-    entry = context.instance.get_latest_materialization_event(dg.AssetKey("experiment_report"))
-    if entry is None or entry.asset_materialization is None:
+    found = context.instance.fetch_materializations(dg.AssetKey("experiment_report"), limit=1)
+    if not found.records:
         return dg.SkipReason("no experiment report yet")
-    if context.cursor and int(context.cursor) >= entry.storage_id:
+    record = found.records[0]
+    if context.cursor and int(context.cursor) >= record.storage_id:
         return dg.SkipReason("the newest experiment report was acted on")
-    decisions = entry.asset_materialization.metadata.get("decisions")
+    materialization = record.event_log_entry.asset_materialization
+    decisions = materialization.metadata.get("decisions") if materialization else None
     done = act_on_report(
-        decisions.value if decisions is not None else {}, event_store, tracking, state, entry.run_id
+        decisions.value if decisions is not None else {},
+        event_store,
+        tracking,
+        state,
+        record.event_log_entry.run_id,
     )
-    context.update_cursor(str(entry.storage_id))
+    context.update_cursor(str(record.storage_id))
     return dg.SkipReason("; ".join(done) or "every experiment continues")
 
 
