@@ -149,6 +149,7 @@ class _Run:
                 (
                     index,
                     user_id,
+                    answer["request_id"],
                     answer["variant"],
                     len(item_ids),
                     int(decisions.click.sum()),

@@ -302,6 +302,7 @@ def shopper_events(
 ANSWER_SCHEMA = {
     "shopper": pl.Int64,
     "user_id": pl.String,
+    "request_id": pl.String,
     "variant": pl.String,
     "impressions": pl.Int64,
     "clicks": pl.Int64,

@@ -156,6 +156,7 @@ def test_summary_per_variant() -> None:
         {
             "shopper": [0, 0, 1, 2],
             "user_id": ["a", "a", "b", "c"],
+            "request_id": ["r1", "r2", "r3", "r4"],
             "variant": ["champion", "champion", "challenger", "champion"],
             "impressions": [10, 10, 10, 5],
             "clicks": [2, 0, 1, 1],
