@@ -51,7 +51,8 @@ class SimulationConfig:
 @dataclass
 class SimulationResult:
     """The answers (one row per /recommend answer, ANSWER_SCHEMA), what /events said, how many
-    requests were not 2xx (by route and status) and how often a 429/503 was waited out."""
+    requests got no 2xx answer (by route and status, or the transport error: a read timeout)
+    and how often a 429/503 was waited out."""
 
     answers: pl.DataFrame
     events_sent: int = 0
@@ -103,11 +104,15 @@ class _Run:
         for _attempt in range(MAX_RETRIES + 1):
             try:
                 response = await self.client.post(path, json=body)
-            except httpx.TransportError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise SimulationError(
                     f"cannot reach the service at {self.config.url} ({type(exc).__name__}: "
                     f"{exc}); is it running (`recsys serve`)?"
                 ) from exc
+            except httpx.TransportError as exc:
+                # A read timeout or a dropped connection fails this request, not the run.
+                self.result.non_2xx[f"{path} {type(exc).__name__}"] += 1
+                return None
             status = response.status_code
             if status < 300:
                 return response.json()
