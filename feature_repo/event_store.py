@@ -1,7 +1,8 @@
 """The event store contract: every accepted event, deduplicated by event_id, behind one ABC.
 
-Events are stored as RECORD_SCHEMA (the contract and its optional `context`, JSON text); stores
-written before `context` existed are read (Parquet) or migrated (PostgreSQL) in place.
+Events are stored as RECORD_SCHEMA (the contract, its optional `context`, JSON text, and the
+attribution fields `request_id` and `position`); stores written before those existed are read
+(Parquet) or migrated (PostgreSQL) in place.
 
 Beside the events each store keeps the governance tables: the suppression list of forgotten users
 (by `user_hash`, never the raw id), the `deletion_audit` and the batch `user_recommendations`.

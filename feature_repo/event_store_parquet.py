@@ -33,7 +33,7 @@ from training.data import EVENT_SCHEMA, empty_events
 from training.events import RECORD_SCHEMA, empty_records
 
 _INGESTED = "ingested_at"
-# What a part holds; older parts lack `context` and read with a null one.
+# What a part holds; older parts lack `context`, `request_id` or `position` and read with nulls.
 _PART_SCHEMA = {**RECORD_SCHEMA, _INGESTED: pl.Float64()}
 
 

@@ -37,10 +37,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     value       DOUBLE PRECISION,
     session_id  TEXT,
     context     TEXT,
+    request_id  TEXT,
+    position    INTEGER,
     ingested_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
 );
 -- A table created before `context` existed gains it (NULL for the events already stored).
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS context TEXT;
+-- ... and the attribution fields (NULL for the events already stored).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS request_id TEXT;
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS position INTEGER;
 CREATE INDEX IF NOT EXISTS {table}_ingested_at ON {table} (ingested_at);
 CREATE INDEX IF NOT EXISTS {table}_timestamp ON {table} (timestamp);
 -- Forgetting a user deletes by user_id.

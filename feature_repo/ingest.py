@@ -79,8 +79,17 @@ class Ingest(ABC):
         """Write a batch to Redis: dedupe, every feature, the stream."""
 
     def _batch(self, events: pl.DataFrame, now: float) -> Batch:
-        if "context" not in events.columns:
-            events = events.with_columns(pl.lit(None, dtype=pl.String).alias("context"))
+        absent = [
+            pl.lit(None, dtype=dtype).alias(name)
+            for name, dtype in (
+                ("context", pl.String),
+                ("request_id", pl.String),
+                ("position", pl.Int32),
+            )
+            if name not in events.columns
+        ]
+        if absent:
+            events = events.with_columns(absent)
         frame = events.select(
             pl.col("user_id").cast(pl.String),
             pl.col("item_id").cast(pl.String),
@@ -90,6 +99,8 @@ class Ingest(ABC):
             pl.col("session_id").cast(pl.String),
             pl.col("event_id").cast(pl.String),
             pl.col("context").cast(pl.String),
+            pl.col("request_id").cast(pl.String),
+            pl.col("position").cast(pl.Int32),
         )
         prefix, suffix = self.keys.seen_event_affixes()
         columns = {

@@ -12,8 +12,8 @@ import redis
 from feature_repo.definitions import CONSUMER_GROUP, Keys
 from training.events import RECORD_SCHEMA
 
-# The stored record, with event_type as text; payloads written before `context` existed
-# decode with a null context.
+# The stored record, with event_type as text; payloads written before `context`, `request_id`
+# or `position` existed decode with those fields null.
 _PAYLOAD_SCHEMA = {**RECORD_SCHEMA, "event_type": pl.String()}
 
 
