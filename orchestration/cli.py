@@ -149,6 +149,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         new_users=args.new_users,
         requests_per_user=args.requests_per_user,
         k=args.k,
+        exclude_seen=not args.keep_seen,
         concurrency=args.concurrency,
         api_key=args.api_key,
     )
@@ -169,7 +170,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     table = result.summary.with_columns(
         pl.col("ctr", "conversion").round(4), pl.col("revenue", "revenue_per_user").round(2)
     )
-    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+    with pl.Config(
+        tbl_rows=-1,
+        tbl_cols=-1,
+        tbl_width_chars=200,
+        tbl_formatting="ASCII_MARKDOWN",
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+    ):
         _print(str(table))
     _print(
         f"events: {result.events_sent} sent, {result.events_accepted} accepted, "
@@ -579,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="shoppers at once")
     p.add_argument("--requests-per-user", type=int, default=1, help="recommendations per shopper")
     p.add_argument("--k", type=int, default=10, help="items per recommendation")
+    p.add_argument(
+        "--keep-seen",
+        action="store_true",
+        help="ask with exclude_seen false: shoppers may be shown items they already saw",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_simulate)
 

@@ -43,6 +43,9 @@ class SimulationConfig:
     new_users: int = 0
     requests_per_user: int = 1
     k: int = 10
+    # False asks for items the shopper has seen too: the generator's shoppers re-view items as
+    # readily as new ones, so leaving them out costs a ranker clicks under this truth.
+    exclude_seen: bool = True
     concurrency: int = 8
     api_key: str | None = None
     timeout: float = 30.0
@@ -141,7 +144,10 @@ class _Run:
         user_id = str(self.model.user_ids[row])
         session_id = f"sim{self.shoppers.seed}-{index}"
         for _ in range(self.config.requests_per_user):
-            answer = await self.post("/recommend", {"user_id": user_id, "k": self.config.k})
+            answer = await self.post(
+                "/recommend",
+                {"user_id": user_id, "k": self.config.k, "exclude_seen": self.config.exclude_seen},
+            )
             if answer is None:
                 continue
             item_ids = [item["item_id"] for item in answer["items"]]
