@@ -136,6 +136,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Simulated shoppers against a running service; a summary per variant."""
+    from rich.progress import Progress
+
+    from orchestration.simulator import SimulationConfig, SimulationError, simulate
+    from training.generate import Truth
+
+    config = SimulationConfig(
+        url=args.url,
+        users=args.users,
+        seed=args.seed,
+        new_users=args.new_users,
+        requests_per_user=args.requests_per_user,
+        k=args.k,
+        exclude_seen=not args.keep_seen,
+        concurrency=args.concurrency,
+        api_key=args.api_key,
+    )
+    try:
+        truth = Truth.read(Path(args.truth))
+        with Progress(transient=True, disable=args.json or not sys.stderr.isatty()) as progress:
+            task = progress.add_task("shoppers", total=args.users)
+            result = simulate(truth, config, on_done=lambda: progress.advance(task))
+    except ValueError as exc:
+        _error(str(exc))
+        return BAD_INPUT
+    except SimulationError as exc:
+        _error(str(exc))
+        return FAILED
+    if args.json:
+        _print(json.dumps(result.as_dict(), indent=2))
+        return OK
+    table = result.summary.with_columns(
+        pl.col("ctr", "conversion").round(4), pl.col("revenue", "revenue_per_user").round(2)
+    )
+    with pl.Config(
+        tbl_rows=-1,
+        tbl_cols=-1,
+        tbl_width_chars=200,
+        tbl_formatting="ASCII_MARKDOWN",
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+    ):
+        _print(str(table))
+    _print(
+        f"events: {result.events_sent} sent, {result.events_accepted} accepted, "
+        f"{result.events_duplicates} duplicates, {result.events_rejected} rejected; "
+        f"non-2xx answers: {sum(result.non_2xx.values())}"
+        + (
+            f" ({', '.join(f'{k}: {v}' for k, v in sorted(result.non_2xx.items()))})"
+            if result.non_2xx
+            else ""
+        )
+        + f"; 429/503 waited out: {result.retries}; {result.seconds:.1f}s"
+    )
+    return OK
+
+
 def _print_evaluation(table: pl.DataFrame) -> None:
     from training.evaluation import to_markdown
 
@@ -513,6 +571,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed: one seed, one data set")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "simulate",
+        help="drive a running service with simulated shoppers that follow a generator's truth",
+        description="Simulated shoppers (drawn from the truth `recsys generate` wrote) ask POST "
+        "/recommend, click, add to cart and buy by the truth's preferences and the positions "
+        "shown, and send those events (with request_id and position) to POST /events.",
+    )
+    p.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:3001")
+    p.add_argument("--truth", required=True, help="the generated folder (or its truth/ folder)")
+    p.add_argument("--users", type=int, default=100, help="number of shoppers")
+    p.add_argument("--new-users", type=int, default=0, help="of them, new users drawn afresh")
+    p.add_argument("--seed", type=int, default=0, help="one seed, the same shoppers and draws")
+    p.add_argument("--api-key", default=None, help="key with the read and ingest scopes")
+    p.add_argument("--concurrency", type=int, default=8, help="shoppers at once")
+    p.add_argument("--requests-per-user", type=int, default=1, help="recommendations per shopper")
+    p.add_argument("--k", type=int, default=10, help="items per recommendation")
+    p.add_argument(
+        "--keep-seen",
+        action="store_true",
+        help="ask with exclude_seen false: shoppers may be shown items they already saw",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_simulate)
 
     def add_inputs(p: argparse.ArgumentParser, required: bool) -> None:
         events_help = "events CSV/Parquet, or a MovieLens 100k folder"

@@ -5,6 +5,7 @@ Everything is drawn with numpy in whole arrays (no loop over users, sessions or 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,21 +50,23 @@ N_PRICE_TIERS = 5
 
 # Per archetype, in SEGMENTS order. Views per session are 1 + Poisson(extra_views).
 _ARCH_SHARE = np.array([0.22, 0.16, 0.15, 0.15, 0.14, 0.18])
-_EXTRA_VIEWS = np.array([5.0, 2.5, 14.0, 0.4, 2.0, 6.0])
-_P_CLICK = np.array([0.35, 0.70, 0.60, 0.90, 0.60, 0.60])
-_P_CART = np.array([0.08, 0.55, 0.12, 0.85, 0.40, 0.35])
-_P_BUY = np.array([0.25, 0.80, 0.60, 0.90, 0.70, 0.60])
+EXTRA_VIEWS = np.array([5.0, 2.5, 14.0, 0.4, 2.0, 6.0])
+P_CLICK = np.array([0.35, 0.70, 0.60, 0.90, 0.60, 0.60])
+P_CART = np.array([0.08, 0.55, 0.12, 0.85, 0.40, 0.35])
+P_BUY = np.array([0.25, 0.80, 0.60, 0.90, 0.70, 0.60])
 _P_LIKE = np.array([0.15, 0.08, 0.10, 0.05, 0.12, 0.06])
 _GAP_SECONDS = np.array([40.0, 45.0, 110.0, 12.0, 40.0, 55.0])
 _SESSION_RATE = np.array([1.0, 0.8, 0.5, 1.3, 1.5, 0.8])
 # Preferred price tier (0 = cheapest fifth of its category) for everyone but price_sensitive.
-_PRICE_SENSITIVE = SEGMENTS.index("price_sensitive")
-_LOYAL = SEGMENTS.index("loyal_customer")
+PRICE_SENSITIVE = SEGMENTS.index("price_sensitive")
+LOYAL = SEGMENTS.index("loyal_customer")
 _PRICE_SENSITIVE_TIERS = np.array([0.6, 0.27, 0.09, 0.03, 0.01])
 # price_sensitive users compare across tiers but mostly buy the cheap ones.
-_PRICE_SENSITIVE_BUY_FACTOR = np.array([1.0, 0.55, 0.15, 0.1, 0.05])
-_LOYAL_REPEAT_SESSION = 0.5
-_N_FAVOURITES = 3
+PRICE_SENSITIVE_BUY_FACTOR = np.array([1.0, 0.55, 0.15, 0.1, 0.05])
+LOYAL_REPEAT_SESSION = 0.5
+N_FAVOURITES = 3
+# (click, add_to_cart, purchase) probabilities of a view of one of a loyal customer's favourites.
+FAVOURITE_FUNNEL = (0.92, 0.85, 0.9)
 _P_SHARE = 0.02
 _P_RATING = 0.25
 
@@ -84,14 +87,75 @@ _HOUR_WEIGHT = np.array(
 )  # fmt: skip
 
 
+TRUTH_DIR = "truth"
+
+
+@dataclass
+class Truth:
+    """The latent tastes the generator drew, which a simulated shopper follows
+    (training/simulate.py).
+
+    users: user_id, archetype, taste (list: the share of the user's browsing per category, in
+    `categories` order, summing to 1), tier_pref (list: weights of the N_PRICE_TIERS price tiers),
+    favourites (list of N_FAVOURITES item ids: reopened by loyal customers).
+    items: item_id, category, category_index, tier (price fifth within the category, 0 =
+    cheapest), price, in_stock, popularity (the base power-law weight), trend, weight
+    (popularity times the trend multiplier of the window's last day: the shop "now").
+    """
+
+    users: pl.DataFrame
+    items: pl.DataFrame
+    categories: tuple[str, ...]
+
+    def write(self, folder: Path) -> Path:
+        """users.parquet, items.parquet and meta.json (the category order) in `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.users.write_parquet(folder / "users.parquet")
+        self.items.write_parquet(folder / "items.parquet")
+        meta = {"categories": list(self.categories), "price_tiers": N_PRICE_TIERS}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def read(cls, folder: Path) -> Truth:
+        """What `write` wrote; accepts the generated data's folder or its truth/ folder."""
+        folder = Path(folder)
+        if not (folder / "meta.json").exists() and (folder / TRUTH_DIR / "meta.json").exists():
+            folder = folder / TRUTH_DIR
+        missing = [
+            n for n in ("users.parquet", "items.parquet", "meta.json") if not (folder / n).exists()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: no generator truth ({', '.join(missing)} missing); "
+                "`recsys generate --out DIR` writes it to DIR/truth"
+            )
+        meta = json.loads((folder / "meta.json").read_text())
+        return cls(
+            pl.read_parquet(folder / "users.parquet"),
+            pl.read_parquet(folder / "items.parquet"),
+            tuple(meta["categories"]),
+        )
+
+
 @dataclass
 class GeneratedData:
     """Generated events (EVENT_SCHEMA), catalog (CATALOG_SCHEMA) and the truth behind them."""
 
     events: pl.DataFrame
     catalog: pl.DataFrame
-    truth_users: pl.DataFrame
-    truth_items: pl.DataFrame
+    truth: Truth
+
+    @property
+    def truth_users(self) -> pl.DataFrame:
+        """user_id, archetype: what the segment analysis is scored against."""
+        return self.truth.users.select("user_id", "archetype")
+
+    @property
+    def truth_items(self) -> pl.DataFrame:
+        """item_id, trend: what the trend analysis is scored against."""
+        return self.truth.items.select("item_id", "trend")
 
 
 @dataclass
@@ -114,7 +178,7 @@ class _Users:
     activity: np.ndarray
     span_start: np.ndarray  # hour bins
     span_end: np.ndarray
-    favourites: np.ndarray  # users x _N_FAVOURITES item indices (used by loyal customers)
+    favourites: np.ndarray  # users x N_FAVOURITES item indices (used by loyal customers)
 
 
 def _categorical(rng: np.random.Generator, cum: np.ndarray) -> np.ndarray:
@@ -177,18 +241,55 @@ def _make_catalog(rng: np.random.Generator, n_items: int, days: int) -> _Catalog
     return _Catalog(category, tier, price, brand, n_brands_per_cat, pop, trend, multiplier)
 
 
-def _make_users(rng: np.random.Generator, n_users: int, days: int, catalog: _Catalog) -> _Users:
-    n_cat = int(catalog.category.max()) + 1
+def draw_tastes(
+    rng: np.random.Generator, n_users: int, n_categories: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The generator's prior of a user: (archetype, taste over categories, price-tier weights).
+
+    taste rows are unnormalised Dirichlet(0.3) draws; tier weights sum to about 1.
+    """
     archetype = rng.choice(len(SEGMENTS), size=n_users, p=_ARCH_SHARE)
-    taste = rng.dirichlet(np.full(n_cat, 0.3), size=n_users) + 1e-3
-    taste_cum = np.cumsum(taste, axis=1)
+    taste = rng.dirichlet(np.full(n_categories, 0.3), size=n_users) + 1e-3
     # Price level: a preferred tier with a softmax spread; price_sensitive users sit at the bottom.
     centre = rng.uniform(1.0, 4.0, n_users)
     tiers = np.arange(N_PRICE_TIERS)[None, :]
     tier_pref = np.exp(-0.5 * ((tiers - centre[:, None]) / 1.1) ** 2)
-    ps = archetype == _PRICE_SENSITIVE
+    ps = archetype == PRICE_SENSITIVE
     tier_pref[ps] = _PRICE_SENSITIVE_TIERS
     tier_pref = tier_pref / tier_pref.sum(axis=1, keepdims=True) + 1e-4
+    return archetype, taste, tier_pref
+
+
+def draw_favourites(
+    rng: np.random.Generator,
+    taste: np.ndarray,
+    category: np.ndarray,
+    pop: np.ndarray,
+    stable: np.ndarray,
+) -> np.ndarray:
+    """N_FAVOURITES item indices per user from the user's favourite category, by popularity,
+    preferring stable items (staples); loyal customers' repeat sessions reopen them."""
+    n_users, n_cat = taste.shape
+    top_cat = np.argmax(taste, axis=1)
+    fav_weight = pop * np.where(stable, 1.0, 1e-3)
+    order = np.argsort(category, kind="stable")
+    cum = np.cumsum(fav_weight[order])
+    counts = np.bincount(category, minlength=n_cat)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    base = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
+    total = cum[ends - 1] - base
+    u = rng.random((n_users, N_FAVOURITES))
+    target = base[top_cat][:, None] + u * total[top_cat][:, None]
+    pos = np.searchsorted(cum, target, side="right")
+    pos = np.clip(pos, starts[top_cat][:, None], (ends[top_cat] - 1)[:, None])
+    return order[pos]
+
+
+def _make_users(rng: np.random.Generator, n_users: int, days: int, catalog: _Catalog) -> _Users:
+    n_cat = int(catalog.category.max()) + 1
+    archetype, taste, tier_pref = draw_tastes(rng, n_users, n_cat)
+    taste_cum = np.cumsum(taste, axis=1)
     activity = rng.lognormal(0.0, 0.5, n_users) * _SESSION_RATE[archetype]
 
     # Activity span in hour bins. Spans are placed so every day is equally covered on average;
@@ -198,27 +299,13 @@ def _make_users(rng: np.random.Generator, n_users: int, days: int, catalog: _Cat
     start = rng.uniform(-length, hours)
     end = np.minimum(start + length, hours)
     start = np.clip(start, 0.0, hours - 1.0)
-    loyal = archetype == _LOYAL
+    loyal = archetype == LOYAL
     start[loyal] = rng.uniform(0.0, 0.06, int(loyal.sum())) * hours
     end[loyal] = hours - rng.uniform(0.0, 0.06, int(loyal.sum())) * hours
     end = np.maximum(end, start + 1.0)
 
-    # Favourite items, from the user's favourite category, preferring stable items (staples).
-    top_cat = np.argmax(taste, axis=1)
-    is_stable = catalog.trend == TREND_TYPES.index("stable")
-    fav_weight = catalog.pop * np.where(is_stable, 1.0, 1e-3)
-    order = np.argsort(catalog.category, kind="stable")
-    cum = np.cumsum(fav_weight[order])
-    counts = np.bincount(catalog.category, minlength=n_cat)
-    ends = np.cumsum(counts)
-    starts = ends - counts
-    base = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
-    total = cum[ends - 1] - base
-    u = rng.random((n_users, _N_FAVOURITES))
-    target = base[top_cat][:, None] + u * total[top_cat][:, None]
-    pos = np.searchsorted(cum, target, side="right")
-    pos = np.clip(pos, starts[top_cat][:, None], (ends[top_cat] - 1)[:, None])
-    favourites = order[pos]
+    stable = catalog.trend == TREND_TYPES.index("stable")
+    favourites = draw_favourites(rng, taste, catalog.category, catalog.pop, stable)
     return _Users(archetype, taste_cum, tier_pref, activity, start, end, favourites)
 
 
@@ -300,8 +387,8 @@ def _simulate(
     sess_start = hour_bin * 3600 + rng.integers(0, 3600, n_sess)
     sess_day = hour_bin // 24
 
-    loyal_repeat = (arch == _LOYAL) & (rng.random(n_sess) < _LOYAL_REPEAT_SESSION)
-    extra = np.where(loyal_repeat, 0.5, _EXTRA_VIEWS[arch])
+    loyal_repeat = (arch == LOYAL) & (rng.random(n_sess) < LOYAL_REPEAT_SESSION)
+    extra = np.where(loyal_repeat, 0.5, EXTRA_VIEWS[arch])
     n_views = 1 + rng.poisson(extra)
     view_sess = np.repeat(np.arange(n_sess), n_views)
     n_v = view_sess.size
@@ -331,14 +418,14 @@ def _simulate(
 
     # Loyal customers' repeat sessions open on one of their favourite items.
     fav_view = loyal_repeat[view_sess] & first_view
-    pick = rng.integers(0, _N_FAVOURITES, int(fav_view.sum()))
+    pick = rng.integers(0, N_FAVOURITES, int(fav_view.sum()))
     v_item[fav_view] = users.favourites[v_user[fav_view], pick]
 
-    p_click = np.where(fav_view, 0.92, _P_CLICK[v_arch])
-    p_cart = np.where(fav_view, 0.85, _P_CART[v_arch])
-    p_buy = np.where(fav_view, 0.9, _P_BUY[v_arch])
-    ps = v_arch == _PRICE_SENSITIVE
-    p_buy[ps] *= _PRICE_SENSITIVE_BUY_FACTOR[catalog.tier[v_item[ps]]]
+    p_click = np.where(fav_view, FAVOURITE_FUNNEL[0], P_CLICK[v_arch])
+    p_cart = np.where(fav_view, FAVOURITE_FUNNEL[1], P_CART[v_arch])
+    p_buy = np.where(fav_view, FAVOURITE_FUNNEL[2], P_BUY[v_arch])
+    ps = v_arch == PRICE_SENSITIVE
+    p_buy[ps] *= PRICE_SENSITIVE_BUY_FACTOR[catalog.tier[v_item[ps]]]
 
     flags = np.zeros((n_v, len(_FLAG_TYPES)), dtype=bool)
     flags[:, 0] = True
@@ -355,7 +442,7 @@ def _simulate(
     ev_view, ev_type = np.nonzero(flags)
     n_ev = ev_view.size
     ev_sess = view_sess[ev_view]
-    quantity = np.where(rng.random(n_v) < 0.85, 1.0, rng.integers(2, 4, n_v).astype(np.float64))
+    quantity = draw_quantity(rng, n_v)
     rating = np.clip(np.round(rng.normal(4.0, 1.0, n_v)), 1, 5)
     value = np.full(n_ev, np.nan)
     is_qty = (ev_type == 4) | (ev_type == 5)
@@ -379,6 +466,11 @@ def _simulate(
         "rel_ts": sess_start[ev_sess] + offset.astype(np.int64),
         "n_sessions": np.array([n_sess]),
     }
+
+
+def draw_quantity(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Units of a cart or purchase: 1 mostly, else 2 or 3."""
+    return np.where(rng.random(n) < 0.85, 1.0, rng.integers(2, 4, n).astype(np.float64))
 
 
 def _trim(rng: np.random.Generator, sim: dict[str, np.ndarray], n_events: int) -> np.ndarray:
@@ -436,8 +528,8 @@ def generate(
     sampler = _item_sampler(catalog, days)
 
     # Expected events per session, from the archetype parameters, sizes the first attempt.
-    per_view = 1 + _P_CLICK * (1 + _P_LIKE + _P_CART * (1 + _P_BUY * (1 + _P_RATING))) + _P_SHARE
-    per_session = float((_ARCH_SHARE * _SESSION_RATE * (1 + _EXTRA_VIEWS) * per_view).sum())
+    per_view = 1 + P_CLICK * (1 + _P_LIKE + P_CART * (1 + P_BUY * (1 + _P_RATING))) + _P_SHARE
+    per_session = float((_ARCH_SHARE * _SESSION_RATE * (1 + EXTRA_VIEWS) * per_view).sum())
     per_session /= float((_ARCH_SHARE * _SESSION_RATE).sum())
     n_sessions = 1.08 * n_events / per_session
     sim = _simulate(rng, users, catalog, n_sessions, hour_cum, sampler)
@@ -495,13 +587,46 @@ def generate(
         pl.format("{} {}", pl.col("category").str.to_titlecase(), pl.col("item_id")).alias("title")
     )
     catalog_frame = catalog_frame.select(pl.col(c).cast(t) for c, t in CATALOG_SCHEMA.items())
+    return GeneratedData(events, catalog_frame, _truth(users, catalog, catalog_frame))
+
+
+def _truth(users: _Users, catalog: _Catalog, catalog_frame: pl.DataFrame) -> Truth:
+    item_names = catalog_frame["item_id"]
+    n_cat = users.taste_cum.shape[1]
+    taste = np.diff(users.taste_cum, axis=1, prepend=0.0)
+    taste = taste / taste.sum(axis=1, keepdims=True)
+    n_users = taste.shape[0]
     truth_users = pl.DataFrame(
-        {"user_id": user_names, "archetype": pl.Series(SEGMENTS).gather(users.archetype)}
+        {
+            "user_id": _ids("u", n_users),
+            "archetype": pl.Series(SEGMENTS).gather(users.archetype),
+            "taste": pl.Series(list(taste), dtype=pl.Array(pl.Float64, n_cat)).cast(
+                pl.List(pl.Float64)
+            ),
+            "tier_pref": pl.Series(
+                list(users.tier_pref), dtype=pl.Array(pl.Float64, N_PRICE_TIERS)
+            ).cast(pl.List(pl.Float64)),
+            "favourites": pl.Series(
+                list(item_names.to_numpy()[users.favourites]),
+                dtype=pl.Array(pl.String, N_FAVOURITES),
+            ).cast(pl.List(pl.String)),
+        }
     )
+    cat_names = pl.Series([name for name, _ in CATEGORIES[:n_cat]])
     truth_items = pl.DataFrame(
-        {"item_id": item_names, "trend": pl.Series(TREND_TYPES).gather(catalog.trend)}
+        {
+            "item_id": item_names,
+            "category": cat_names.gather(catalog.category),
+            "category_index": pl.Series(catalog.category, dtype=pl.Int32),
+            "tier": pl.Series(catalog.tier, dtype=pl.Int32),
+            "price": catalog_frame["price"],
+            "in_stock": catalog_frame["in_stock"],
+            "popularity": catalog.pop,
+            "trend": pl.Series(TREND_TYPES).gather(catalog.trend),
+            "weight": catalog.pop * catalog.multiplier[:, -1],
+        }
     )
-    return GeneratedData(events, catalog_frame, truth_users, truth_items)
+    return Truth(truth_users, truth_items, tuple(cat_names.to_list()))
 
 
 def _ids(prefix: str, n: int) -> pl.Series:
@@ -512,7 +637,8 @@ def _ids(prefix: str, n: int) -> pl.Series:
 
 
 def write_generated(data: GeneratedData, out_dir: Path) -> dict[str, Path]:
-    """Write events.csv, catalog.csv, truth_users.csv and truth_items.csv into out_dir."""
+    """Write events.csv, catalog.csv, truth_users.csv and truth_items.csv into out_dir, and the
+    whole truth (what a shopper simulator follows, `Truth.write`) into out_dir/truth."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
@@ -526,4 +652,5 @@ def write_generated(data: GeneratedData, out_dir: Path) -> dict[str, Path]:
         path = out_dir / f"{name}.csv"
         frame.write_csv(path)
         paths[name] = path
+    paths["truth"] = data.truth.write(out_dir / TRUTH_DIR)
     return paths

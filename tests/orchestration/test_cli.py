@@ -32,6 +32,8 @@ def test_generate_writes_data_and_truth(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0
     for name in ("events.csv", "catalog.csv", "truth_users.csv", "truth_items.csv"):
         assert (out / name).exists()
+    for name in ("users.parquet", "items.parquet", "meta.json"):
+        assert (out / "truth" / name).exists()
     events = pl.read_csv(out / "events.csv")
     assert {"user_id", "item_id", "event_type", "timestamp"} <= set(events.columns)
     assert "generated" in capsys.readouterr().out

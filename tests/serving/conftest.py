@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import polars as pl
 import pytest
 import redis
 from starlette.testclient import TestClient
@@ -133,12 +134,17 @@ class Registered:
         return version
 
 
-def train_hybrid(seed: int = 0) -> HybridRecommender:
-    """ALS, Item2Vec, EASE and popularity on the block-structured test events, blended."""
+def train_hybrid(
+    seed: int = 0, events: pl.DataFrame | None = None, catalog: pl.DataFrame | None = None
+) -> HybridRecommender:
+    """ALS, Item2Vec, EASE and popularity on the block-structured test events (or on `events`
+    and `catalog`), blended."""
     from training.train import blend, fit_component, interactions_from, split_training_data
 
-    events = make_events(n_users=80, n_items=40, per_user=15, seed=seed)
-    interactions = interactions_from(events, catalog=make_catalog())
+    if events is None:
+        events = make_events(n_users=80, n_items=40, per_user=15, seed=seed)
+    catalog = make_catalog() if catalog is None else catalog
+    interactions = interactions_from(events, catalog=catalog)
     data = split_training_data(events, interactions, 0.2, seed=0)
     params = {
         "als": {"factors": 8, "regularization": 1.0, "iterations": 8, "num_threads": 1},
@@ -151,7 +157,7 @@ def train_hybrid(seed: int = 0) -> HybridRecommender:
         for name, p in params.items()
     }
     weights = {"als": 0.4, "item2vec": 0.2, "ease": 0.3, "popularity": 0.1}
-    return blend(results, data, make_catalog(), fixed_weights=weights)[0]
+    return blend(results, data, catalog, fixed_weights=weights)[0]
 
 
 @pytest.fixture(scope="session")
@@ -195,7 +201,13 @@ def served_champion(shared_registry: Registered, namespace: str, recsys_home: Pa
 @pytest.fixture
 def champion(trained_bundle: HybridRecommender, tmp_path: Path, namespace: str) -> Registered:
     """`trained_bundle` registered as champion version 1 in this test's default store."""
-    return _registry(_default_db(), tmp_path / "registry", trained_bundle)
+    return register_champion(trained_bundle, tmp_path / "registry")
+
+
+def register_champion(bundle: HybridRecommender, artifacts: Path) -> Registered:
+    """`bundle` registered as champion version 1 in this test's default store (after the
+    `namespace` fixture), its artifacts under `artifacts`."""
+    return _registry(_default_db(), artifacts, bundle)
 
 
 def _default_db() -> Path:

@@ -10,7 +10,7 @@ import pytest
 
 from training.analytics_common import SEGMENTS, TREND_TYPES
 from training.data import CATALOG_SCHEMA, EVENT_SCHEMA, validate_catalog, validate_events
-from training.generate import GeneratedData, generate, write_generated
+from training.generate import GeneratedData, Truth, generate, write_generated
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_tiny_sizes_work() -> None:
 
 def test_written_csv_passes_validation(data: GeneratedData, tmp_path: Path) -> None:
     paths = write_generated(data, tmp_path)
-    assert set(paths) == {"events", "catalog", "truth_users", "truth_items"}
+    assert set(paths) == {"events", "catalog", "truth_users", "truth_items", "truth"}
     # Read as raw text, as the file readers do, then through the contract's validation.
     events = validate_events(pl.read_csv(paths["events"], infer_schema=False)).frame
     assert events.equals(data.events)
@@ -83,6 +83,40 @@ def test_written_csv_passes_validation(data: GeneratedData, tmp_path: Path) -> N
     truth = pl.read_csv(paths["truth_users"])
     assert truth.columns == ["user_id", "archetype"]
     assert pl.read_csv(paths["truth_items"]).columns == ["item_id", "trend"]
+    # The whole truth round-trips, from the data folder or its truth/ folder.
+    for folder in (tmp_path, paths["truth"]):
+        back = Truth.read(folder)
+        assert back.users.equals(data.truth.users) and back.items.equals(data.truth.items)
+        assert back.categories == data.truth.categories
+    with pytest.raises(FileNotFoundError, match="recsys generate"):
+        Truth.read(tmp_path / "nowhere")
+
+
+def test_truth_is_what_drew_the_events(data: GeneratedData) -> None:
+    users, items = data.truth.users, data.truth.items
+    assert users["user_id"].equals(data.truth_users["user_id"])
+    taste = np.vstack(users["taste"].to_numpy())
+    assert taste.shape == (1500, len(data.truth.categories))
+    assert np.allclose(taste.sum(axis=1), 1.0)
+    assert items.select("item_id", "price", "in_stock").equals(
+        data.catalog.select("item_id", "price", "in_stock")
+    )
+    assert (items["category"] == data.catalog["category"]).all()
+    # Users browse the categories of their taste: the share of a user's views in the category
+    # the truth says they like most is far above the uniform share (1 / 16).
+    views = data.events.filter(pl.col("event_type") == "view").join(
+        items.select("item_id", "category_index"), on="item_id"
+    )
+    top = pl.DataFrame({"user_id": users["user_id"], "top": taste.argmax(axis=1)})
+    share = views.join(top, on="user_id").select((pl.col("category_index") == pl.col("top")).mean())
+    assert share.item() > 5 / len(data.truth.categories)
+    # Loyal customers rebuy their favourites.
+    favourites = users.filter(pl.col("archetype") == "loyal_customer").explode("favourites")
+    bought = data.events.filter(pl.col("event_type") == "purchase").join(
+        favourites.select("user_id", pl.col("favourites").alias("item_id")),
+        on=["user_id", "item_id"],
+    )
+    assert bought.height > 100
 
 
 def test_funnel_narrows(data: GeneratedData) -> None:
