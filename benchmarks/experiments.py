@@ -142,7 +142,12 @@ class Loop:
         result = simulate(
             self.truth,
             SimulationConfig(
-                self.url, users=users, seed=seed, concurrency=16, api_key=self.api_key
+                self.url,
+                users=users,
+                seed=seed,
+                concurrency=16,
+                api_key=self.api_key,
+                exclude_seen=False,  # see docs/experiments.md: the truth re-views items
             ),
         )
         if sum(result.non_2xx.values()):

@@ -95,7 +95,8 @@ def cmd_experiment_list(args: argparse.Namespace) -> int:
 def cmd_experiment_status(args: argparse.Namespace) -> int:
     from feature_repo.event_store import open_event_store
     from feature_repo.experiment_store import read_inputs
-    from training.experiment_report import report, stored_catalog, summary
+    from training.experiment_report import power_note, report, stored_catalog, summary
+    from training.interleaving import InterleavingAnalysis
 
     config = get_settings()
     with open_store() as store:
@@ -108,6 +109,8 @@ def cmd_experiment_status(args: argparse.Namespace) -> int:
     else:
         _print(describe(experiment))
         _print(summary(analysis))
+        if not isinstance(analysis, InterleavingAnalysis):
+            _print(power_note(analysis, experiment, args.mde))
     return 0
 
 
@@ -151,6 +154,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("status", help="the experiment and its analysis now")
     p.add_argument("name")
+    p.add_argument(
+        "--mde", type=float, default=0.05, help="relative change to size the experiment for"
+    )
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_experiment_status)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from training.experiment_stats import (
     ExperimentAnalysis,
     analyse,
     attribute,
+    power_users,
+    sequential_users,
 )
 from training.experiments import POPULARITY, Experiment, target_version
 from training.interleaving import InterleavingAnalysis, interleaving_analysis
@@ -216,6 +219,28 @@ def summary(analysis: ExperimentAnalysis | InterleavingAnalysis) -> str:
             )
     lines.append(f"decision: {analysis.decision} ({analysis.reason})")
     return "\n".join(lines)
+
+
+def power_note(analysis: ExperimentAnalysis, experiment: Experiment, mde: float = 0.05) -> str:
+    """How many users the experiment needs to detect a relative change `mde` of its metric,
+    from the control's mean and spread so far (a fixed-horizon test, and the sequential one)."""
+    control = next((v for v in analysis.variants if v.variant == analysis.control), None)
+    estimate = None
+    if control is not None:
+        estimate = {"ctr": control.ctr, "conversion": control.conversion}.get(
+            experiment.metric, control.revenue_per_user
+        )
+    if control is None or estimate is None or control.users < 30 or not estimate.value:
+        return f"power: too few control users yet to size a {mde:.0%} change"
+    sd = (estimate.high - estimate.low) / (2 * 1.959964) * math.sqrt(control.users)
+    shares = tuple(float(x) for x in experiment.shares())
+    fixed = power_users(estimate.value, sd, mde, experiment.alpha, 0.8, shares)
+    sequential = sequential_users(estimate.value, sd, mde, experiment.alpha, 0.8, shares)
+    return (
+        f"power: detecting a {mde:.0%} relative change of {experiment.metric} "
+        f"(control {estimate.value:.4g}, sd {sd:.3g}) with 80% power needs about {fixed} users "
+        f"at a fixed horizon, {sequential} with the always-valid test"
+    )
 
 
 def _ci(e: Estimate) -> str:

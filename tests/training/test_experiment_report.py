@@ -10,7 +10,14 @@ import polars as pl
 import pytest
 
 from tests.training.test_registry import _register
-from training.experiment_report import act, log_report_run, metric_over_time, report, summary
+from training.experiment_report import (
+    act,
+    log_report_run,
+    metric_over_time,
+    power_note,
+    report,
+    summary,
+)
 from training.experiments import new_experiment
 from training.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, ModelRegistry
 
@@ -126,6 +133,7 @@ def test_report_decides_and_logs_an_mlflow_run(registry: ModelRegistry) -> None:
     analysis = report(experiment, logs, events, now=6000.0)
     assert analysis.decision == "rollback:popularity", analysis.reason
     assert "sample ratio" in summary(analysis)
+    assert "needs about" in power_note(analysis, experiment)
     over_time = metric_over_time(experiment, logs, events)
     last = over_time.group_by("variant").agg(pl.col("ctr").last())
     rates = dict(zip(last["variant"], last["ctr"], strict=True))
