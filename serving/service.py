@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 
 import bentoml
 import numpy as np
@@ -30,10 +29,11 @@ from serving.auth import Guard, GuardMiddleware
 from serving.errors import DependencyUnavailable, JSONNotFound
 from serving.features import FeatureReader
 from serving.forgetting import SuppressedLoader, forget
-from serving.metrics import label_http_metrics_by_route, service_metrics
+from serving.metrics import MetricsRefresher, label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
 from serving.ranking import Ranker, RankingParams
+from serving.request_ids import new_request_id
 from serving.schemas import (
     EventsRequest,
     ItemsRequest,
@@ -107,6 +107,14 @@ class RecommendationService:
         )
         self._store: FeatureStore | None = None
         self._store_lock = threading.Lock()
+        self.monitor = MetricsRefresher(
+            self.metrics,
+            lambda: EventStream(self.store.redis, self.store.namespace),
+            lambda: (self.models.current.champion, self.models.current.challenger),
+            self.settings.monitor_seconds,
+            self.settings.coverage_window_seconds,
+            redis_down=lambda: self.redis_outage.down,
+        )
         self.guard = Guard(self.settings, app.routes, lambda: self.store, self.redis_outage)
         self.features = FeatureReader(
             lambda: self.store,
@@ -148,6 +156,7 @@ class RecommendationService:
             self.redis_outage.failed(exc)
         self.models.start()
         self.suppressed.start()
+        self.monitor.start()
         # Everything loaded so far lives as long as the worker: keep it out of the cyclic GC's
         # full passes, which otherwise stall requests for milliseconds.
         gc.collect()
@@ -157,6 +166,7 @@ class RecommendationService:
     def stop(self) -> None:
         self.models.stop()
         self.suppressed.stop()
+        self.monitor.stop()
         self.redis_outage.stop()
 
     def _ensure_group(self) -> None:
@@ -211,12 +221,15 @@ class RecommendationService:
         """The /recommend response body for a validated request."""
         started = time.perf_counter()
         now = time.time()
-        request_id = uuid.uuid4().hex
         model = self.models.current.for_user(body.user_id)
         variant = model.variant if model is not None else "popularity"
+        version = model.version if model is not None else None
+        request_id = new_request_id(variant, version)
         read = self.features.for_request(body, model, now)
         if read.cached is not None:
             self.metrics.variant.labels(variant).inc()
+            # Coverage counts fresh answers only: a cached one repeats items marked within TTL.
+            self.metrics.served(variant, version, read.cached.count(answers.ITEM_KEY))
             return answers.envelope(read.cached, request_id, started, cached=True)
         features_done = time.perf_counter()
         fields = tuple(body.fields or ())
@@ -238,6 +251,13 @@ class RecommendationService:
         self.metrics.stage_latency.labels("features").observe(features_done - started)
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
+        self.metrics.served(
+            variant,
+            version,
+            len(ranked.item_ids),
+            model.item_index(np.asarray(ranked.item_ids, dtype=str)) if model else None,
+            model.n_items if model else 0,
+        )
         return answers.envelope(payload, request_id, started, cached=False, degraded=read.degraded)
 
     # -- /similar_items, /popular, /trending and profiles ---------------------------------------
@@ -314,6 +334,7 @@ class RecommendationService:
         self.metrics.events.labels("accepted").inc(result.accepted)
         self.metrics.events.labels("duplicate").inc(result.duplicates)
         self.metrics.unknown_items.inc(unknown)
+        self.metrics.attribute(checked.events.filter(pl.Series(new)))
         return json_response(
             {
                 "accepted": result.accepted + suppressed,

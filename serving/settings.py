@@ -107,6 +107,10 @@ class ServingSettings:
     # How stale the suppression list /events drops forgotten users by may be, in other workers
     # than the one that forgot them.
     suppression_refresh_seconds: float = _ENV.suppression_refresh_seconds
+    # Monitoring (serving/metrics.py MetricsRefresher): how often the gauges are refreshed and
+    # the sliding window of catalog coverage.
+    monitor_seconds: float = _ENV.monitor_seconds
+    coverage_window_seconds: float = _ENV.coverage_window_seconds
     # API keys and rate limits (serving/keys.py, serving/auth.py): where the hashed keys are, and
     # requests per second per key and scope, per client address, and how many seconds of them a
     # burst may take.
