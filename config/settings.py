@@ -344,6 +344,12 @@ class ServingSettingsEnv(_Group):
         ge=1,
         description="Events of one user on one item that count per window",
     )
+    log_impressions: bool = Field(
+        True,
+        alias="RECSYS_LOG_IMPRESSIONS",
+        description="Log every answer of /recommend, /similar_items, /popular and /trending as "
+        "an impression (`recommendation_logs`)",
+    )
     suppression_refresh_seconds: float = Field(
         10.0,
         alias="RECSYS_SUPPRESSION_REFRESH_SECONDS",

@@ -1,10 +1,13 @@
 """The event store contract: every accepted event, deduplicated by event_id, behind one ABC.
 
-Events are stored as RECORD_SCHEMA (the contract and its optional `context`, JSON text); stores
-written before `context` existed are read (Parquet) or migrated (PostgreSQL) in place.
+Events are stored as RECORD_SCHEMA (the contract, its optional `context`, JSON text, and the
+attribution fields `request_id` and `position`); stores written before those existed are read
+(Parquet) or migrated (PostgreSQL) in place.
 
-Beside the events each store keeps the governance tables: the suppression list of forgotten users
-(by `user_hash`, never the raw id), the `deletion_audit` and the batch `user_recommendations`.
+Beside the events each store keeps the impressions (`recommendation_logs`, IMPRESSION_SCHEMA:
+one row per answer served, idempotent on request_id) and the governance tables: the suppression
+list of forgotten users (by `user_hash`, never the raw id), the `deletion_audit` and the batch
+`user_recommendations`.
 
 This module holds what both backends share: the `EventStore` ABC, the schemas of the governance
 tables, the user digest and the batch helpers. The backends live beside it, in
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from training.events import RECORD_SCHEMA, with_event_ids
+from training.events import IMPRESSION_SCHEMA, RECORD_SCHEMA, with_event_ids
 
 if TYPE_CHECKING:
     from feature_repo.event_store_parquet import ParquetEventStore
@@ -104,9 +107,14 @@ class UserDeletion:
     events: int
     user_recommendations: int
     event_ids: list[str] = field(default_factory=list)
+    recommendation_logs: int = 0
 
     def counts(self) -> dict[str, int]:
-        return {"events": self.events, "user_recommendations": self.user_recommendations}
+        return {
+            "events": self.events,
+            "user_recommendations": self.user_recommendations,
+            "recommendation_logs": self.recommendation_logs,
+        }
 
 
 def _recommendation_rows(frame: pl.DataFrame) -> pl.DataFrame:
@@ -144,12 +152,30 @@ class EventStore(ABC):
     def count_ingested_since(self, ingested_after: float) -> int:
         """Number of events stored after the given wall-clock time (epoch seconds)."""
 
+    # -- impressions (`recommendation_logs`) -----------------------------------------------------
+
+    @abstractmethod
+    def append_impressions(self, impressions: pl.DataFrame) -> int:
+        """Store the impressions (IMPRESSION_SCHEMA; absent columns are null) whose request_id
+        is new, leaving out those of forgotten users; return how many were inserted."""
+
+    @abstractmethod
+    def read_impressions(
+        self, since: float | None = None, until: float | None = None
+    ) -> pl.DataFrame:
+        """Stored impressions with since <= timestamp < until (either bound optional), oldest
+        first, in IMPRESSION_SCHEMA."""
+
+    @abstractmethod
+    def delete_impressions_before(self, timestamp: float) -> int:
+        """Delete impressions with timestamp < `timestamp` (retention); return how many."""
+
     # -- forgetting users and retention ---------------------------------------------------------
 
     @abstractmethod
     def delete_users(self, user_ids: Iterable[str]) -> UserDeletion:
         """Suppress the users (first, so nothing of theirs is stored again), then delete their
-        events and batch recommendations; idempotent."""
+        events, impressions and batch recommendations; idempotent."""
 
     @abstractmethod
     def suppressed(self) -> pl.Series:
@@ -169,7 +195,8 @@ class EventStore(ABC):
 
     @abstractmethod
     def delete_events_before(self, timestamp: int) -> int:
-        """Delete events with timestamp < `timestamp` (retention); return how many."""
+        """Delete events and impressions with timestamp < `timestamp` (retention); return how
+        many events (`delete_impressions_before` counts the impressions)."""
 
     # -- batch recommendations (`user_recommendations`) -----------------------------------------
 
@@ -211,6 +238,23 @@ def _prepare(events: pl.DataFrame) -> pl.DataFrame:
             frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))
     frame = frame.select([pl.col(n).cast(t) for n, t in RECORD_SCHEMA.items()])
     return with_event_ids(frame).unique("event_id", keep="first", maintain_order=True)
+
+
+def _prepare_impressions(impressions: pl.DataFrame) -> pl.DataFrame:
+    """IMPRESSION_SCHEMA columns and types, rows without a request_id dropped, one row per
+    request_id (the first)."""
+    frame = impressions
+    absent = [
+        pl.lit(None, dtype=dtype).alias(name)
+        for name, dtype in IMPRESSION_SCHEMA.items()
+        if name not in frame.columns
+    ]
+    if absent:
+        frame = frame.with_columns(absent)
+    frame = frame.select([pl.col(n).cast(t) for n, t in IMPRESSION_SCHEMA.items()])
+    return frame.filter(pl.col("request_id").is_not_null()).unique(
+        "request_id", keep="first", maintain_order=True
+    )
 
 
 def _audit_record(user_id: str, actor: str, removed: dict[str, int]) -> dict:

@@ -25,16 +25,18 @@ from feature_repo.event_store import (
     _audit_record,
     _now_utc,
     _prepare,
+    _prepare_impressions,
     _recommendation_rows,
     user_hash,
     without_users,
 )
 from training.data import EVENT_SCHEMA, empty_events
-from training.events import RECORD_SCHEMA, empty_records
+from training.events import IMPRESSION_SCHEMA, RECORD_SCHEMA, empty_impressions, empty_records
 
 _INGESTED = "ingested_at"
-# What a part holds; older parts lack `context` and read with a null one.
+# What a part holds; older parts lack `context`, `request_id` or `position` and read with nulls.
 _PART_SCHEMA = {**RECORD_SCHEMA, _INGESTED: pl.Float64()}
+_IMPRESSION_PART_SCHEMA = {**IMPRESSION_SCHEMA, _INGESTED: pl.Float64()}
 
 
 class ParquetEventStore(EventStore):
@@ -44,7 +46,8 @@ class ParquetEventStore(EventStore):
     a deletion never races a compaction that would write the deleted events back. A part is
     never edited: its replacement is written aside and renamed in, then the old part removed,
     so a crash at any point leaves every accepted event in some part (readers dedupe by
-    event_id). The governance tables are single Parquet files beside the parts, each replaced by
+    event_id). Impressions are parts of their own, alike, in `recommendation_logs/` (deduped by
+    request_id). The governance tables are single Parquet files beside the parts, each replaced by
     a rename.
     """
 
@@ -55,6 +58,7 @@ class ParquetEventStore(EventStore):
         self._suppression = self.root / "suppressed_users.parquet"
         self._audit = self.root / "deletion_audit.parquet"
         self._recommendations = self.root / "user_recommendations.parquet"
+        self._impressions = self.root / "recommendation_logs"
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -65,8 +69,8 @@ class ParquetEventStore(EventStore):
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _parts(self) -> list[Path]:
-        return sorted(self.root.glob("part-*.parquet"))
+    def _parts(self, folder: Path | None = None) -> list[Path]:
+        return sorted((folder or self.root).glob("part-*.parquet"))
 
     def _scan(self) -> pl.LazyFrame | None:
         parts = self._parts()
@@ -94,11 +98,12 @@ class ParquetEventStore(EventStore):
                 self._compact()
         return batch.height
 
-    def _write_part(self, frame: pl.DataFrame) -> Path:
+    def _write_part(self, frame: pl.DataFrame, folder: Path | None = None) -> Path:
+        folder = folder or self.root
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.root / f".{name}.tmp"
+        tmp = folder / f".{name}.tmp"
         frame.write_parquet(tmp)
-        final = self.root / name
+        final = folder / name
         os.replace(tmp, final)
         return final
 
@@ -125,13 +130,19 @@ class ParquetEventStore(EventStore):
         for part in parts:
             part.unlink(missing_ok=True)
 
-    def _rewrite_parts(self, drop: pl.Expr) -> pl.DataFrame:
-        """Rewrite each part holding rows matching `drop` without them (new part renamed in,
-        then the old removed); returns the event ids removed."""
+    def _rewrite_parts(
+        self,
+        drop: pl.Expr,
+        folder: Path | None = None,
+        schema: dict[str, pl.DataType] = _PART_SCHEMA,
+        key: str = "event_id",
+    ) -> pl.DataFrame:
+        """Rewrite each part (of events, or of `folder`) holding rows matching `drop` without
+        them (new part renamed in, then the old removed); returns the keys removed."""
         removed = []
-        for part in self._parts():
+        for part in self._parts(folder):
             frame = pl.read_parquet(part)
-            for name, dtype in _PART_SCHEMA.items():
+            for name, dtype in schema.items():
                 if name not in frame.columns:
                     frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))
             gone = frame.filter(drop)
@@ -139,11 +150,11 @@ class ParquetEventStore(EventStore):
                 continue
             kept = frame.filter(~drop)
             if not kept.is_empty():
-                self._write_part(kept.select(list(_PART_SCHEMA)))
+                self._write_part(kept.select(list(schema)), folder)
             part.unlink()
-            removed.append(gone.select("event_id"))
+            removed.append(gone.select(key))
         if not removed:
-            return pl.DataFrame(schema={"event_id": pl.String()})
+            return pl.DataFrame(schema={key: pl.String()})
         return pl.concat(removed).unique()
 
     def read(self, since_timestamp: int | None = None, with_context: bool = False) -> pl.DataFrame:
@@ -165,6 +176,67 @@ class ParquetEventStore(EventStore):
             return 0
         return scan.filter(pl.col(_INGESTED) > ingested_after).select(pl.len()).collect().item()
 
+    # -- impressions ----------------------------------------------------------------------------
+
+    def _scan_impressions(self) -> pl.LazyFrame | None:
+        parts = self._parts(self._impressions) if self._impressions.exists() else []
+        if not parts:
+            return None
+        return pl.scan_parquet(parts, schema=_IMPRESSION_PART_SCHEMA).unique(
+            "request_id", keep="first", maintain_order=True
+        )
+
+    def append_impressions(self, impressions: pl.DataFrame) -> int:
+        batch = _prepare_impressions(impressions)
+        if batch.is_empty():
+            return 0
+        with self._locked():
+            suppressed = self.suppressed()
+            if not suppressed.is_empty():
+                known_user = batch["user_id"].is_not_null()
+                kept = without_users(batch.filter(known_user), suppressed)
+                batch = pl.concat([kept, batch.filter(~known_user)])
+            scan = self._scan_impressions()
+            if scan is not None and not batch.is_empty():
+                known = scan.select("request_id").collect()
+                batch = batch.join(known, on="request_id", how="anti", maintain_order="left")
+            if batch.is_empty():
+                return 0
+            self._impressions.mkdir(exist_ok=True)
+            self._write_part(
+                batch.with_columns(pl.lit(time.time()).alias(_INGESTED)), self._impressions
+            )
+            parts = self._parts(self._impressions)
+            if len(parts) > self.compact_after:
+                merged = self._scan_impressions().collect().sort("timestamp")
+                self._write_part(merged, self._impressions)
+                for part in parts:
+                    part.unlink(missing_ok=True)
+        return batch.height
+
+    def read_impressions(
+        self, since: float | None = None, until: float | None = None
+    ) -> pl.DataFrame:
+        scan = self._scan_impressions()
+        if scan is None:
+            return empty_impressions()
+        if since is not None:
+            scan = scan.filter(pl.col("timestamp") >= since)
+        if until is not None:
+            scan = scan.filter(pl.col("timestamp") < until)
+        return scan.select(list(IMPRESSION_SCHEMA)).sort("timestamp", "request_id").collect()
+
+    def delete_impressions_before(self, timestamp: float) -> int:
+        with self._locked():
+            return self._delete_impressions(pl.col("timestamp") < float(timestamp))
+
+    def _delete_impressions(self, drop: pl.Expr) -> int:
+        if not self._impressions.exists():
+            return 0
+        return self._rewrite_parts(
+            drop, self._impressions, _IMPRESSION_PART_SCHEMA, "request_id"
+        ).height
+
     # -- forgetting users and retention ---------------------------------------------------------
 
     def delete_users(self, user_ids: Iterable[str]) -> UserDeletion:
@@ -181,12 +253,15 @@ class ParquetEventStore(EventStore):
             if merged.height > known.height:
                 self._replace_file(self._suppression, merged)
             gone = self._rewrite_parts(pl.col("user_id").is_in(ids))
+            logs = self._delete_impressions(pl.col("user_id").is_in(ids))
             recs = self._read_or_empty(self._recommendations, RECOMMENDATION_SCHEMA)
             mine = recs["user_id"].is_in(ids)
             removed_recs = int(mine.sum())
             if removed_recs:
                 self._replace_file(self._recommendations, recs.filter(~mine))
-        return UserDeletion(gone.height, removed_recs, gone["event_id"].to_list())
+        return UserDeletion(
+            gone.height, removed_recs, gone["event_id"].to_list(), recommendation_logs=logs
+        )
 
     @staticmethod
     def _read_or_empty(path: Path, schema: dict) -> pl.DataFrame:
@@ -208,6 +283,7 @@ class ParquetEventStore(EventStore):
 
     def delete_events_before(self, timestamp: int) -> int:
         with self._locked():
+            self._delete_impressions(pl.col("timestamp") < float(timestamp))
             return self._rewrite_parts(pl.col("timestamp") < int(timestamp)).height
 
     # -- batch recommendations ------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The production event store backend: one PostgreSQL table and the governance tables beside it.
+"""The production event store backend: one PostgreSQL table of events, `recommendation_logs` and
+the governance tables beside it.
 
 The contract (`EventStore`, the governance schemas, `user_hash`) is `feature_repo/event_store.py`;
 import `PostgresEventStore` from there or from here.
@@ -21,11 +22,12 @@ from feature_repo.event_store import (
     _audit_record,
     _now_utc,
     _prepare,
+    _prepare_impressions,
     _recommendation_rows,
     user_hash,
 )
 from training.data import EVENT_SCHEMA, empty_events
-from training.events import RECORD_SCHEMA, empty_records
+from training.events import IMPRESSION_SCHEMA, RECORD_SCHEMA, empty_impressions, empty_records
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -37,10 +39,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     value       DOUBLE PRECISION,
     session_id  TEXT,
     context     TEXT,
+    request_id  TEXT,
+    position    INTEGER,
     ingested_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
 );
 -- A table created before `context` existed gains it (NULL for the events already stored).
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS context TEXT;
+-- ... and the attribution fields (NULL for the events already stored).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS request_id TEXT;
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS position INTEGER;
 CREATE INDEX IF NOT EXISTS {table}_ingested_at ON {table} (ingested_at);
 CREATE INDEX IF NOT EXISTS {table}_timestamp ON {table} (timestamp);
 -- Forgetting a user deletes by user_id.
@@ -70,8 +77,31 @@ CREATE TABLE IF NOT EXISTS user_recommendations (
 CREATE INDEX IF NOT EXISTS user_recommendations_user_score
     ON user_recommendations (user_id, score DESC);
 CREATE INDEX IF NOT EXISTS user_recommendations_expires_at ON user_recommendations (expires_at);
+-- One row per answer served; the lists are arrays in answer order (position = index - 1).
+CREATE TABLE IF NOT EXISTS recommendation_logs (
+    request_id    TEXT PRIMARY KEY,
+    user_id       TEXT,
+    timestamp     DOUBLE PRECISION NOT NULL,
+    route         TEXT,
+    items         TEXT[],
+    scores        DOUBLE PRECISION[],
+    sources       TEXT[],
+    variant       TEXT,
+    experiment    TEXT,
+    model_version TEXT,
+    latency_ms    DOUBLE PRECISION,
+    status        TEXT,
+    cached        BOOLEAN,
+    context       TEXT,
+    ingested_at   DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
+);
+-- Attribution looks up a user's impressions by time; retention deletes by time.
+CREATE INDEX IF NOT EXISTS recommendation_logs_user_time
+    ON recommendation_logs (user_id, timestamp);
+CREATE INDEX IF NOT EXISTS recommendation_logs_timestamp ON recommendation_logs (timestamp);
 """
 _COLUMNS = ", ".join(RECORD_SCHEMA)
+_IMPRESSION_COLUMNS = ", ".join(IMPRESSION_SCHEMA)
 
 
 class PostgresEventStore(EventStore):
@@ -151,6 +181,55 @@ class PostgresEventStore(EventStore):
             )
             return int(cur.fetchone()[0])
 
+    # -- impressions ----------------------------------------------------------------------------
+
+    def append_impressions(self, impressions: pl.DataFrame) -> int:
+        batch = _prepare_impressions(impressions)
+        if batch.is_empty():
+            return 0
+        # One statement: the batch as one JSON array, the lists become arrays on the way.
+        with self._conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO recommendation_logs ({_IMPRESSION_COLUMNS}) "
+                f"SELECT {_IMPRESSION_COLUMNS} "
+                "FROM json_populate_recordset(NULL::recommendation_logs, %s::json) i "
+                "WHERE i.user_id IS NULL OR NOT EXISTS (SELECT 1 FROM suppressed_users s "
+                f"WHERE s.user_hash = {_SQL_USER_HASH.format(col='i.user_id')}) "
+                "ON CONFLICT (request_id) DO NOTHING",
+                (batch.write_json(),),
+            )
+            return cur.rowcount
+
+    def read_impressions(
+        self, since: float | None = None, until: float | None = None
+    ) -> pl.DataFrame:
+        where = []
+        if since is not None:
+            where.append(f"timestamp >= {float(since)!r}")
+        if until is not None:
+            where.append(f"timestamp < {float(until)!r}")
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        query = (
+            f"SELECT row_to_json(r) FROM (SELECT {_IMPRESSION_COLUMNS} FROM recommendation_logs"
+            f"{clause} ORDER BY timestamp, request_id) r"
+        )
+        buffer = io.BytesIO()
+        with self._conn.cursor() as cur:
+            with cur.copy(f"COPY ({query}) TO STDOUT") as copy:
+                for block in copy:
+                    buffer.write(block)
+        if buffer.tell() == 0:
+            return empty_impressions()
+        # COPY's text format doubles backslashes; JSON has no raw control characters, so that is
+        # its only escape here.
+        text = buffer.getvalue().replace(b"\\\\", b"\\")
+        return pl.read_ndjson(io.BytesIO(text), schema=IMPRESSION_SCHEMA)
+
+    def delete_impressions_before(self, timestamp: float) -> int:
+        with self._conn.cursor() as cur:
+            cur.execute("DELETE FROM recommendation_logs WHERE timestamp < %s", (float(timestamp),))
+            return cur.rowcount
+
     # -- forgetting users and retention ---------------------------------------------------------
 
     def delete_users(self, user_ids: Iterable[str]) -> UserDeletion:
@@ -162,6 +241,7 @@ class PostgresEventStore(EventStore):
             # SHARE ROW EXCLUSIVE waits for appends in flight and holds new ones until commit,
             # when they see the suppression: no late event lands after the DELETE's snapshot.
             cur.execute(f"LOCK TABLE {self.table} IN SHARE ROW EXCLUSIVE MODE")
+            cur.execute("LOCK TABLE recommendation_logs IN SHARE ROW EXCLUSIVE MODE")
             cur.execute(
                 "INSERT INTO suppressed_users (user_hash, suppressed_at) "
                 "SELECT unnest(%s::text[]), extract(epoch FROM clock_timestamp()) "
@@ -174,7 +254,9 @@ class PostgresEventStore(EventStore):
             event_ids = [row[0] for row in cur.fetchall()]
             cur.execute("DELETE FROM user_recommendations WHERE user_id = ANY(%s)", (ids,))
             recs = cur.rowcount
-        return UserDeletion(len(event_ids), recs, event_ids)
+            cur.execute("DELETE FROM recommendation_logs WHERE user_id = ANY(%s)", (ids,))
+            logs = cur.rowcount
+        return UserDeletion(len(event_ids), recs, event_ids, recommendation_logs=logs)
 
     def suppressed(self) -> pl.Series:
         with self._conn.cursor() as cur:
@@ -205,6 +287,7 @@ class PostgresEventStore(EventStore):
         return pl.DataFrame(rows, schema=AUDIT_SCHEMA, orient="row")
 
     def delete_events_before(self, timestamp: int) -> int:
+        self.delete_impressions_before(timestamp)
         with self._conn.cursor() as cur:
             cur.execute(f"DELETE FROM {self.table} WHERE timestamp < %s", (int(timestamp),))
             return cur.rowcount

@@ -13,6 +13,7 @@ import polars as pl
 
 from feature_repo.definitions import FeatureConfig, Keys
 from feature_repo.scripts import Scripts
+from feature_repo.stream import EVENT_FIELD
 from feature_repo.types import IngestResult
 
 
@@ -79,8 +80,17 @@ class Ingest(ABC):
         """Write a batch to Redis: dedupe, every feature, the stream."""
 
     def _batch(self, events: pl.DataFrame, now: float) -> Batch:
-        if "context" not in events.columns:
-            events = events.with_columns(pl.lit(None, dtype=pl.String).alias("context"))
+        absent = [
+            pl.lit(None, dtype=dtype).alias(name)
+            for name, dtype in (
+                ("context", pl.String),
+                ("request_id", pl.String),
+                ("position", pl.Int32),
+            )
+            if name not in events.columns
+        ]
+        if absent:
+            events = events.with_columns(absent)
         frame = events.select(
             pl.col("user_id").cast(pl.String),
             pl.col("item_id").cast(pl.String),
@@ -90,6 +100,8 @@ class Ingest(ABC):
             pl.col("session_id").cast(pl.String),
             pl.col("event_id").cast(pl.String),
             pl.col("context").cast(pl.String),
+            pl.col("request_id").cast(pl.String),
+            pl.col("position").cast(pl.Int32),
         )
         prefix, suffix = self.keys.seen_event_affixes()
         columns = {
@@ -160,7 +172,7 @@ class ClusterIngest(Ingest):
         users = columns["u"]
         pipe = self.redis.pipeline(transaction=False)
         for payload in batch.payloads:
-            pipe.xadd(k.stream, {"e": payload})
+            pipe.xadd(k.stream, {EVENT_FIELD: payload})
         pipe.execute()
 
         distinct = list(dict.fromkeys(users))

@@ -1,28 +1,44 @@
 """The durable event log's reading side: a Redis Stream read through a consumer group,
-acknowledged per batch (`FeatureStore.ingest` is the writing side)."""
+acknowledged per batch (`FeatureStore.ingest` is the writing side of events,
+`EventStream.add_impressions` of impressions).
+
+An entry carries one event (field `e`) or one impression (field `i`), each a JSON document."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import polars as pl
 import redis
 
 from feature_repo.definitions import CONSUMER_GROUP, Keys
-from training.events import RECORD_SCHEMA
+from training.events import IMPRESSION_SCHEMA, RECORD_SCHEMA
 
-# The stored record, with event_type as text; payloads written before `context` existed
-# decode with a null context.
+log = logging.getLogger("recsys.stream")
+
+# The field of an entry that holds its document (the INGEST script spells EVENT_FIELD too).
+EVENT_FIELD = "e"
+IMPRESSION_FIELD = "i"
+
+# The stored record, with event_type as text; payloads written before `context`, `request_id`
+# or `position` existed decode with those fields null.
 _PAYLOAD_SCHEMA = {**RECORD_SCHEMA, "event_type": pl.String()}
 
 
 @dataclass(frozen=True)
 class StreamBatch:
-    """Entries read from the stream: their ids (to acknowledge) and the events they carry."""
+    """Entries read from the stream: their ids (to acknowledge), the events and the impressions
+    (IMPRESSION_SCHEMA) they carry."""
 
     ids: list[str]
     events: pl.DataFrame
+    impressions: pl.DataFrame = dataclasses.field(
+        default_factory=lambda: pl.DataFrame(schema=IMPRESSION_SCHEMA)
+    )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -34,6 +50,32 @@ def decode_payloads(payloads: list[str]) -> pl.DataFrame:
         return pl.DataFrame(schema=_PAYLOAD_SCHEMA)
     text = "\n".join(payloads).encode()
     return pl.read_ndjson(io.BytesIO(text), schema=_PAYLOAD_SCHEMA)
+
+
+def decode_impressions(payloads: list[str]) -> pl.DataFrame:
+    """The impressions of stream payloads (one JSON document each), in one parse.
+
+    An impression is a log line, not a client's data: one that does not parse is left out (and
+    logged) rather than holding up the events of its batch for ever.
+    """
+    if not payloads:
+        return pl.DataFrame(schema=IMPRESSION_SCHEMA)
+    try:
+        return _read_impressions(payloads)
+    except (pl.exceptions.PolarsError, UnicodeEncodeError):
+        pass
+    frames = []
+    for payload in payloads:
+        try:
+            frames.append(_read_impressions([payload]))
+        except (pl.exceptions.PolarsError, UnicodeEncodeError) as exc:
+            log.error("an impression in the stream does not parse (left out): %s", exc)
+    return pl.concat(frames) if frames else pl.DataFrame(schema=IMPRESSION_SCHEMA)
+
+
+def _read_impressions(payloads: list[str]) -> pl.DataFrame:
+    text = "\n".join(payloads).encode()
+    return pl.read_ndjson(io.BytesIO(text), schema=IMPRESSION_SCHEMA)
 
 
 class EventStream:
@@ -76,9 +118,20 @@ class EventStream:
     @staticmethod
     def _batch(entries: list) -> StreamBatch:
         # A claimed entry that was trimmed away comes back with no fields; nothing to store.
-        kept = [(entry_id, fields) for entry_id, fields in entries if fields]
+        kept = [fields for _, fields in entries if fields]
         ids = [entry_id for entry_id, _ in entries]
-        return StreamBatch(ids, decode_payloads([fields["e"] for _, fields in kept]))
+        events = [f[EVENT_FIELD] for f in kept if EVENT_FIELD in f]
+        impressions = [f[IMPRESSION_FIELD] for f in kept if IMPRESSION_FIELD in f]
+        return StreamBatch(ids, decode_payloads(events), decode_impressions(impressions))
+
+    def add_impressions(self, payloads: Sequence[str]) -> None:
+        """Append impressions (one JSON document each) in one pipelined round trip."""
+        if not payloads:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for payload in payloads:
+            pipe.xadd(self.key, {IMPRESSION_FIELD: payload})
+        pipe.execute()
 
     def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> StreamBatch:
         """Take over entries other (dead) consumers left unacknowledged for min_idle_ms."""

@@ -1,6 +1,7 @@
 """The answers of the read routes that are not personalised (/similar_items, /popular, /trending):
-plain functions of the feature reader and the serving model over serving/lists.py's fallbacks; and
-the JSON of a /recommend answer, spliced once so a cached answer is sent without parsing it."""
+plain functions of the feature reader and the serving model over serving/lists.py's fallbacks,
+each returning its response body (the service sends it and logs it as an impression); and the
+JSON of a /recommend answer, spliced once so a cached answer is sent without parsing it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ import time
 import uuid
 
 import numpy as np
-from starlette.responses import Response
 
 from feature_repo.types import ScoredItems, TrendList
 from serving import lists
-from serving.api import json_response
 from serving.bundle import ServingModel
 from serving.features import NO_ITEMS, FeatureReader
 from serving.reranking import Ranked
@@ -24,7 +23,7 @@ from serving.schemas import PopularRequest, SimilarItemsRequest, TrendingRequest
 
 def similar_items(
     features: FeatureReader, model: ServingModel | None, body: SimilarItemsRequest
-) -> Response:
+) -> dict:
     """Items like `item_id`: the model's item-item neighbours, else live co-view, else pushed
     neighbours, else popular items (the reason says which)."""
     items = lists.model_similar(model, body.item_id, body.k)
@@ -43,7 +42,7 @@ def similar_items(
     return _items(features, items, model, degraded)
 
 
-def popular(features: FeatureReader, model: ServingModel | None, body: PopularRequest) -> Response:
+def popular(features: FeatureReader, model: ServingModel | None, body: PopularRequest) -> dict:
     """Most popular items now (decayed live popularity), optionally of one category."""
     found, degraded = popular_now(features, model, body.k, body.category)
     items = lists.scored_items(found, "popular right now", body.k)
@@ -62,20 +61,18 @@ def allowed(
 
 def _items(
     features: FeatureReader, items: list[dict], model: ServingModel | None, degraded: bool
-) -> Response:
+) -> dict:
     """The body of /similar_items and /popular; nothing to show while degraded and without a
     model is a 503, not an empty list."""
     if degraded and not items and model is None:
         raise features.unavailable("no model is loaded")
-    return json_response(
-        {
-            "items": items,
-            "model_version": model.version if model else None,
-            "lineage": model.lineage_json if model else None,
-            "request_id": uuid.uuid4().hex,
-            "degraded": degraded,
-        }
-    )
+    return {
+        "items": items,
+        "model_version": model.version if model else None,
+        "lineage": model.lineage_json if model else None,
+        "request_id": uuid.uuid4().hex,
+        "degraded": degraded,
+    }
 
 
 def popular_now(
@@ -93,9 +90,7 @@ def popular_now(
 # -- /trending ---------------------------------------------------------------------------------
 
 
-def trending(
-    features: FeatureReader, model: ServingModel | None, body: TrendingRequest
-) -> Response:
+def trending(features: FeatureReader, model: ServingModel | None, body: TrendingRequest) -> dict:
     """The trend analysis' top items (of a category) with their trend, and the categories'
     trends; where the analysis has no list, live trending and popular items."""
     # Deeper than k: items the catalog gate refuses are dropped from it.
@@ -117,17 +112,15 @@ def trending(
         source = "live" if items else "none"
     if degraded and not items and model is None:
         raise features.unavailable("no model is loaded")
-    return json_response(
-        {
-            "items": items,
-            "categories": categories,
-            "source": source,
-            "analysed_at": found.analysed_at,
-            "lineage": model.lineage_json if model else None,
-            "request_id": uuid.uuid4().hex,
-            "degraded": degraded,
-        }
-    )
+    return {
+        "items": items,
+        "categories": categories,
+        "source": source,
+        "analysed_at": found.analysed_at,
+        "lineage": model.lineage_json if model else None,
+        "request_id": uuid.uuid4().hex,
+        "degraded": degraded,
+    }
 
 
 def _live_trending(
@@ -173,11 +166,16 @@ def recommend_payload(ranked: Ranked, model: ServingModel | None, variant: str) 
     )
 
 
+def latency_ms(started: float) -> float:
+    """Milliseconds since `started` (a time.perf_counter() reading)."""
+    return (time.perf_counter() - started) * 1000.0
+
+
 def envelope(
-    payload: str, request_id: str, started: float, cached: bool, degraded: bool = False
+    payload: str, request_id: str, latency: float, cached: bool, degraded: bool = False
 ) -> str:
-    """Wrap a cached-or-fresh `{items, model_version, variant}` JSON object with request fields."""
-    latency = (time.perf_counter() - started) * 1000.0
+    """Wrap a cached-or-fresh `{items, model_version, variant}` JSON object with request fields
+    (`latency`: milliseconds)."""
     return (
         f'{payload[:-1]},"request_id":"{request_id}","latency_ms":{latency:.3f},'
         f'"cached":{"true" if cached else "false"},"degraded":{"true" if degraded else "false"}}}'

@@ -1,5 +1,6 @@
-"""`recsys consume`: moves events from the Redis stream into the event store through a consumer
-group, acknowledging only stored events (at-least-once delivery + idempotent store = once).
+"""`recsys consume`: moves events and impressions from the Redis stream into the event store
+(`events`, `recommendation_logs`) through a consumer group, acknowledging only stored entries
+(at-least-once delivery + idempotent store = once).
 
 Late events of a forgotten user (still in the stream when they were forgotten) are dropped by
 the store's append itself, against the suppression list of that moment (in the INSERT on
@@ -27,11 +28,12 @@ log = logging.getLogger("recsys.consumer")
 
 @dataclass
 class ConsumerStats:
-    """What a run did: batches and entries handled, events newly stored."""
+    """What a run did: batches and entries handled, events and impressions newly stored."""
 
     batches: int = 0
     entries: int = 0
     stored: int = 0
+    impressions: int = 0
     claimed: int = 0
     started: float = field(default_factory=time.time)
 
@@ -110,12 +112,20 @@ def _store(
 ) -> None:
     # Append first, acknowledge after: a crash in between re-delivers, the store dedupes.
     inserted = store.append(batch.events) if batch.events.height else 0
+    logged = store.append_impressions(batch.impressions) if batch.impressions.height else 0
     stream.ack(batch.ids)
     stream.trim()
     stats.batches += 1
     stats.entries += len(batch)
     stats.stored += inserted
-    log.info("stored %d new events from %d entries (%d total)", inserted, len(batch), stats.stored)
+    stats.impressions += logged
+    log.info(
+        "stored %d new events and %d impressions from %d entries (%d events total)",
+        inserted,
+        logged,
+        len(batch),
+        stats.stored,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,9 +203,10 @@ def consume(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     log.info(
-        "consumer stopped: %d batches, %d entries, %d new events stored",
+        "consumer stopped: %d batches, %d entries, %d new events stored, %d impressions",
         stats.batches,
         stats.entries,
         stats.stored,
+        stats.impressions,
     )
     return 0

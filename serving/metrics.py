@@ -69,15 +69,24 @@ class ServiceMetrics:
             "Polls of the model registry, by outcome (ok, error).",
             ["outcome"],
         )
-        # -- online monitoring by model version and variant (docs/experiments.md) --
         self.impressions = prom.Counter(
             "recsys_impressions_total",
-            "Recommendation answers served (impressions), by variant and model version.",
+            "Impressions (answers served) written to the event stream, by route and variant.",
+            ["route", "variant"],
+        )
+        self.impressions_dropped = prom.Counter(
+            "recsys_impressions_dropped_total",
+            "Impressions dropped: the worker's buffer was full (Redis down too long).",
+        )
+        # -- online monitoring by model version and variant (docs/experiments.md) --
+        self.answers_served = prom.Counter(
+            "recsys_answers_served_total",
+            "/recommend answers served, by variant and model version (each an impression).",
             ["variant", "version"],
         )
-        self.impression_items = prom.Counter(
-            "recsys_impression_items_total",
-            "Items shown in recommendation answers, by variant and model version.",
+        self.items_served = prom.Counter(
+            "recsys_items_served_total",
+            "Items shown in /recommend answers, by variant and model version.",
             ["variant", "version"],
         )
         self.attributed = prom.Counter(
@@ -152,8 +161,8 @@ class ServiceMetrics:
         """One answer of `n_items` items served: the one place impressions are counted. With
         the items' model columns (-1: unknown to the model), marks them for coverage."""
         label = version or NO_VERSION
-        self.impressions.labels(variant, label).inc()
-        self.impression_items.labels(variant, label).inc(n_items)
+        self.answers_served.labels(variant, label).inc()
+        self.items_served.labels(variant, label).inc(n_items)
         if columns is not None and version is not None and catalog_size > 0:
             window = self.coverage_windows.get(version)
             if window is None or window.size != catalog_size:

@@ -312,6 +312,17 @@ class RawEvent(TypedDict, total=False):
             description="Flat object (device, page, free keys), at most 1 KB as JSON; stored.",
         ),
     ]
+    request_id: Annotated[
+        StrictStr | None,
+        Field(
+            description="The request_id of the answer this event follows (a click on a "
+            "recommended item): ties the event to its impression for attribution."
+        ),
+    ]
+    position: Annotated[
+        StrictInt | None,
+        Field(description="The item's 0-based rank in that answer (0..1,000,000)."),
+    ]
 
 
 class EventsRequest(_Strict):

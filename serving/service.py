@@ -25,10 +25,12 @@ from feature_repo.store import FeatureStore
 from feature_repo.stream import EventStream
 from serving import answers
 from serving.api import app, json_response
+from serving.assignment import Assignment, assign
 from serving.auth import Guard, GuardMiddleware
 from serving.errors import DependencyUnavailable, JSONNotFound
 from serving.features import FeatureReader
 from serving.forgetting import SuppressedLoader, forget
+from serving.impressions import ImpressionLog
 from serving.metrics import MetricsRefresher, label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
@@ -109,7 +111,7 @@ class RecommendationService:
         self._store_lock = threading.Lock()
         self.monitor = MetricsRefresher(
             self.metrics,
-            lambda: EventStream(self.store.redis, self.store.namespace),
+            lambda: self.stream,
             lambda: (self.models.current.champion, self.models.current.challenger),
             self.settings.monitor_seconds,
             self.settings.coverage_window_seconds,
@@ -126,6 +128,14 @@ class RecommendationService:
         self.suppressed = SuppressionCache(
             SuppressedLoader(self.config.store.postgres_url, self.home),
             self.settings.suppression_refresh_seconds,
+        )
+        self._stream: EventStream | None = None
+        self.impressions = ImpressionLog(
+            lambda payloads: self.stream.add_impressions(payloads),
+            enabled=self.settings.log_impressions,
+            ready=lambda: not self.redis_outage.down,
+            on_written=self._impressions_written,
+            on_dropped=self.metrics.impressions_dropped.inc,
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -156,6 +166,7 @@ class RecommendationService:
             self.redis_outage.failed(exc)
         self.models.start()
         self.suppressed.start()
+        self.impressions.start()
         self.monitor.start()
         # Everything loaded so far lives as long as the worker: keep it out of the cyclic GC's
         # full passes, which otherwise stall requests for milliseconds.
@@ -166,11 +177,23 @@ class RecommendationService:
     def stop(self) -> None:
         self.models.stop()
         self.suppressed.stop()
+        # Before Redis' outage probe stops: the last impressions are written on the way out.
+        self.impressions.stop()
         self.monitor.stop()
         self.redis_outage.stop()
 
     def _ensure_group(self) -> None:
-        EventStream(self.store.redis, self.store.namespace).ensure_group()
+        self.stream.ensure_group()
+
+    @property
+    def stream(self) -> EventStream:
+        if self._stream is None:
+            self._stream = EventStream(self.store.redis, self.store.namespace)
+        return self._stream
+
+    def _impressions_written(self, counts: dict[tuple[str, str], int]) -> None:
+        for (route, variant), n in counts.items():
+            self.metrics.impressions.labels(route, variant).inc(n)
 
     def __is_ready__(self) -> bool:
         # While Redis is known to be down the probe says so; a probe request does not wait on it.
@@ -215,14 +238,20 @@ class RecommendationService:
         }
         self.metrics.show_models(shown or {"popularity": "live"})
 
+    # -- which arm serves a request ----------------------------------------------------------
+
+    def assignment(self, user_id: str | None) -> Assignment:
+        """The model, variant and experiment of a request: the one place they are decided."""
+        return assign(self.models.current, user_id)
+
     # -- /recommend ----------------------------------------------------------------------------
 
     def recommend_json(self, body: RecommendRequest) -> str:
-        """The /recommend response body for a validated request."""
+        """The /recommend response body for a validated request; logged as an impression."""
         started = time.perf_counter()
         now = time.time()
-        model = self.models.current.for_user(body.user_id)
-        variant = model.variant if model is not None else "popularity"
+        arm = self.assignment(body.user_id)
+        model, variant = arm.model, arm.variant
         version = model.version if model is not None else None
         request_id = new_request_id(variant, version)
         read = self.features.for_request(body, model, now)
@@ -230,7 +259,18 @@ class RecommendationService:
             self.metrics.variant.labels(variant).inc()
             # Coverage counts fresh answers only: a cached one repeats items marked within TTL.
             self.metrics.served(variant, version, read.cached.count(answers.ITEM_KEY))
-            return answers.envelope(read.cached, request_id, started, cached=True)
+            latency = answers.latency_ms(started)
+            self.impressions.recommend(
+                request_id,
+                body.user_id,
+                read.cached,
+                latency,
+                True,
+                False,
+                arm.experiment,
+                body.context,
+            )
+            return answers.envelope(read.cached, request_id, latency, cached=True)
         features_done = time.perf_counter()
         fields = tuple(body.fields or ())
         ranked = self.ranker.recommend(
@@ -258,18 +298,51 @@ class RecommendationService:
             model.item_index(np.asarray(ranked.item_ids, dtype=str)) if model else None,
             model.n_items if model else 0,
         )
-        return answers.envelope(payload, request_id, started, cached=False, degraded=read.degraded)
+        latency = answers.latency_ms(started)
+        self.impressions.recommend(
+            request_id,
+            body.user_id,
+            payload,
+            latency,
+            False,
+            read.degraded,
+            arm.experiment,
+            body.context,
+        )
+        return answers.envelope(payload, request_id, latency, cached=False, degraded=read.degraded)
 
     # -- /similar_items, /popular, /trending and profiles ---------------------------------------
 
     def similar_items(self, body: SimilarItemsRequest) -> Response:
-        return answers.similar_items(self.features, self.models.current.champion, body)
+        started, arm = time.perf_counter(), self.assignment(None)
+        answer = answers.similar_items(self.features, arm.model, body)
+        return self._items_answer("/similar_items", answer, arm, started)
 
     def popular(self, body: PopularRequest) -> Response:
-        return answers.popular(self.features, self.models.current.champion, body)
+        started, arm = time.perf_counter(), self.assignment(None)
+        answer = answers.popular(self.features, arm.model, body)
+        return self._items_answer("/popular", answer, arm, started)
 
     def trending(self, body: TrendingRequest) -> Response:
-        return answers.trending(self.features, self.models.current.champion, body)
+        started, arm = time.perf_counter(), self.assignment(None)
+        answer = answers.trending(self.features, arm.model, body)
+        return self._items_answer("/trending", answer, arm, started)
+
+    def _items_answer(self, route: str, answer: dict, arm: Assignment, started: float) -> Response:
+        """Send a non-personal answer and log it as an impression (no user: these routes have
+        none)."""
+        self.impressions.items(
+            route,
+            answer["request_id"],
+            None,
+            answer["items"],
+            arm.model.version if arm.model is not None else None,
+            arm.variant,
+            answers.latency_ms(started),
+            answer["degraded"],
+            arm.experiment,
+        )
+        return json_response(answer)
 
     def user_profile(self, user_id: str) -> Response:
         """The user's segment, RFM scores, engagement, churn risk, value and preferences."""

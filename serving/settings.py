@@ -107,6 +107,8 @@ class ServingSettings:
     # How stale the suppression list /events drops forgotten users by may be, in other workers
     # than the one that forgot them.
     suppression_refresh_seconds: float = _ENV.suppression_refresh_seconds
+    # Impressions (serving/impressions.py): every read answer, onto the event stream.
+    log_impressions: bool = _ENV.log_impressions
     # Monitoring (serving/metrics.py MetricsRefresher): how often the gauges are refreshed and
     # the sliding window of catalog coverage.
     monitor_seconds: float = _ENV.monitor_seconds

@@ -142,7 +142,8 @@ def validate_events(
     keep_context: bool = False,
 ) -> LoadResult:
     """Validate raw string columns against the event contract (training.events) and cast them
-    to EVENT_SCHEMA (RECORD_SCHEMA, with `context`, when `keep_context`: what a store keeps).
+    to EVENT_SCHEMA (RECORD_SCHEMA, with `context` and the attribution fields `request_id` and
+    `position`, when `keep_context`: what a store keeps).
 
     `now` (default: the clock) and `limits` bound timestamps and values as on POST /events.
     """
@@ -167,7 +168,9 @@ def validate_events(
     _, skipped = _raise_or_drop(source, frame, bad, problems, skip_invalid)
     valid = checked.valid()
     return LoadResult(
-        valid if keep_context else valid.drop("context"), skipped, problems if skipped else []
+        valid if keep_context else valid.select(list(EVENT_SCHEMA)),
+        skipped,
+        problems if skipped else [],
     )
 
 

@@ -26,7 +26,9 @@ EVENT_TYPES: tuple[str, ...] = (
 EVENT_TYPE_DTYPE = pl.Enum(list(EVENT_TYPES))
 MAX_ID_LENGTH = 256
 
-# What training reads. The stored record (stream, event store) adds `context`: RECORD_SCHEMA.
+# What training reads. The stored record (stream, event store) adds `context` and the
+# attribution fields `request_id` (the answer the event follows) and `position` (the item's 0-based
+# rank in that answer): RECORD_SCHEMA.
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.String(),
     "item_id": pl.String(),
@@ -36,9 +38,36 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
     "session_id": pl.String(),
     "event_id": pl.String(),
 }
-RECORD_SCHEMA: dict[str, pl.DataType] = {**EVENT_SCHEMA, "context": pl.String()}
+RECORD_SCHEMA: dict[str, pl.DataType] = {
+    **EVENT_SCHEMA,
+    "context": pl.String(),
+    "request_id": pl.String(),
+    "position": pl.Int32(),
+}
+# An impression: one answer of /recommend, /similar_items, /popular or /trending as served (the
+# `recommendation_logs` table). `items`, `scores` and `sources` are parallel lists in answer
+# order (an item's position is its index); `sources` names the generators behind each item
+# (`als+coview`) or, outside /recommend, the list it came from. `timestamp` is epoch seconds
+# with fractions; `context` is the request's context as JSON text.
+IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
+    "request_id": pl.String(),
+    "user_id": pl.String(),
+    "timestamp": pl.Float64(),
+    "route": pl.String(),
+    "items": pl.List(pl.String()),
+    "scores": pl.List(pl.Float64()),
+    "sources": pl.List(pl.String()),
+    "variant": pl.String(),
+    "experiment": pl.String(),
+    "model_version": pl.String(),
+    "latency_ms": pl.Float64(),
+    "status": pl.String(),
+    "cached": pl.Boolean(),
+    "context": pl.String(),
+}
+IMPRESSION_ROUTES = ("/recommend", "/similar_items", "/popular", "/trending")
 REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp")
-OPTIONAL_EVENT_COLUMNS = ("value", "session_id", "event_id", "context")
+OPTIONAL_EVENT_COLUMNS = ("value", "session_id", "event_id", "context", "request_id", "position")
 
 # Confidence of each event type (a rating counts as its value), shared by the trained models and
 # the live features so that both weigh behaviour alike.
@@ -64,6 +93,9 @@ MAX_CONTEXT_KEYS = 20
 MAX_CONTEXT_KEY_LENGTH = 64
 MAX_CONTEXT_VALUE_LENGTH = 256
 MAX_CONTEXT_BYTES = 1024
+# The largest `position` accepted: far beyond any answer (at most 100 items) or page a client
+# shows, and within Int32.
+MAX_POSITION = 1_000_000
 
 # Numbers at or above this are epoch milliseconds rather than seconds (year 5138 in seconds).
 _MILLIS_THRESHOLD = 100_000_000_000
@@ -77,7 +109,15 @@ _ISO_FORMATS = (
     "%Y-%m-%dT%H:%M",
     "%Y-%m-%d",
 )
-_STRING_FIELDS = ("user_id", "item_id", "event_type", "session_id", "event_id", "context")
+_STRING_FIELDS = (
+    "user_id",
+    "item_id",
+    "event_type",
+    "session_id",
+    "event_id",
+    "context",
+    "request_id",
+)
 # Derived ids hash the canonical fields joined by a character no id may contain.
 _SEPARATOR = "\x1f"
 DERIVED_ID_PREFIX = "h2:"
@@ -180,6 +220,8 @@ class CheckedEvents:
                 _blank_to_null(pl.col("session_id")).alias("session_id"),
                 _blank_to_null(pl.col("event_id")).alias("event_id"),
                 pl.col("_context").alias("context"),
+                _blank_to_null(pl.col("request_id").str.strip_chars()).alias("request_id"),
+                pl.col("_position").cast(pl.Int32).alias("position"),
                 pl.col("_ts_us").cast(pl.Int64).alias("_ts_us"),
             )
         )
@@ -332,7 +374,8 @@ def check_events(
     `limits.earliest_timestamp` (2000-01-01) and at most `limits.max_future_seconds` after
     `now`. Value: finite; a rating's within the rating range, any other a positive quantity up
     to `limits.max_quantity`.
-    Context: a flat JSON object of at most MAX_CONTEXT_BYTES bytes.
+    Context: a flat JSON object of at most MAX_CONTEXT_BYTES bytes. request_id: an id like the
+    others, optional. Position: an integer 0..MAX_POSITION, optional.
     """
     limits = limits or EventLimits()
     absent = [
@@ -344,7 +387,7 @@ def check_events(
     not_text = [
         pl.col(c).cast(pl.String)
         for c, dtype in frame.schema.items()
-        if c != "value" and dtype != pl.String
+        if c not in ("value", "position") and dtype != pl.String
     ]
     if not_text:
         frame = frame.with_columns(not_text)
@@ -357,6 +400,7 @@ def check_events(
     else:
         value = pl.col("value").cast(pl.Float64)
         not_number = pl.lit(False)
+    position, position_not_integer = _position_exprs(frame.schema["position"])
     # A missing timestamp is now to the second (as the service always did): a retry of the same
     # id-less batch within that second derives the same ids.
     default_us = math.floor(now) * 1e6 if missing_timestamp_is_now else None
@@ -365,6 +409,8 @@ def check_events(
         pl.col("event_type").str.strip_chars().str.to_lowercase().alias("_type"),
         value.alias("_value"),
         not_number.alias("_value_not_number"),
+        position.alias("_position"),
+        position_not_integer.alias("_position_not_integer"),
         *_timestamp_exprs(default_us),
         *(
             [pl.col("context").alias("_context"), pl.lit(None, pl.String).alias("_context_problem")]
@@ -377,6 +423,27 @@ def check_events(
         frame = _with_context(frame)
     frame = frame.with_columns(pl.lit((now + limits.max_future_seconds) * 1e6).alias("_latest_us"))
     return CheckedEvents(frame, *_contract(limits))
+
+
+def _position_exprs(dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr]:
+    """`_position` (Int64, null when not given) and whether a given position is not an integer,
+    from text (a file) or numbers (JSON: an integer beyond 64 bits arrives as text)."""
+    col = pl.col("position")
+    if dtype == pl.String:
+        text = col.str.strip_chars()
+        given = text.is_not_null() & (text != "")
+        number = text.cast(pl.Int64, strict=False)
+        # Digits beyond 64 bits are an integer out of range, not "not an integer".
+        huge = number.is_null() & text.str.contains(r"^[+-]?\d+$")
+        parsed = pl.when(given).then(
+            pl.when(huge).then(pl.lit(MAX_POSITION + 1, pl.Int64)).otherwise(number)
+        )
+        return parsed, given & parsed.is_null()
+    if dtype.is_float():
+        integral = col.is_finite() & (col == col.round()) & (col.abs() < 2**53)
+        parsed = pl.when(integral).then(col.cast(pl.Int64, strict=False))
+        return parsed, col.is_not_null() & parsed.is_null()
+    return col.cast(pl.Int64, strict=False), pl.lit(False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -429,6 +496,13 @@ def _contract(limits: EventLimits) -> tuple[list[Check], pl.Expr, pl.Expr]:
         ),
         *_id_checks("session_id", required=False),
         *_id_checks("event_id", required=False),
+        *_id_checks("request_id", required=False),
+        Check("position", pl.col("_position_not_integer"), "not an integer"),
+        Check(
+            "position",
+            (pl.col("_position") < 0) | (pl.col("_position") > MAX_POSITION),
+            f"must be within 0..{MAX_POSITION}",
+        ),
         Check(
             "context",
             pl.col("_context_problem").is_not_null(),
@@ -453,6 +527,8 @@ _RECORD_RAW_SCHEMA = {
     "value": pl.Float64,
     "session_id": pl.String,
     "event_id": pl.String,
+    "request_id": pl.String,
+    "position": pl.Int64,
 }
 
 
@@ -484,6 +560,11 @@ def frame_from_records(records: Sequence[Mapping[str, object]]) -> pl.DataFrame:
         for t in (r.get("timestamp") for r in records)
     ]
     columns["context"] = context or [None] * len(records)
+    # Text, so an integer beyond 64 bits is refused by the contract with a reason (not nulled).
+    columns["position"] = [
+        p if p is None or isinstance(p, str) else repr(p)
+        for p in (r.get("position") for r in records)
+    ]
     unicode: list[str | None] = [None] * len(records)
     series = []
     for name, values in columns.items():
@@ -554,6 +635,11 @@ def with_event_ids(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(pl.Series("event_id", ids, dtype=pl.String)).drop(
         "_ts_us", strict=False
     )
+
+
+def empty_impressions() -> pl.DataFrame:
+    """An empty frame of impressions (IMPRESSION_SCHEMA)."""
+    return pl.DataFrame(schema=IMPRESSION_SCHEMA)
 
 
 def empty_records() -> pl.DataFrame:

@@ -42,14 +42,17 @@ def _check_store(store: EventStore) -> None:
 
 def _check_context(store: EventStore) -> None:
     events = make_events(n_users=2, per_user=2).with_columns(
-        pl.Series("context", ['{"device":"ios"}', None, '{"page":"home","n":3}', None])
+        pl.Series("context", ['{"device":"ios"}', None, '{"page":"home","n":3}', None]),
+        pl.Series("request_id", ["r1", None, "r2", "r1"]),
+        pl.Series("position", [0, None, 7, 3], dtype=pl.Int32),
     )
     assert store.append(events) == 4
     stored = store.read(with_context=True)
     stored = stored.filter(pl.col("event_id").is_in(events["event_id"].to_list())).sort("event_id")
     assert dict(stored.schema) == RECORD_SCHEMA
-    assert stored["context"].to_list() == events.sort("event_id")["context"].to_list()
-    assert "context" not in store.read().columns
+    for name in ("context", "request_id", "position"):
+        assert stored[name].to_list() == events.sort("event_id")[name].to_list()
+    assert not {"context", "request_id", "position"} & set(store.read().columns)
 
 
 def test_parquet_store(tmp_path: Path) -> None:
@@ -69,6 +72,7 @@ def test_parquet_store_keeps_context_and_reads_parts_written_before_it(tmp_path:
         .null_count()
         == old.height
     )
+    assert sorted(store.read(with_context=True)["position"].drop_nulls().to_list()) == [0, 3, 7]
     store.append(make_events(n_users=4, per_user=1, seed=9))  # compacts old and new parts
     assert len(list((tmp_path / "events").glob("part-*.parquet"))) == 1
     assert store.read(with_context=True)["context"].drop_nulls().len() == 2
@@ -114,6 +118,7 @@ def test_postgres_store_keeps_context_and_migrates_an_old_table(postgres_url: st
         _check_context(store)
         old = store.read(with_context=True).filter(pl.col("event_id") == "old")
         assert old["context"].to_list() == [None] and store.count() == 5
+        assert old["request_id"].to_list() == [None] and old["position"].to_list() == [None]
     finally:
         store.close()
 

@@ -23,7 +23,10 @@ def batch(n: int, start: int = 0) -> pl.DataFrame:
             "context": [
                 '{"device":"ios"}' if i % 4 == 0 else None for i in range(start, start + n)
             ],
-        }
+            "request_id": [f"r{i // 2}" if i % 3 == 1 else None for i in range(start, start + n)],
+            "position": [i % 5 if i % 3 == 1 else None for i in range(start, start + n)],
+        },
+        schema_overrides={"position": pl.Int32},
     )
 
 

@@ -57,12 +57,12 @@ def test_impressions_coverage_age_and_stream_gauges_by_version(
         after = scrape(client)
 
     labels = {"variant": "champion", "version": "1"}
-    grew = value(after, "recsys_impressions_total", **labels) - value(
-        before, "recsys_impressions_total", **labels
+    grew = value(after, "recsys_answers_served_total", **labels) - value(
+        before, "recsys_answers_served_total", **labels
     )
     assert grew == len(users) + 1  # the cached answer is an impression too
-    items = value(after, "recsys_impression_items_total", **labels) - value(
-        before, "recsys_impression_items_total", **labels
+    items = value(after, "recsys_items_served_total", **labels) - value(
+        before, "recsys_items_served_total", **labels
     )
     assert items == 4 * (len(users) + 1)
     n_items = len(champion.bundle.item_ids)
@@ -77,24 +77,38 @@ def test_impressions_coverage_age_and_stream_gauges_by_version(
 def test_request_ids_name_variant_and_version_and_events_are_attributed_by_them(
     service_app, champion: Registered
 ) -> None:
+    """Through POST /events with the request id of a real answer."""
     with TestClient(service_app) as client:
         answer = client.post("/recommend", json={"user_id": "u3", "k": 3}).json()
         assert answer["request_id"].endswith("-c1")
-        service = bentoml.get_current_service()
         before = scrape(client)
         now = time.time()
         rid = answer["request_id"]
         item = answer["items"][0]["item_id"]
-        frame = pl.DataFrame(
+        other = new_request_id("champion", "999")
+        sent = [
+            (rid, "click"),
+            (rid, "purchase"),
+            (rid, "view"),
+            (other, "click"),
+            ("free text", "click"),
+        ]
+        events = [
             {
-                "request_id": [rid, rid, rid, new_request_id("champion", "999"), "free text"],
-                "event_type": ["click", "purchase", "view", "click", "click"],
                 "user_id": "u3",
                 "item_id": item,
-                "timestamp": int(now),
+                "event_type": event_type,
+                "timestamp": now - i,
+                "request_id": request_id,
+                "position": 0,
+                **({"value": 1} if event_type == "purchase" else {}),
             }
-        )
-        service.metrics.attribute(frame)
+            for i, (request_id, event_type) in enumerate(sent)
+        ]
+        posted = client.post("/events", json={"events": events}).json()
+        assert posted["accepted"] == len(events), posted
+        # A retried batch is all duplicates: nothing is attributed twice.
+        assert client.post("/events", json={"events": events}).json()["duplicates"] == 5
         after = scrape(client)
 
     def grew(**labels: str) -> float:

@@ -235,6 +235,10 @@ def test_values_and_timestamps_out_of_bounds_are_rejected(client: TestClient) ->
         (_event(context=["device"]), "events[1].context"),
         (_event(context={f"k{n}": n for n in range(21)}), "events[1].context"),
         (_event(context={"k" * 65: 1}), "events[1].context"),
+        (_event(position=1.5), "events[1].position"),
+        (_event(position="3"), "events[1].position"),
+        (_event(position=True), "events[1].position"),
+        (_event(request_id=7), "events[1].request_id"),
     ],
 )
 def test_unknown_fields_and_wrong_json_types_are_422_naming_the_field(
@@ -257,6 +261,28 @@ def test_context_is_accepted_and_canonical(client: TestClient, store: FeatureSto
     read = stream.read("test", 10, None).events
     assert read["context"].to_list() == [
         '{"beta":true,"device":"ios","experiment":null,"n":2,"page":"home"}'
+    ]
+
+
+def test_attribution_fields_reach_the_stream(client: TestClient, store: FeatureStore) -> None:
+    from feature_repo.stream import EventStream
+
+    events = [
+        _event(event_type="click", request_id="req-1", position=2, event_id="a"),
+        _event(event_type="click", position=-1),
+        _event(event_type="click", request_id="r" * 257),
+        _event(event_id="b"),
+    ]
+    body = client.post("/events", json={"events": events}).json()
+    assert body["accepted"] == 2
+    assert body["rejected"] == [
+        {"index": 1, "reason": "position: must be within 0..1000000"},
+        {"index": 2, "reason": "request_id: longer than 256 characters"},
+    ]
+    read = EventStream(store.redis, store.namespace).read("test", 10, None).events
+    assert read.select("event_id", "request_id", "position").rows() == [
+        ("a", "req-1", 2),
+        ("b", None, None),
     ]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from training.data import DataValidationError, load_events
 from training.events import (
+    RECORD_SCHEMA,
     EventLimits,
     check_batch,
     check_events,
@@ -226,3 +227,44 @@ def test_configured_bounds_are_the_same_for_the_import_and_the_stored_events(
         monkeypatch.setenv("RECSYS_RATING_RANGE", wrong)
         with pytest.raises(ValueError, match="RECSYS_RATING_RANGE"):
             get_settings().store.event_limits()
+
+
+def test_attribution_fields_in_a_file(tmp_path: Path) -> None:
+    path = _csv(
+        tmp_path,
+        "user_id,item_id,event_type,timestamp,request_id,position",
+        "u,i,click,1700000000,r-1,0",
+        "u,j,click,1700000000, r-2 ,12",
+        "u,k,view,1700000000,,",
+        "u,l,click,1700000000,r-3,-1",
+        "u,m,click,1700000000,r-3,1.5",
+        "u,n,click,1700000000," + "r" * 257 + ",1",
+        "u,o,click,1700000000,r\x01,1",
+    )
+    result = load_events(path, skip_invalid=True, keep_context=True)
+    assert result.frame["request_id"].to_list() == ["r-1", "r-2", None]
+    assert result.frame["position"].to_list() == [0, 12, None]
+    assert result.frame.schema["position"] == pl.Int32
+    assert not {"request_id", "position"} & set(load_events(path, skip_invalid=True).frame.columns)
+    reasons = {p.line: f"{p.column}: {p.reason}" for p in result.problems}
+    assert reasons[5].startswith("position: must be within 0..1000000")
+    assert reasons[6].startswith("position: not an integer")
+    assert reasons[7].startswith("request_id: longer than 256 characters")
+    assert reasons[8].startswith("request_id: contains control characters")
+
+
+def test_attribution_fields_of_a_json_batch() -> None:
+    records = [
+        {"user_id": "u", "item_id": "i", "event_type": "click", "request_id": "r1", "position": 3},
+        {"user_id": "u", "item_id": "i", "event_type": "click", "position": -2},
+        {"user_id": "u", "item_id": "i", "event_type": "click", "position": 2**70},
+        {"user_id": "u", "item_id": "j", "event_type": "view"},
+    ]
+    checked = check_batch(records, NOW)
+    assert checked.rejected == [
+        {"index": 1, "reason": "position: must be within 0..1000000"},
+        {"index": 2, "reason": "position: must be within 0..1000000"},
+    ]
+    assert checked.events["request_id"].to_list() == ["r1", None]
+    assert checked.events["position"].to_list() == [3, None]
+    assert dict(checked.events.schema) == RECORD_SCHEMA
