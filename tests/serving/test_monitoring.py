@@ -53,6 +53,7 @@ def test_impressions_coverage_age_and_stream_gauges_by_version(
             for i in range(3)
         ]
         assert client.post("/events", json={"events": events}).json()["accepted"] == 3
+        service.impressions.flush()  # each answer is an impression entry on the stream too
         service.monitor.refresh()
         after = scrape(client)
 
@@ -69,9 +70,9 @@ def test_impressions_coverage_age_and_stream_gauges_by_version(
     assert value(after, "recsys_catalog_coverage_ratio", **labels) == len(served) / n_items
     age = value(after, "recsys_model_age_seconds", **labels)
     assert 0 < age < 600
-    # No consumer runs here: the three events wait in the stream, undelivered.
-    assert value(after, "recsys_stream_length") == 3
-    assert value(after, "recsys_stream_consumer_lag") == 3
+    # No consumer runs here: the three events and the 13 impressions wait, undelivered.
+    assert value(after, "recsys_stream_length") == 3 + len(users) + 1
+    assert value(after, "recsys_stream_consumer_lag") == 3 + len(users) + 1
 
 
 def test_request_ids_name_variant_and_version_and_events_are_attributed_by_them(
