@@ -138,10 +138,6 @@ def _live_trending(
 # -- /recommend's JSON -------------------------------------------------------------------------
 
 
-# How an item starts in a /recommend payload: counting it counts a cached answer's items.
-ITEM_KEY = '{"item_id":'
-
-
 def recommend_payload(ranked: Ranked, model: ServingModel | None, variant: str) -> str:
     """The cacheable `{items, model_version, lineage, variant, segment}` JSON object of a
     ranking."""

@@ -84,11 +84,6 @@ class ServiceMetrics:
             "/recommend answers served, by variant and model version (each an impression).",
             ["variant", "version"],
         )
-        self.items_served = prom.Counter(
-            "recsys_items_served_total",
-            "Items shown in /recommend answers, by variant and model version.",
-            ["variant", "version"],
-        )
         self.attributed = prom.Counter(
             "recsys_attributed_events_total",
             "Accepted click, add_to_cart and purchase events that name the request_id of an "
@@ -154,15 +149,13 @@ class ServiceMetrics:
         self,
         variant: str,
         version: str | None,
-        n_items: int,
         columns: np.ndarray | None = None,
         catalog_size: int = 0,
     ) -> None:
-        """One answer of `n_items` items served: the one place impressions are counted. With
-        the items' model columns (-1: unknown to the model), marks them for coverage."""
+        """One answer served: the one place answers are counted by variant and version.
+        With the items' model columns (-1: unknown to the model), marks them for coverage."""
         label = version or NO_VERSION
         self.answers_served.labels(variant, label).inc()
-        self.items_served.labels(variant, label).inc(n_items)
         if columns is not None and version is not None and catalog_size > 0:
             window = self.coverage_windows.get(version)
             if window is None or window.size != catalog_size:
@@ -185,8 +178,7 @@ class CoverageWindow:
         self.previous = np.zeros(size, dtype=bool)
 
     def mark(self, columns: np.ndarray) -> None:
-        columns = columns[(columns >= 0) & (columns < self.size)]
-        self.current[columns] = True
+        self.current[columns[columns >= 0]] = True
 
     def rotate(self) -> None:
         """Start a new half window: the oldest half is forgotten."""

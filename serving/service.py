@@ -258,7 +258,7 @@ class RecommendationService:
         if read.cached is not None:
             self.metrics.variant.labels(variant).inc()
             # Coverage counts fresh answers only: a cached one repeats items marked within TTL.
-            self.metrics.served(variant, version, read.cached.count(answers.ITEM_KEY))
+            self.metrics.served(variant, version)
             latency = answers.latency_ms(started)
             self.impressions.recommend(
                 request_id,
@@ -294,7 +294,6 @@ class RecommendationService:
         self.metrics.served(
             variant,
             version,
-            len(ranked.item_ids),
             model.item_index(np.asarray(ranked.item_ids, dtype=str)) if model else None,
             model.n_items if model else 0,
         )

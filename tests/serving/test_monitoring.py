@@ -62,10 +62,6 @@ def test_impressions_coverage_age_and_stream_gauges_by_version(
         before, "recsys_answers_served_total", **labels
     )
     assert grew == len(users) + 1  # the cached answer is an impression too
-    items = value(after, "recsys_items_served_total", **labels) - value(
-        before, "recsys_items_served_total", **labels
-    )
-    assert items == 4 * (len(users) + 1)
     n_items = len(champion.bundle.item_ids)
     assert value(after, "recsys_catalog_coverage_ratio", **labels) == len(served) / n_items
     age = value(after, "recsys_model_age_seconds", **labels)
