@@ -4,7 +4,6 @@ starts, after BentoML's multiprocess set-up."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -131,10 +130,10 @@ class ServiceMetrics:
         for labels in current:
             self.model_info.labels(*labels).set(1)
         for labels in self._shown - current:
-            # Gauges of a version that no longer serves stop being exported.
-            for gauge in (self.coverage, self.model_age):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(*labels)
+            # A version that no longer serves reads 0, as recsys_model_loaded does: the
+            # multiprocess mode cannot remove a label set.
+            self.coverage.labels(*labels).set(0)
+            self.model_age.labels(*labels).set(0)
         self._shown = current
 
     def attribute(self, events: Any) -> None:
