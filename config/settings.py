@@ -356,6 +356,20 @@ class ServingSettingsEnv(_Group):
         gt=0,
         description="How often a worker re-reads the list of forgotten users",
     )
+    monitor_seconds: float = Field(
+        15.0,
+        alias="RECSYS_MONITOR_SECONDS",
+        gt=0,
+        description="How often a worker refreshes its monitoring gauges on /metrics (stream "
+        "length and consumer lag, model age, catalog coverage)",
+    )
+    coverage_window_seconds: float = Field(
+        3600.0,
+        alias="RECSYS_COVERAGE_WINDOW_SECONDS",
+        gt=0,
+        description="Sliding window of the catalog coverage gauge: the share of the catalog "
+        "served in about this many seconds",
+    )
     segment_rules: Json[dict[str, Any]] | None = Field(
         None,
         alias="RECSYS_SEGMENT_RULES",

@@ -4,12 +4,18 @@ starts, after BentoML's multiprocess set-up."""
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+import redis
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 
@@ -71,16 +77,191 @@ class ServiceMetrics:
             "recsys_impressions_dropped_total",
             "Impressions dropped: the worker's buffer was full (Redis down too long).",
         )
+        # -- online monitoring by model version and variant (docs/experiments.md) --
+        self.answers_served = prom.Counter(
+            "recsys_answers_served_total",
+            "/recommend answers served, by variant and model version (each an impression).",
+            ["variant", "version"],
+        )
+        self.attributed = prom.Counter(
+            "recsys_attributed_events_total",
+            "Accepted click, add_to_cart and purchase events that name the request_id of an "
+            "answer, by the variant and model version that answer came from.",
+            ["variant", "version", "event_type"],
+        )
+        self.coverage = prom.Gauge(
+            "recsys_catalog_coverage_ratio",
+            "Share of the model's catalog served in the sliding coverage window.",
+            ["variant", "version"],
+            multiprocess_mode="livemax",
+        )
+        self.model_age = prom.Gauge(
+            "recsys_model_age_seconds",
+            "Seconds since the served model version was registered.",
+            ["variant", "version"],
+            multiprocess_mode="livemax",
+        )
+        self.stream_length = prom.Gauge(
+            "recsys_stream_length",
+            "Entries in the event stream (acknowledged entries are trimmed).",
+            multiprocess_mode="livemostrecent",
+        )
+        self.consumer_lag = prom.Gauge(
+            "recsys_stream_consumer_lag",
+            "Stream entries the consumer group has not stored yet (undelivered + pending).",
+            multiprocess_mode="livemostrecent",
+        )
+        self.coverage_windows: dict[str, CoverageWindow] = {}
+        # The versions this worker served lately, oldest first: request ids naming another
+        # version are attributed to `other` (see serving/request_ids.py).
+        self.known_versions: dict[str, None] = {}
         self._shown: set[tuple[str, str]] = set()
 
     def show_models(self, loaded: dict[str, Any]) -> None:
         """Set recsys_model_loaded to 1 for `{variant: version or None}`, 0 for the rest."""
         current = {(variant, str(version)) for variant, version in loaded.items() if version}
+        for _variant, version in sorted(current):
+            self.known_versions.pop(version, None)
+            self.known_versions[version] = None
+        while len(self.known_versions) > KNOWN_VERSIONS:
+            del self.known_versions[next(iter(self.known_versions))]
         for labels in self._shown - current:
             self.model_info.labels(*labels).set(0)
         for labels in current:
             self.model_info.labels(*labels).set(1)
+        for labels in self._shown - current:
+            # A version that no longer serves reads 0, as recsys_model_loaded does: the
+            # multiprocess mode cannot remove a label set.
+            self.coverage.labels(*labels).set(0)
+            self.model_age.labels(*labels).set(0)
         self._shown = current
+
+    def attribute(self, events: Any) -> None:
+        """Count the accepted events that name a request id, by the answer's variant/version."""
+        from serving.request_ids import attributed_counts
+
+        counts = attributed_counts(events, list(self.known_versions))
+        for variant, version, event_type, n in counts.iter_rows():
+            self.attributed.labels(variant, version, event_type).inc(n)
+
+    def served(
+        self,
+        variant: str,
+        version: str | None,
+        columns: np.ndarray | None = None,
+        catalog_size: int = 0,
+    ) -> None:
+        """One answer served: the one place answers are counted by variant and version.
+        With the items' model columns (-1: unknown to the model), marks them for coverage."""
+        label = version or NO_VERSION
+        self.answers_served.labels(variant, label).inc()
+        if columns is not None and version is not None and catalog_size > 0:
+            window = self.coverage_windows.get(version)
+            if window is None or window.size != catalog_size:
+                window = self.coverage_windows[version] = CoverageWindow(catalog_size)
+            window.mark(columns)
+
+
+NO_VERSION = "none"
+KNOWN_VERSIONS = 32
+
+
+class CoverageWindow:
+    """Which of a catalog's items were served recently: two bitmaps, each covering half the
+    window, so the union spans between one half and one whole window. Marking an answer is one
+    numpy fancy assignment; the ratio is counted only when the gauge is refreshed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.current = np.zeros(size, dtype=bool)
+        self.previous = np.zeros(size, dtype=bool)
+
+    def mark(self, columns: np.ndarray) -> None:
+        self.current[columns[columns >= 0]] = True
+
+    def rotate(self) -> None:
+        """Start a new half window: the oldest half is forgotten."""
+        self.previous, self.current = self.current, self.previous
+        self.current[:] = False
+
+    def ratio(self) -> float:
+        if not self.size:
+            return 0.0
+        return float(np.count_nonzero(self.current | self.previous)) / self.size
+
+
+class MetricsRefresher:
+    """Refreshes the gauges that are not per request, in a daemon thread every `interval`
+    seconds: stream length and consumer lag (one XLEN, XINFO GROUPS and XPENDING per refresh),
+    the served versions' age and their catalog coverage (rotating its half windows)."""
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        stream: Callable[[], Any],
+        models: Callable[[], Sequence[Any]],
+        interval: float,
+        coverage_window: float,
+        redis_down: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.metrics = metrics
+        self._stream = stream
+        self._models = models
+        self.interval = interval
+        self.half_window = coverage_window / 2.0
+        self._redis_down = redis_down
+        self._rotated = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        """One refresh of every gauge; Redis errors leave the stream gauges as they were."""
+        now = time.time()
+        models = [m for m in self._models() if m is not None]
+        rotate = time.monotonic() - self._rotated >= self.half_window
+        if rotate:
+            self._rotated = time.monotonic()
+        for model in models:
+            labels = (model.variant, model.version)
+            created = model.lineage.created_at
+            if created is not None:
+                self.metrics.model_age.labels(*labels).set(max(0.0, now - created))
+            window = self.metrics.coverage_windows.get(model.version)
+            if window is not None:
+                self.metrics.coverage.labels(*labels).set(window.ratio())
+                if rotate:
+                    window.rotate()
+        serving = {m.version for m in models}
+        for version in set(self.metrics.coverage_windows) - serving:
+            del self.metrics.coverage_windows[version]
+        if self._redis_down():
+            return
+        try:
+            stream = self._stream()
+            self.metrics.stream_length.set(stream.length())
+            self.metrics.consumer_lag.set(stream.lag())
+        except redis.RedisError as exc:
+            # The request path reports Redis outages; the gauges keep their last values.
+            log.debug("stream gauges not refreshed: %s", exc)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="metrics-refresher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.refresh()
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
 
 _INSTANCE: ServiceMetrics | None = None

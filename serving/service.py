@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 
 import bentoml
 import numpy as np
@@ -34,10 +33,11 @@ from serving.experiments import ExperimentLoader, ExperimentRouter, Served
 from serving.features import FeatureReader, RequestRead
 from serving.forgetting import SuppressedLoader, forget
 from serving.impressions import ImpressionLog
-from serving.metrics import label_http_metrics_by_route, service_metrics
+from serving.metrics import MetricsRefresher, label_http_metrics_by_route, service_metrics
 from serving.models import ModelManager, ModelSet
 from serving.outage import REDIS_DOWN, Outage
 from serving.ranking import Ranker, RankingParams
+from serving.request_ids import new_request_id
 from serving.reranking import Ranked, merge_ranked
 from serving.schemas import (
     EventsRequest,
@@ -123,6 +123,14 @@ class RecommendationService:
         )
         self._store: FeatureStore | None = None
         self._store_lock = threading.Lock()
+        self.monitor = MetricsRefresher(
+            self.metrics,
+            lambda: self.stream,
+            lambda: (self.models.current.champion, self.models.current.challenger),
+            self.settings.monitor_seconds,
+            self.settings.coverage_window_seconds,
+            redis_down=lambda: self.redis_outage.down,
+        )
         self.guard = Guard(self.settings, app.routes, lambda: self.store, self.redis_outage)
         self.features = FeatureReader(
             lambda: self.store,
@@ -174,6 +182,7 @@ class RecommendationService:
         self.suppressed.start()
         self.experiments.start()
         self.impressions.start()
+        self.monitor.start()
         # Everything loaded so far lives as long as the worker: keep it out of the cyclic GC's
         # full passes, which otherwise stall requests for milliseconds.
         gc.collect()
@@ -186,6 +195,7 @@ class RecommendationService:
         self.experiments.stop()
         # Before Redis' outage probe stops: the last impressions are written on the way out.
         self.impressions.stop()
+        self.monitor.stop()
         self.redis_outage.stop()
 
     def _ensure_group(self) -> None:
@@ -257,8 +267,9 @@ class RecommendationService:
         """The /recommend response body for a validated request; logged as an impression (a
         failure too, as an error of its variant)."""
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
         served = self.assignment(body.user_id)
+        model = served.model
+        request_id = new_request_id(served.variant, model.version if model is not None else None)
         try:
             return self._recommend(body, served, request_id, started)
         except Exception:
@@ -266,7 +277,7 @@ class RecommendationService:
                 "/recommend",
                 request_id,
                 body.user_id,
-                served.model.version if served.model is not None else None,
+                model.version if model is not None else None,
                 served.variant,
                 answers.latency_ms(started),
                 served.experiment,
@@ -278,11 +289,14 @@ class RecommendationService:
     ) -> str:
         now = time.time()
         model, variant = served.model, served.variant
+        version = model.version if model is not None else None
         # An interleaved answer is drawn per request, so it is never cached.
         label = f"{variant}|{served.experiment}" if not served.rivals else request_id
         read = self.features.for_request(body, model, now, label)
         if read.cached is not None:
             self.metrics.variant.labels(variant).inc()
+            # Coverage counts fresh answers only: a cached one repeats items marked within TTL.
+            self.metrics.served(variant, version)
             latency = answers.latency_ms(started)
             self.impressions.recommend(
                 request_id,
@@ -307,6 +321,12 @@ class RecommendationService:
         self.metrics.stage_latency.labels("features").observe(features_done - started)
         self.metrics.stage_latency.labels("ranking").observe(done - features_done)
         self.metrics.variant.labels(variant).inc()
+        self.metrics.served(
+            variant,
+            version,
+            model.item_index(np.asarray(ranked.item_ids, dtype=str)) if model else None,
+            model.n_items if model else 0,
+        )
         latency = answers.latency_ms(started)
         self.impressions.recommend(
             request_id,
@@ -446,6 +466,7 @@ class RecommendationService:
         self.metrics.events.labels("accepted").inc(result.accepted)
         self.metrics.events.labels("duplicate").inc(result.duplicates)
         self.metrics.unknown_items.inc(unknown)
+        self.metrics.attribute(checked.events.filter(pl.Series(new)))
         return json_response(
             {
                 "accepted": result.accepted + suppressed,

@@ -109,6 +109,10 @@ class ServingSettings:
     suppression_refresh_seconds: float = _ENV.suppression_refresh_seconds
     # Impressions (serving/impressions.py): every read answer, onto the event stream.
     log_impressions: bool = _ENV.log_impressions
+    # Monitoring (serving/metrics.py MetricsRefresher): how often the gauges are refreshed and
+    # the sliding window of catalog coverage.
+    monitor_seconds: float = _ENV.monitor_seconds
+    coverage_window_seconds: float = _ENV.coverage_window_seconds
     # API keys and rate limits (serving/keys.py, serving/auth.py): where the hashed keys are, and
     # requests per second per key and scope, per client address, and how many seconds of them a
     # burst may take.
