@@ -197,12 +197,14 @@ def summary(analysis: ExperimentAnalysis | InterleavingAnalysis) -> str:
             f"[{a.delta.low:+.4f}, {a.delta.high:+.4f}], always-valid p = {a.p_value:.3g}"
         )
     else:
-        lines.append(f"{'variant':<16}{'users':>8}{'impr.':>9}{'CTR':>22}{'conversion':>22}")
+        lines.append(
+            f"{'variant':<16} {'users':>7} {'answers':>8}  {'CTR [95% CI]':<27} "
+            f"{'conversion [95% CI]':<27} revenue/user"
+        )
         for v in analysis.variants:
             lines.append(
-                f"{v.variant:<16}{v.users:>8}{v.impressions:>9}"
-                f"{_ci(v.ctr):>22}{_ci(v.conversion):>22}"
-                f"   revenue/user {v.revenue_per_user.value:.2f}"
+                f"{v.variant:<16} {v.users:>7} {v.impressions:>8}  {_ci(v.ctr):<27} "
+                f"{_ci(v.conversion):<27} {v.revenue_per_user.value:.2f}"
             )
         for t in analysis.treatments:
             lines.append(

@@ -547,13 +547,18 @@ class GuardrailThresholds:
     """A treatment breaks a guardrail when, against the control: its p99 latency exceeds
     latency_ratio x control + latency_slack_ms; its error rate exceeds control + error_rate_delta;
     its catalog coverage falls below coverage_ratio x control. Checked only once both arms served
-    min_impressions answers (a p99 of ten requests is noise)."""
+    min_impressions answers (a p99 of ten requests is noise); with the answers' latencies and
+    statuses at hand, a latency or error breach must also be significant: a one-sided binomial
+    test at `significance` that more than 1% of the treatment's answers are slower than the
+    limit (its p99 is above it), or that its error rate is above the limit, so an A/A's noisy
+    tail does not roll a version back."""
 
     latency_ratio: float = 1.2
     latency_slack_ms: float = 5.0
     error_rate_delta: float = 0.01
     coverage_ratio: float = 0.5
     min_impressions: int = 200
+    significance: float = 0.001
 
 
 @dataclass(frozen=True)
@@ -610,9 +615,20 @@ def guardrail_breaches(
     control: str,
     treatments: Sequence[str],
     thresholds: GuardrailThresholds | None = None,
+    logs: pl.DataFrame | None = None,
 ) -> list[GuardrailBreach]:
-    """The guardrails each treatment breaks against the control (see GuardrailThresholds)."""
+    """The guardrails each treatment breaks against the control (see GuardrailThresholds);
+    with the experiment's `logs`, latency and error breaches must be significant."""
     th = thresholds or GuardrailThresholds()
+
+    def significant(variant: str, over: pl.Expr, share: float) -> bool:
+        """Whether the variant's answers matching `over` are significantly more than `share`."""
+        if logs is None:
+            return True
+        rows = logs.filter(pl.col("variant") == variant)
+        hits = int(rows.select(over.sum()).item() or 0)
+        return bool(stats.binom.sf(hits - 1, rows.height, min(share, 1.0)) < th.significance)
+
     base = per_variant.get(control)
     if base is None or base.impressions < th.min_impressions:
         return []
@@ -622,10 +638,12 @@ def guardrail_breaches(
         if g is None or g.impressions < th.min_impressions:
             continue
         limit = th.latency_ratio * base.p99_latency_ms + th.latency_slack_ms
-        if g.p99_latency_ms > limit:
+        slow = pl.col("latency_ms").cast(pl.Float64) > limit
+        if g.p99_latency_ms > limit and significant(name, slow, 0.01):
             out.append(GuardrailBreach(name, "p99_latency_ms", g.p99_latency_ms, limit))
         limit = base.error_rate + th.error_rate_delta
-        if g.error_rate > limit:
+        failed = pl.col("status") == "error"
+        if g.error_rate > limit and significant(name, failed, limit):
             out.append(GuardrailBreach(name, "error_rate", g.error_rate, limit))
         limit = th.coverage_ratio * base.coverage
         if g.coverage < limit:
@@ -837,7 +855,13 @@ def analyse(
         )
 
     per_variant = variant_guardrails(logs, experiment, catalog_size)
-    breaches = guardrail_breaches(per_variant, control, treatments, guardrails)
+    breaches = guardrail_breaches(
+        per_variant,
+        control,
+        treatments,
+        guardrails,
+        exp_logs.select("variant", "latency_ms", "status"),
+    )
     decision, reason = _decide(
         results, breaches, srm, srm_p, counts, control, min_users, duration,
         min_duration_s, max_duration_s, level,

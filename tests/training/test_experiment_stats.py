@@ -521,3 +521,21 @@ def test_aa_over_20_seeds_declares_a_difference_in_at_most_2_and_srm_in_none() -
         assert not res.srm
         decisions.append(res.decision)
     assert sum(d.startswith(("promote", "rollback")) for d in decisions) <= 2, decisions
+
+
+def test_a_noisy_latency_tail_is_no_breach_but_a_slower_variant_is() -> None:
+    rng = np.random.default_rng(3)
+
+    def served(variant: str, n: int, scale: float) -> list[dict]:
+        latencies = rng.lognormal(np.log(10.0), 0.6, n) * scale
+        return [
+            {"request_id": f"{variant}{i}", "user_id": f"{variant}u{i}", "timestamp": T0 + i,
+             "items": ["i1"], "variant": variant, "latency_ms": float(lat), "status": "ok"}
+            for i, lat in enumerate(latencies)
+        ]  # fmt: skip
+
+    logs = _logs(served("control", 500, 1.0) + served("same", 500, 1.0) + served("slow", 500, 2.5))
+    per = variant_guardrails(logs, "exp1")
+    # Unchecked, the A/A tail can cross the limit; the binomial test on the whole tail does not.
+    found = guardrail_breaches(per, "control", ["same", "slow"], logs=logs)
+    assert {(b.variant, b.guardrail) for b in found} == {("slow", "p99_latency_ms")}
