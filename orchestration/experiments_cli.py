@@ -125,8 +125,15 @@ def _show(value: Any, as_json: bool) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from orchestration.cli import HelpFormatter
+
     p = sub.add_parser("experiment", help="start, watch and stop online experiments")
-    actions = p.add_subparsers(dest="action", metavar="action", required=True)
+    actions = p.add_subparsers(
+        dest="action",
+        metavar="action",
+        required=True,
+        help="start: a new experiment; status: its analysis now; stop: end it; list: all of them",
+    )
 
     p = actions.add_parser("start", help="start an experiment (control first, then treatments)")
     p.add_argument("name", help="the experiment's name (letters, digits, . _ -)")
@@ -168,6 +175,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = actions.add_parser("list", help="every experiment, oldest first")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_experiment_list)
+
+    for action in actions.choices.values():
+        action.formatter_class = HelpFormatter
 
     p = sub.add_parser("rollback", help="move the champion alias back to the version it replaced")
     p.add_argument("--reason", default="rolled back by hand", help="recorded on the version")

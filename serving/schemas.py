@@ -438,7 +438,11 @@ class ExperimentStartRequest(BaseModel):
         default=None, description="A weight per arm (default equal)."
     )
     traffic: float = Field(default=1.0, gt=0, le=1)
-    metric: Literal["ctr", "conversion", "revenue_per_user"] = "ctr"
+    metric: str = Field(
+        default="ctr",
+        description="The decision metric per user: ctr, conversion, revenue_per_user, clicks, "
+        "purchases, add_to_carts, revenue, converted.",
+    )
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
     min_users: int = Field(default=200, ge=1)
     min_hours: float = Field(default=1.0, ge=0)
