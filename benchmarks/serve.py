@@ -199,6 +199,15 @@ def cache_counts(url: str) -> tuple[float, float]:
     return float(found.get("hit", 0)), float(found.get("miss", 0))
 
 
+def clear_response_cache(store) -> int:
+    """Delete every cached /recommend answer of the benchmark's namespace."""
+    head, tail = store.keys.affixes(store.keys.cache)
+    keys = list(store.redis.scan_iter(match=f"{head}*{tail}", count=1000))
+    for start in range(0, len(keys), 1000):
+        store.redis.delete(*keys[start : start + 1000])
+    return len(keys)
+
+
 def impressions_logged(url: str) -> float:
     """Impressions the service wrote to the stream so far (all routes), from its /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -359,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             for tag, root, extra in checkouts
         ]
         for label, cache_ttl, root, extra in cases:
+            # Each case starts with an empty response cache: otherwise a case after another of
+            # the same setting finds its answers cached and looks faster than it is.
+            clear_response_cache(store)
             port = free_port()
             env = serve_env({**base_env, "RECSYS_CACHE_TTL": cache_ttl, **extra})
             command = serve_command(port, "127.0.0.1")
