@@ -256,6 +256,7 @@ class RecommendationService:
                 False,
                 arm.experiment,
                 body.context,
+                variant,
             )
             return answers.envelope(read.cached, request_id, latency, cached=True)
         features_done = time.perf_counter()
@@ -288,6 +289,7 @@ class RecommendationService:
             read.degraded,
             arm.experiment,
             body.context,
+            variant,
         )
         return answers.envelope(payload, request_id, latency, cached=False, degraded=read.degraded)
 
