@@ -6,6 +6,10 @@ References: a bare `@bentoml.api`, the same work in a Starlette app mounted with
 
 Run: .venv/bin/python benchmarks/serve.py [--users 5000 --items 2000 --events 200000]
      [--duration 20 --connections 32 --threads 2 --workers 2] [--redis-url redis://...]
+     [--rounds N] [--impressions-off-baseline]
+
+`--impressions-off-baseline` measures the same service with impression logging off
+(RECSYS_LOG_IMPRESSIONS=false) in alternating rounds and prints the throughput ratio.
 Needs `wrk` on PATH (apt-get install -y wrk).
 """
 
@@ -195,6 +199,23 @@ def cache_counts(url: str) -> tuple[float, float]:
     return float(found.get("hit", 0)), float(found.get("miss", 0))
 
 
+def clear_response_cache(store) -> int:
+    """Delete every cached /recommend answer of the benchmark's namespace."""
+    head, tail = store.keys.affixes(store.keys.cache)
+    keys = list(store.redis.scan_iter(match=f"{head}*{tail}", count=1000))
+    for start in range(0, len(keys), 1000):
+        store.redis.delete(*keys[start : start + 1000])
+    return len(keys)
+
+
+def impressions_logged(url: str) -> float:
+    """Impressions the service wrote to the stream so far (all routes), from its /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(v) for v in re.findall(r"^recsys_impressions_total\{[^}]*\} (\S+)", text, re.M)
+    )
+
+
 def _ms(text: str) -> float:
     value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
@@ -277,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         "--uncached-only", action="store_true", help="measure only /recommend with the cache off"
     )
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of each run")
+    parser.add_argument(
+        "--impressions-off-baseline",
+        action="store_true",
+        help="also measure this checkout with impression logging off, alternating round by "
+        "round, and print the throughput ratio (logging on / off)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         console.print("[red]wrk is not installed: apt-get install -y wrk[/red]")
@@ -328,19 +355,24 @@ def main(argv: list[str] | None = None) -> int:
         settings = [("cache off", "0")]
         if not args.uncached_only:
             settings.insert(0, (f"cache on ({ttl} s)", str(ttl)))
-        checkouts = [("", ROOT)]
+        checkouts: list[tuple[str, Path, dict[str, str]]] = [("", ROOT, {})]
         if args.baseline is not None:
-            checkouts.append((" (baseline)", args.baseline.resolve()))
+            checkouts.append((" (baseline)", args.baseline.resolve(), {}))
+        if args.impressions_off_baseline:
+            checkouts.append((IMPRESSIONS_OFF, ROOT, {"RECSYS_LOG_IMPRESSIONS": "false"}))
         # The checkouts alternate round by round, so both see the same machine load.
         cases = [
-            (label + tag, cache_ttl, root)
+            (label + tag, cache_ttl, root, extra)
             for label, cache_ttl in settings
             for _ in range(args.rounds)
-            for tag, root in checkouts
+            for tag, root, extra in checkouts
         ]
-        for label, cache_ttl, root in cases:
+        for label, cache_ttl, root, extra in cases:
+            # Each case starts with an empty response cache: otherwise a case after another of
+            # the same setting finds its answers cached and looks faster than it is.
+            clear_response_cache(store)
             port = free_port()
-            env = serve_env({**base_env, "RECSYS_CACHE_TTL": cache_ttl})
+            env = serve_env({**base_env, "RECSYS_CACHE_TTL": cache_ttl, **extra})
             command = serve_command(port, "127.0.0.1")
             if root != ROOT:
                 # The other checkout's code first on the path, as its working directory.
@@ -369,10 +401,15 @@ def main(argv: list[str] | None = None) -> int:
                 run_wrk("warm-up", f"{url}/recommend", recommend_lua, 3, args.connections, 2)
                 for name in runs:
                     hits, misses = cache_counts(url)
+                    logged = impressions_logged(url)
                     result = run_wrk(name, f"{url}/recommend", recommend_lua, *run)
                     hits_after, misses_after = cache_counts(url)
                     served = max((hits_after - hits) + (misses_after - misses), 1)
                     result.note = f"cache hits {100 * (hits_after - hits) / served:.0f}%"
+                    if args.impressions_off_baseline:
+                        # Written within the run (the last flush may still be on its way).
+                        time.sleep(0.3)
+                        result.note += f", {impressions_logged(url) - logged:,.0f} impressions"
                     results.append(result)
         if not args.skip_references:
             port = free_port()
@@ -446,10 +483,42 @@ def main(argv: list[str] | None = None) -> int:
             r.note,
         )
     console.print(table)
+    if args.impressions_off_baseline:
+        print_impressions_ratio(results)
     console.print(
         "targets: /recommend >= 2,000 req/s with p99 <= 30 ms at 32 connections, no non-2xx"
     )
     return 0
+
+
+IMPRESSIONS_OFF = " (impressions off)"
+
+
+def print_impressions_ratio(results: list[WrkResult]) -> None:
+    """Throughput with impression logging over without, per run, mean over the rounds; the
+    target: logging costs at most 10% (ratio >= 0.90)."""
+    by_name: dict[str, list[float]] = {}
+    for r in results:
+        by_name.setdefault(r.name, []).append(r.requests_per_s)
+    for name, on in by_name.items():
+        off = _off_of(by_name, name)
+        if IMPRESSIONS_OFF in name or not off:
+            continue
+        rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(on, off, strict=False))
+        ratio = float(np.mean(on)) / float(np.mean(off))
+        verdict = "ok" if ratio >= 0.90 else "over the 10% budget"
+        console.print(
+            f"impressions on/off, {name}: {ratio:.2f}x throughput "
+            f"(per round {rounds}; {np.mean(on):,.0f} vs {np.mean(off):,.0f} req/s): {verdict}"
+        )
+
+
+def _off_of(by_name: dict[str, list[float]], name: str) -> list[float] | None:
+    """The off run of `name`: the same run whose setting label carries IMPRESSIONS_OFF."""
+    for other, values in by_name.items():
+        if IMPRESSIONS_OFF in other and other.replace(IMPRESSIONS_OFF, "") == name:
+            return values
+    return None
 
 
 @contextlib.contextmanager

@@ -140,6 +140,8 @@ class ParquetEventStore(EventStore):
         """Rewrite each part (of events, or of `folder`) holding rows matching `drop` without
         them (new part renamed in, then the old removed); returns the keys removed."""
         removed = []
+        # A null (an impression without a user) is not a match: kept, not lost from both sides.
+        drop = drop.fill_null(False)
         for part in self._parts(folder):
             frame = pl.read_parquet(part)
             for name, dtype in schema.items():

@@ -28,40 +28,39 @@ _WRITE_CHUNK = 2_000
 
 # The kinds of record the hot path appends (the first field of each tuple).
 _RECOMMEND = 0  # (kind, ts, request_id, user_id, payload JSON, latency, cached, degraded,
-#                  experiment, context, teams)
+#                  experiment, context, teams, variant)
 _ITEMS = 1  # (kind, ts, route, request_id, user_id, items, model_version, variant, latency,
 #              status, experiment); a failed request is one of these without items
 
 
-def _sources(sources: Mapping[str, float] | None) -> str:
-    return "+".join(sources) if sources else ""
-
-
-def recommend_impression(record: tuple) -> dict[str, Any]:
-    """The impression (an IMPRESSION_SCHEMA row as a dict) of a /recommend record: the items,
-    scores and sources are read back from the answer's JSON (fresh or cached alike)."""
-    _, ts, request_id, user_id, payload, latency, cached, degraded, experiment, context, teams = (
-        record
+def recommend_document(record: tuple) -> str:
+    """The stream document of a /recommend record: the request's fields with the answer's JSON
+    spliced in whole as `answer` (fresh or cached alike). Parsing the answer is left to the
+    consumer (feature_repo/stream.py `decode_impressions`), out of the serving workers."""
+    _, ts, request_id, user_id, payload, latency, cached, degraded, experiment, context = record[
+        :10
+    ]
+    teams = record[10]
+    if not (payload.startswith("{") and payload.endswith("}")):
+        raise ValueError("the answer is not a JSON object")
+    head = json.dumps(
+        {
+            "request_id": request_id,
+            "user_id": user_id,
+            "timestamp": ts,
+            "route": "/recommend",
+            "experiment": experiment,
+            "latency_ms": latency,
+            "status": "degraded" if degraded else "ok",
+            "cached": cached,
+            "context": None if context is None else canonical_context(context),
+            "teams": teams,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
     )
-    answer = json.loads(payload)
-    items = answer["items"]
-    return {
-        "request_id": request_id,
-        "user_id": user_id,
-        "timestamp": ts,
-        "route": "/recommend",
-        "items": [i["item_id"] for i in items],
-        "scores": [i["score"] for i in items],
-        "sources": [_sources(i.get("sources")) for i in items],
-        "variant": answer.get("variant"),
-        "experiment": experiment,
-        "model_version": answer.get("model_version"),
-        "latency_ms": latency,
-        "status": "degraded" if degraded else "ok",
-        "cached": cached,
-        "context": None if context is None else canonical_context(context),
-        "teams": teams,
-    }
+    return f'{head[:-1]},"answer":{payload}}}'
 
 
 def items_impression(record: tuple) -> dict[str, Any]:
@@ -145,11 +144,12 @@ class ImpressionLog:
         degraded: bool,
         experiment: str | None,
         context: Mapping[str, Any] | None,
+        variant: str,
         teams: list[str] | None = None,
     ) -> None:
         """Log a /recommend answer: `payload` is its `{items, model_version, variant, ...}` JSON
-        (parsed later, off the request); `teams` the arm of each position of an interleaved
-        answer."""
+        (parsed by the consumer, not in the worker); `teams` the arm of each position of an
+        interleaved answer."""
         if self.enabled:
             self._append(
                 (
@@ -164,6 +164,7 @@ class ImpressionLog:
                     experiment,
                     context,
                     teams,
+                    variant,
                 )
             )
 
@@ -295,18 +296,20 @@ class ImpressionLog:
         for _ in range(len(buffer)):
             record = buffer.popleft()
             try:
-                row = (
-                    recommend_impression(record)
-                    if record[0] == _RECOMMEND
-                    else items_impression(record)
-                )
-                # allow_nan=False: a NaN score would break the consumer's parse of the batch.
-                text = json.dumps(row, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+                if record[0] == _RECOMMEND:
+                    route, variant, text = "/recommend", record[-1], recommend_document(record)
+                else:
+                    row = items_impression(record)
+                    route, variant = row["route"], row["variant"] or ""
+                    # allow_nan=False: a NaN score would break the consumer's parse.
+                    text = json.dumps(
+                        row, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+                    )
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("an impression could not be encoded (dropped): %r", exc)
                 self._dropped_unreported += 1
                 continue
-            encoded.append((row["route"], row["variant"] or "", text))
+            encoded.append((route, variant, text))
         return encoded
 
     def _report_drops(self) -> None:

@@ -307,6 +307,7 @@ class RecommendationService:
                 False,
                 served.experiment,
                 body.context,
+                variant,
             )
             return answers.envelope(read.cached, request_id, latency, cached=True)
         features_done = time.perf_counter()
@@ -337,6 +338,7 @@ class RecommendationService:
             read.degraded,
             served.experiment,
             body.context,
+            variant,
             ranked.teams,
         )
         return answers.envelope(payload, request_id, latency, cached=False, degraded=read.degraded)

@@ -53,6 +53,17 @@ def test_retention_cleanup_deletes_old_events_and_expired_lists(
     with resource.open() as store:
         store.append(_events(now))
         store.replace_recommendations(_expired_recs(now))
+        ages = [500, 366, 300]  # days
+        store.append_impressions(
+            pl.DataFrame(
+                {
+                    "request_id": [f"r{a}" for a in ages],
+                    "user_id": "u1",
+                    "timestamp": [now - a * DAY for a in ages],
+                    "items": [["i1"]] * len(ages),
+                }
+            )
+        )
 
     result = dg.materialize([retention_cleanup], resources={"event_store": resource})
 
@@ -60,9 +71,10 @@ def test_retention_cleanup_deletes_old_events_and_expired_lists(
     (materialization,) = result.asset_materializations_for_node("retention_cleanup")
     meta = {k: v.value for k, v in materialization.metadata.items()}
     assert meta["deleted_events"] == 2 and meta["deleted_expired_recommendations"] == 2
-    assert meta["retention_days"] == 365
+    assert meta["retention_days"] == 365 and meta["deleted_impressions"] == 2
     with resource.open() as store:
         assert store.count() == 3
+        assert store.read_impressions()["request_id"].to_list() == ["r300"]
         assert store.read_recommendations()["user_id"].to_list() == ["u2"]
 
 

@@ -14,7 +14,7 @@ from feature_repo.event_store import (
 )
 from tests.conftest import make_events
 from training.data import EVENT_SCHEMA
-from training.events import RECORD_SCHEMA
+from training.events import IMPRESSION_SCHEMA, RECORD_SCHEMA
 
 
 def _check_store(store: EventStore) -> None:
@@ -142,3 +142,82 @@ def test_unreachable_store_messages_never_show_the_password() -> None:
     )
     assert redact_url("redis://:s3cret@cache:6379/0") == "redis://cache:6379/0"
     assert redact_url("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+def impressions(users: list[str | None], start: float = 1_750_000_000.0) -> pl.DataFrame:
+    """One impression per user (None: a non-personal route), a second apart."""
+    n = len(users)
+    return pl.DataFrame(
+        {
+            "request_id": [f"req-{start + k:.0f}-{k}" for k in range(n)],
+            "user_id": users,
+            "timestamp": [start + k for k in range(n)],
+            "route": ["/recommend" if u else "/popular" for u in users],
+            "items": [[f"i{k}", f"i{k + 1}", 'q"\\uote'] for k in range(n)],
+            "scores": [[1.0, 0.5, 0.25] for _ in range(n)],
+            "sources": [["als+coview", "popularity", ""] for _ in range(n)],
+            "variant": ["champion"] * n,
+            "experiment": [None] * n,
+            "model_version": ["3"] * n,
+            "latency_ms": [1.25] * n,
+            "status": ["ok"] * n,
+            "cached": [False] * n,
+            "context": ['{"page":"a\\\\b \\"home\\""}'] + [None] * (n - 1),
+        },
+        schema=IMPRESSION_SCHEMA,
+    )
+
+
+def _check_impressions(store: EventStore) -> None:
+    assert store.read_impressions().is_empty()
+    assert dict(store.read_impressions().schema) == IMPRESSION_SCHEMA
+    sent = impressions(["u1", "u2", None, "u1"])
+    assert store.append_impressions(sent) == 4
+    assert store.append_impressions(sent) == 0, "idempotent by request_id"
+    # Only some columns given: the rest are null.
+    partial = (
+        sent.head(1)
+        .select("request_id", "timestamp")
+        .with_columns(pl.lit("other").alias("request_id"))
+    )
+    assert store.append_impressions(partial) == 1
+    read = store.read_impressions()
+    assert dict(read.schema) == IMPRESSION_SCHEMA
+    assert read.height == 5 and read["timestamp"].is_sorted()
+    assert (
+        read.filter(pl.col("request_id") != "other")
+        .sort("request_id")
+        .equals(sent.sort("request_id"))
+    ), "lists, quotes and backslashes read back exactly"
+    t0 = sent["timestamp"][0]
+    window = store.read_impressions(since=t0 + 1, until=t0 + 3)
+    assert window["timestamp"].to_list() == [t0 + 1, t0 + 2]
+    assert store.read_impressions(since=t0 + 3)["request_id"].to_list() == [sent["request_id"][3]]
+    assert store.delete_impressions_before(t0 + 2) == 3  # two of `sent`, and `other`
+    assert store.read_impressions().height == 2
+
+
+def test_parquet_impressions(tmp_path: Path) -> None:
+    store = ParquetEventStore(tmp_path / "events", compact_after=2)
+    _check_impressions(store)
+    for n in range(4):  # compacts the impression parts
+        store.append_impressions(impressions([f"v{n}"], start=1_760_000_000.0 + n))
+    assert len(list((tmp_path / "events" / "recommendation_logs").glob("part-*"))) <= 2
+    assert store.read_impressions().height == 6
+
+
+@pytest.mark.postgres
+def test_postgres_impressions(postgres_url: str) -> None:
+    import psycopg
+
+    with PostgresEventStore(postgres_url) as store:
+        _check_impressions(store)
+    with psycopg.connect(postgres_url) as conn:
+        indexes = {
+            row[0]
+            for row in conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = 'recommendation_logs'"
+            )
+        }
+    assert any('(user_id, "timestamp")' in i or "(user_id, timestamp)" in i for i in indexes)
+    assert any("UNIQUE" in i and "(request_id)" in i for i in indexes)

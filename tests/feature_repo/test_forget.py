@@ -273,3 +273,30 @@ def test_postgres_deletion_waits_for_an_append_in_flight(postgres_url: str) -> N
     writer.close()
     store.close()
     other.close()
+
+
+def test_forgetting_a_user_deletes_their_impressions_and_drops_late_ones(
+    event_store: EventStore,
+) -> None:
+    from tests.feature_repo.test_event_store import impressions
+
+    event_store.append_impressions(impressions(["gone", "kept", None, "gone"], start=T0))
+    deleted = event_store.delete_users(["gone"])
+    assert deleted.recommendation_logs == 2
+    assert deleted.counts()["recommendation_logs"] == 2
+    left = event_store.read_impressions()
+    assert left["user_id"].to_list() == ["kept", None]
+    # An impression of the forgotten user still in the stream is not stored again.
+    late = impressions(["gone", "other"], start=T0 + 100)
+    assert event_store.append_impressions(late) == 1
+    assert "gone" not in set(event_store.read_impressions()["user_id"].drop_nulls())
+
+
+def test_retention_deletes_old_impressions_with_old_events(event_store: EventStore) -> None:
+    from tests.feature_repo.test_event_store import impressions
+
+    event_store.append(events("u1", 100, start=T0))
+    event_store.append_impressions(impressions(["u1"] * 10, start=T0 + 55))
+    assert event_store.delete_events_before(T0 + 60) == 60
+    assert event_store.read_impressions()["timestamp"].min() == T0 + 60
+    assert event_store.read_impressions().height == 5

@@ -47,6 +47,12 @@ contexts = st.one_of(
     ),
     st.sampled_from([[], "ios", {"a": {"nested": 1}}]),
 )
+positions = st.one_of(
+    st.none(),
+    st.integers(-5, 20),
+    st.integers(-(10**20), 10**20),
+    st.sampled_from([1.5, "3", True, 2.0]),
+)
 
 
 @st.composite
@@ -65,6 +71,9 @@ def good_event(draw) -> dict:
         body["event_id"] = draw(st.sampled_from(["e1", "e2", "e3", "e4", "e5"]))
     if draw(st.booleans()):
         body["context"] = {"device": draw(st.sampled_from(["ios", "web"])), "page": "home"}
+    if draw(st.booleans()):
+        body["request_id"] = draw(st.sampled_from(["r1", "r2"]))
+        body["position"] = draw(st.integers(0, 9))
     return body
 
 
@@ -81,6 +90,8 @@ def nasty_event(draw) -> dict:
         ("session_id", st.one_of(st.none(), ids)),
         ("event_id", st.one_of(st.none(), st.sampled_from(["e1", "e2", "e3"]), ids)),
         ("context", contexts),
+        ("request_id", st.one_of(st.none(), ids)),
+        ("position", positions),
     ):
         if draw(st.booleans()):
             body[name] = draw(strategy)

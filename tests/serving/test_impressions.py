@@ -39,8 +39,10 @@ def test_records_reach_the_stream_as_impressions(store: FeatureStore) -> None:
     stream = _stream(store)
     written: Counter = Counter()
     log = ImpressionLog(stream.add_impressions, on_written=written.update)
-    log.recommend("r1", "u1", PAYLOAD, 1.5, False, False, None, {"page": "home", "device": "ios"})
-    log.recommend("r2", "u2", PAYLOAD, 0.2, True, False, "exp-a", None)
+    log.recommend(
+        "r1", "u1", PAYLOAD, 1.5, False, False, None, {"page": "home", "device": "ios"}, "champion"
+    )
+    log.recommend("r2", "u2", PAYLOAD, 0.2, True, False, "exp-a", None, "champion")
     items = [{"item_id": "i9", "score": 3.0, "reason": "popular right now"}]
     log.items("/popular", "r3", None, items, None, "popularity", 0.7, True, None)
     assert log.pending() == 3 and store.redis.xlen(stream.key) == 0, "nothing written yet"
@@ -72,7 +74,7 @@ def test_records_reach_the_stream_as_impressions(store: FeatureStore) -> None:
 def test_events_and_impressions_share_the_stream(store: FeatureStore) -> None:
     stream = _stream(store)
     log = ImpressionLog(stream.add_impressions)
-    log.recommend("r1", "u1", PAYLOAD, 1.0, False, False, None, None)
+    log.recommend("r1", "u1", PAYLOAD, 1.0, False, False, None, None, "champion")
     log.flush()
     events = pl.DataFrame(
         {
@@ -131,7 +133,7 @@ def test_not_ready_means_no_write_attempt() -> None:
     calls: list[int] = []
     ready = {"up": False}
     log = ImpressionLog(lambda p: calls.append(len(p)), ready=lambda: ready["up"])
-    log.recommend("r1", "u1", PAYLOAD, 1.0, False, False, None, None)
+    log.recommend("r1", "u1", PAYLOAD, 1.0, False, False, None, None, "champion")
     assert log.flush() == 0 and calls == [] and log.pending() == 1
     ready["up"] = True
     assert log.flush() == 1 and calls == [1]
@@ -140,10 +142,10 @@ def test_not_ready_means_no_write_attempt() -> None:
 def test_a_record_that_cannot_be_encoded_is_dropped_not_the_batch() -> None:
     sent: list[str] = []
     log = ImpressionLog(sent.extend)
-    log.recommend("bad", "u1", "not json", 1.0, False, False, None, None)
+    log.recommend("bad", "u1", "not json", 1.0, False, False, None, None, "champion")
     nan = [{"item_id": "i", "score": float("nan"), "reason": "r"}]
     log.items("/popular", "nan", None, nan, None, "popularity", 0.1, False, None)
-    log.recommend("good", "u1", PAYLOAD, 1.0, False, False, None, None)
+    log.recommend("good", "u1", PAYLOAD, 1.0, False, False, None, None, "champion")
     assert log.flush() == 1 and log.dropped == 2
     assert json.loads(sent[0])["request_id"] == "good"
 
@@ -152,7 +154,7 @@ def test_disabled_logs_nothing() -> None:
     sent: list[str] = []
     log = ImpressionLog(sent.extend, enabled=False)
     log.start()
-    log.recommend("r1", "u1", PAYLOAD, 1.0, False, False, None, None)
+    log.recommend("r1", "u1", PAYLOAD, 1.0, False, False, None, None, "champion")
     log.stop()
     assert log.pending() == 0 and sent == []
 

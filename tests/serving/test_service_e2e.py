@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import polars as pl
 import psutil
 import pytest
 
@@ -115,7 +116,79 @@ def test_bentoml_serve_over_a_socket(server_env: str, recsys_home: Path) -> None
         assert 'bentoml_service_request_total{endpoint="/recommend"' in metrics
         assert "/recommend" in httpx.get(f"{url}/docs.json").json()["paths"]
     client = connect(os.environ.get("REDIS_URL"), recsys_home)
-    assert EventStream(client, server_env).length() == 3
+    # The three events, and the impression of the one answer (written on shutdown at the latest).
+    entries = client.xrange(EventStream(client, server_env).key)
+    assert Counter(next(iter(fields)) for _, fields in entries) == {"e": 3, "i": 1}
+
+
+def test_answers_are_logged_as_impressions_and_clicks_name_them(
+    server_env: str, recsys_home: Path
+) -> None:
+    client = connect(os.environ.get("REDIS_URL"), recsys_home)
+    stream = EventStream(client, server_env)
+    store = open_event_store(None, recsys_home)
+    with bentoml_serve(recsys_home, workers=1) as (url, _):
+        views = [
+            {"user_id": "a", "item_id": "boots", "event_type": "view"},
+            {"user_id": "a", "item_id": "gloves", "event_type": "view"},
+            {"user_id": "a", "item_id": "scarf", "event_type": "view"},
+            {"user_id": "b", "item_id": "boots", "event_type": "view"},
+        ]
+        assert httpx.post(f"{url}/events", json={"events": views}).json()["accepted"] == 4
+        context = {"page": "home", "device": "ios"}
+        fresh = httpx.post(
+            f"{url}/recommend", json={"user_id": "b", "k": 3, "context": context}
+        ).json()
+        cached = httpx.post(f"{url}/recommend", json={"user_id": "b", "k": 3}).json()
+        assert cached["cached"] is True and cached["request_id"] != fresh["request_id"]
+        popular = httpx.post(f"{url}/popular", json={"k": 2}).json()
+        similar = httpx.post(f"{url}/similar_items", json={"item_id": "boots", "k": 2}).json()
+        trending = httpx.post(f"{url}/trending", json={"k": 2}).json()
+        answers = {a["request_id"]: a for a in (fresh, cached, popular, similar, trending)}
+        clicked = fresh["items"][1]["item_id"]
+        click = {
+            "user_id": "b",
+            "item_id": clicked,
+            "event_type": "click",
+            "request_id": fresh["request_id"],
+            "position": 1,
+        }
+        assert httpx.post(f"{url}/events", json={"events": [click]}).json()["accepted"] == 1
+        # Impressions reach the stream within the flush interval, while the service runs.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            run_consumer(idle_exit=True, stream=stream, store=store)
+            if store.read_impressions().height >= len(answers):
+                break
+            time.sleep(0.1)
+        metrics = httpx.get(f"{url}/metrics").text
+    logged = store.read_impressions()
+    assert set(logged["request_id"]) == set(answers), "one impression per answer"
+    rows = {row["request_id"]: row for row in logged.iter_rows(named=True)}
+    for request_id, answer in answers.items():
+        row = rows[request_id]
+        # position = index in the list: the answer's order.
+        assert row["items"] == [i["item_id"] for i in answer["items"]]
+        assert row["scores"] == [i["score"] for i in answer["items"]]
+        assert row["status"] == "ok" and row["experiment"] is None
+    first = rows[fresh["request_id"]]
+    assert (first["route"], first["user_id"], first["cached"]) == ("/recommend", "b", False)
+    assert first["variant"] == fresh["variant"] == "popularity"
+    assert first["context"] == '{"device":"ios","page":"home"}'
+    assert first["sources"][0] == "+".join(fresh["items"][0]["sources"])
+    assert rows[cached["request_id"]]["cached"] is True
+    assert rows[popular["request_id"]]["route"] == "/popular"
+    assert rows[popular["request_id"]]["user_id"] is None
+    assert rows[similar["request_id"]]["route"] == "/similar_items"
+    assert rows[trending["request_id"]]["route"] == "/trending"
+    stored = store.read(with_context=True).filter(pl.col("event_type") == "click")
+    assert stored.select("item_id", "request_id", "position").rows() == [
+        (clicked, fresh["request_id"], 1)
+    ]
+    # The click's impression, found by its request_id, has the clicked item at its position.
+    assert rows[stored["request_id"][0]]["items"][stored["position"][0]] == clicked
+    assert 'recsys_impressions_total{route="/recommend",variant="popularity"} 2.0' in metrics
+    store.close()
 
 
 def test_sigkill_mid_load_loses_no_accepted_event(server_env: str, recsys_home: Path) -> None:
