@@ -178,3 +178,20 @@ def test_the_thread_flushes_soon_in_batches_and_on_stop() -> None:
     finally:
         log.stop()
     assert sum(batches) == 121 and log.pending() == 0
+
+
+def test_an_interleaved_answer_keeps_its_teams_and_a_failure_is_an_error(
+    store: FeatureStore,
+) -> None:
+    stream = _stream(store)
+    log = ImpressionLog(stream.add_impressions)
+    log.recommend(
+        "r1", "u1", PAYLOAD, 1.0, False, False, "mix", None, "interleaved", ["champion", "als"]
+    )
+    log.failed("/recommend", "r2", "u2", "7", "champion", 3.0, "mix")
+    assert log.flush() == 2
+    got = stream.read("c", 100, None).impressions
+    first, second = got.row(0, named=True), got.row(1, named=True)
+    assert first["teams"] == ["champion", "als"]  # the variant is the answer's own
+    assert (second["status"], second["items"], second["experiment"]) == ("error", [], "mix")
+    assert second["teams"] is None
