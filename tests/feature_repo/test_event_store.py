@@ -163,6 +163,7 @@ def impressions(users: list[str | None], start: float = 1_750_000_000.0) -> pl.D
             "status": ["ok"] * n,
             "cached": [False] * n,
             "context": ['{"page":"a\\\\b \\"home\\""}'] + [None] * (n - 1),
+            "teams": [["a", "b", "a"]] + [None] * (n - 1),
         },
         schema=IMPRESSION_SCHEMA,
     )
