@@ -179,9 +179,10 @@ class ImpressionLog:
         latency_ms: float,
         degraded: bool,
         experiment: str | None,
+        status: str | None = None,
     ) -> None:
         """Log an answer of /similar_items, /popular or /trending (`items`: its item dicts, not
-        changed afterwards)."""
+        changed afterwards); `status` overrides the one `degraded` gives (`error`)."""
         if self.enabled:
             self._append(
                 (
@@ -194,7 +195,7 @@ class ImpressionLog:
                     model_version,
                     variant,
                     latency_ms,
-                    "degraded" if degraded else "ok",
+                    status or ("degraded" if degraded else "ok"),
                     experiment,
                 )
             )
@@ -211,22 +212,10 @@ class ImpressionLog:
     ) -> None:
         """Log a request its variant could not answer (status `error`, no items): the error-rate
         guardrail of an experiment counts these."""
-        if self.enabled:
-            self._append(
-                (
-                    _ITEMS,
-                    time.time(),
-                    route,
-                    request_id,
-                    user_id,
-                    [],
-                    model_version,
-                    variant,
-                    latency_ms,
-                    "error",
-                    experiment,
-                )
-            )
+        self.items(
+            route, request_id, user_id, [], model_version, variant, latency_ms, False, experiment,
+            status="error",
+        )  # fmt: skip
 
     # -- the background side -----------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -20,16 +19,6 @@ from training.experiment_report import (
 )
 from training.experiments import new_experiment
 from training.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, ModelRegistry
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> ModelRegistry:
-    return ModelRegistry(
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "test-model",
-        (tmp_path / "mlruns").as_uri(),
-        cache_dir=tmp_path / "cache",
-    )
 
 
 @pytest.fixture

@@ -22,16 +22,6 @@ def _register(registry: ModelRegistry, bundle, value: float) -> str:  # noqa: AN
         return registry.log_bundle(bundle)
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> ModelRegistry:
-    return ModelRegistry(
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "test-model",
-        (tmp_path / "mlruns").as_uri(),
-        cache_dir=tmp_path / "cache",
-    )
-
-
 def test_gate_promotes_only_a_better_challenger(registry: ModelRegistry, bundle) -> None:  # noqa: ANN001
     assert registry.get_version(CHAMPION) is None
     v1 = _register(registry, bundle, 0.30)
