@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--requests-per-user", type=int, default=1, help="answers each simulated shopper asks for"
     )
+    parser.add_argument(
+        "--rival",
+        choices=("als", "popularity"),
+        default="als",
+        help="what the champion meets in the interleaving-against-A/B comparison",
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--skip", default="", help="comma-separated scenarios to skip")
     args = parser.parse_args(argv)
@@ -312,12 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )  # fmt: skip
             if "interleave" not in skip:
+                rival = f"version:{versions['als']}" if args.rival == "als" else "popularity"
                 for kind in ("interleave", "ab"):
-                    name = f"als-{kind}"
-                    loop.start(name, "champion", f"version:{versions['als']}", kind=kind)
+                    name = f"{args.rival}-{kind}"
+                    loop.start(name, "champion", rival, kind=kind)
                     outcomes.append(
                         run_until_decided(
-                            loop, f"champion vs ALS ({kind})", name, 300, args.chunk // 5
+                            loop, f"champion vs {args.rival} ({kind})", name, 300, args.chunk // 5
                             if kind == "interleave" else args.chunk, args.max_users, act=False,
                         )
                     )  # fmt: skip
@@ -344,7 +351,8 @@ def _print(outcomes: list[Outcome], args: argparse.Namespace) -> None:
             f"0.05), SRM in {srm} (target 0)"
         )
     by = {o.scenario: o for o in outcomes}
-    il, ab = by.get("champion vs ALS (interleave)"), by.get("champion vs ALS (ab)")
+    rival = args.rival
+    il, ab = by.get(f"champion vs {rival} (interleave)"), by.get(f"champion vs {rival} (ab)")
     if il and ab:
         bound = "" if ab.decision != "continue" else " (A/B undecided: a lower bound)"
         console.print(
