@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -28,6 +29,9 @@ from feature_repo.event_store import (
 )
 from training.data import EVENT_SCHEMA, empty_events
 from training.events import IMPRESSION_SCHEMA, RECORD_SCHEMA, empty_impressions, empty_records
+
+if TYPE_CHECKING:
+    import psycopg
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -107,27 +111,37 @@ _COLUMNS = ", ".join(RECORD_SCHEMA)
 _IMPRESSION_COLUMNS = ", ".join(IMPRESSION_SCHEMA)
 
 
+def connect_with_schema(url: str, what: str, lock: str, ddl: str) -> psycopg.Connection:
+    """An autocommit psycopg connection to `url` with `ddl` applied; ConnectionError naming
+    `what` (and never the password) when the server cannot be reached.
+
+    Two processes starting at once would race on CREATE ... IF NOT EXISTS (a duplicate key in
+    pg_type): the schema is created by one at a time, under the advisory lock `lock`."""
+    import psycopg
+
+    try:
+        plain = url.replace("postgresql+psycopg://", "postgresql://")
+        conn = psycopg.connect(plain, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise ConnectionError(f"cannot reach {what} at {redact_url(url)}: {exc}".strip()) from exc
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
+        cur.execute(ddl)
+    return conn
+
+
 class PostgresEventStore(EventStore):
     """Production store: one PostgreSQL table, COPY in and out, ON CONFLICT DO NOTHING."""
 
     def __init__(self, url: str, table: str = "events") -> None:
-        import psycopg
 
         if not table.isidentifier():
             raise ValueError(f"invalid table name {table!r}")
         self.url = url.replace("postgresql+psycopg://", "postgresql://")
         self.table = table
-        try:
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise ConnectionError(
-                f"cannot reach the PostgreSQL event store at {redact_url(url)}: {exc}".strip()
-            ) from exc
-        # Two processes starting at once would race on CREATE ... IF NOT EXISTS (a duplicate
-        # key in pg_type): the schema is created by one at a time.
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext('recsys-event-store-schema'))")
-            cur.execute(_DDL.format(table=table))
+        self._conn = connect_with_schema(
+            url, "the PostgreSQL event store", "recsys-event-store-schema", _DDL.format(table=table)
+        )
 
     def append(self, events: pl.DataFrame) -> int:
         batch = _prepare(events).with_columns(pl.col("event_type").cast(pl.String))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import polars as pl
 
-from config import redact_url
 from feature_repo.event_store import EventStore
 from training.experiment_stats import DEFAULT_PRE_PERIOD_SECONDS
 from training.experiments import Experiment, ExperimentError
@@ -135,18 +134,11 @@ class PostgresExperimentStore(ExperimentStore):
     """The `experiments` table in the event store's PostgreSQL database."""
 
     def __init__(self, url: str) -> None:
-        import psycopg
+        from feature_repo.event_store_postgres import connect_with_schema
 
-        self.url = url.replace("postgresql+psycopg://", "postgresql://")
-        try:
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise ConnectionError(
-                f"cannot reach PostgreSQL at {redact_url(url)} for the experiments: {exc}".strip()
-            ) from exc
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext('recsys-experiments-schema'))")
-            cur.execute(_DDL)
+        self._conn = connect_with_schema(
+            url, "the PostgreSQL experiments table", "recsys-experiments-schema", _DDL
+        )
 
     def _records(self) -> dict[str, dict]:
         with self._conn.cursor() as cur:

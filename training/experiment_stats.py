@@ -386,6 +386,21 @@ def _monotone(p: np.ndarray, lower: np.ndarray, upper: np.ndarray, previous_p: f
     return p, np.maximum.accumulate(lower), np.minimum.accumulate(upper)
 
 
+def _looks_and_tau(
+    y: np.ndarray, look_every: int | None, tau: float | None
+) -> tuple[np.ndarray, float]:
+    """The looks of a path over `y`, and the mixing sd: `tau`, else DEFAULT_TAU_SD x sd(y)."""
+    if tau is None:
+        sd = float(np.std(y, ddof=1)) if y.size > 1 else 0.0
+        tau = DEFAULT_TAU_SD * sd if sd > 0 else 1.0
+    return _checkpoints(y.size, look_every), tau
+
+
+def _no_looks() -> SequentialPath:
+    z = np.zeros(0)
+    return SequentialPath(z.astype(np.int64), z, z, z, z)
+
+
 def sequential_path(
     values: np.ndarray,
     is_treatment: np.ndarray,
@@ -406,13 +421,9 @@ def sequential_path(
     t = np.asarray(is_treatment, dtype=bool)
     if y.shape != t.shape:
         raise ValueError("values and is_treatment must have the same length")
-    looks = _checkpoints(y.size, look_every)
-    if tau is None:
-        sd = float(np.std(y, ddof=1)) if y.size > 1 else 0.0
-        tau = DEFAULT_TAU_SD * sd if sd > 0 else 1.0
+    looks, tau = _looks_and_tau(y, look_every, tau)
     if looks.size == 0:
-        z = np.zeros(0)
-        return SequentialPath(looks, z, z, z, z)
+        return _no_looks()
     idx = looks - 1
 
     def moments(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -445,13 +456,9 @@ def one_sample_path(
     """The mSPRT of H0: mean = 0 for values in arrival order (est = mean, V = s^2 / n), e.g. the
     per-user preferences of an interleaving experiment; monotone like sequential_path."""
     y = np.asarray(values, dtype=float)
-    looks = _checkpoints(y.size, look_every)
-    if tau is None:
-        sd = float(np.std(y, ddof=1)) if y.size > 1 else 0.0
-        tau = DEFAULT_TAU_SD * sd if sd > 0 else 1.0
+    looks, tau = _looks_and_tau(y, look_every, tau)
     if looks.size == 0:
-        z = np.zeros(0)
-        return SequentialPath(looks, z, z, z, z)
+        return _no_looks()
     idx = looks - 1
     n = looks.astype(float)
     s = np.cumsum(y)[idx]
