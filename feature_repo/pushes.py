@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import polars as pl
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterPipeline, RedisCluster
 
 from feature_repo.definitions import (
     CATALOG_FIELDS,
@@ -72,7 +72,7 @@ class Pushes:
             pipe.zadd(staging, dict(zip(ids[start:stop], scores[start:stop], strict=True)))
         if ids:
             pipe.expire(staging, self.config.offline_ttl)
-            pipe.rename(staging, target)
+            _rename(pipe, staging, target)
         else:
             pipe.delete(target)
         pipe.execute()
@@ -252,7 +252,7 @@ class Pushes:
         for key, ids, _ in writes + hashes:
             if ids:
                 pipe.expire(staged(key), cfg.trends_ttl)
-                pipe.rename(staged(key), key)
+                _rename(pipe, staged(key), key)
             else:
                 pipe.delete(key)
         for name in sorted(old_names - set(names)):
@@ -301,7 +301,7 @@ class Pushes:
                 pipe.delete(staging)
                 pipe.zadd(staging, dict(zip(members[i], scores[i], strict=True)))
                 pipe.expire(staging, ttl)
-                pipe.rename(staging, key)
+                _rename(pipe, staging, key)
             pipe.execute()
         return len(owners)
 
@@ -312,6 +312,13 @@ class Pushes:
             raise ValueError(
                 f"frame lacks column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
             )
+
+
+def _rename(pipe: redis.client.Pipeline | ClusterPipeline, source: str, target: str) -> None:
+    """RENAME in a pipeline. redis-py's cluster pipeline refuses `rename()` (a command of two
+    keys); the raw command passes, and redis-py checks that both keys are in one slot, which a
+    staging key always is with its target."""
+    pipe.execute_command("RENAME", source, target)
 
 
 def _info_columns(frame: pl.DataFrame) -> list[pl.Expr]:

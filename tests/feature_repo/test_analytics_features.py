@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pytest
 import redis
 from redis.crc import key_slot
 
@@ -118,6 +119,7 @@ def test_a_new_push_overwrites_every_field(store: FeatureStore) -> None:
     assert store.user_profile("x").preferences == {"top_brands": ["b9"]}
 
 
+@pytest.mark.single_node
 def test_request_reads_carry_the_profile_in_the_same_round_trip(
     redis_client: redis.Redis, namespace: str
 ) -> None:
@@ -199,6 +201,7 @@ def test_trend_push_replaces_everything_and_drops_vanished_categories(
     assert len(empty) == 0 and empty.categories == [] and empty.pushed_at == NOW
 
 
+@pytest.mark.single_node
 def test_lists_are_capped_and_the_read_is_one_round_trip(
     redis_client: redis.Redis, namespace: str
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 
 import numpy as np
 import polars as pl
@@ -11,6 +12,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
+from feature_repo.connection import Client
 from feature_repo.definitions import FEATURES, FeatureConfig, Keys
 from feature_repo.ingest import ClusterIngest, SingleNodeIngest
 from feature_repo.reads import ClusterReads, Reads
@@ -132,11 +134,7 @@ def test_duplicates_change_nothing(store: FeatureStore) -> None:
     assert (result.accepted, result.duplicates, list(result.duplicate_rows)) == (1, 2, [1, 2])
 
 
-@pytest.mark.parametrize("cluster", [False, True])
-def test_an_event_id_is_global_across_users(
-    redis_client: redis.Redis, namespace: str, cluster: bool
-) -> None:
-    store = FeatureStore(redis_client, namespace, cluster=cluster)
+def test_an_event_id_is_global_across_users(store: FeatureStore) -> None:
     first = store.ingest(events([("alice", "a", "view", 5)]), now=NOW)
     # Another user's event with the same id, then the same id twice in one batch.
     second = store.ingest(events([("bob", "b", "view", 4)]), now=NOW)
@@ -165,6 +163,7 @@ def test_context_rides_the_stream(store: FeatureStore) -> None:
     assert stream.read("c", 10, None).events["context"].to_list() == [None]
 
 
+@pytest.mark.single_node
 def test_batch_is_one_round_trip(redis_client: redis.Redis, namespace: str) -> None:
     counting = CountingRedis(connection_pool=redis_client.connection_pool)
     store = FeatureStore(counting, namespace)
@@ -239,8 +238,7 @@ def test_decay_reference_is_rebased_before_overflow(redis_client, namespace) -> 
     assert all(math.isfinite(score) for _, score in stored)
 
 
-def test_cache_is_invalidated_by_the_users_events(either_store: FeatureStore) -> None:
-    store = either_store
+def test_cache_is_invalidated_by_the_users_events(store: FeatureStore) -> None:
     store.cache_response("u1", "sig", '{"items": []}', now=NOW)
     store.cache_response("u2", "sig", '{"other": 1}', now=NOW)
     assert read_user(store, "u1", "sig", 10, 10, now=NOW + 1).cached == '{"items": []}'
@@ -291,8 +289,7 @@ def test_feature_definitions_cover_the_key_schema() -> None:
         Keys("bad{ns}")
 
 
-def test_offline_pushes_replace_lists(either_store: FeatureStore) -> None:
-    store = either_store
+def test_offline_pushes_replace_lists(store: FeatureStore) -> None:
     first = pl.DataFrame(
         {"item_id": ["a", "a", "b"], "neighbor_id": ["b", "c", "a"], "score": [0.9, 0.5, 0.7]}
     )
@@ -331,80 +328,108 @@ def test_script_is_loaded_again_when_redis_lost_it(store: FeatureStore) -> None:
     store.ingest(events([("u", "a", "view", 0)]), now=NOW)
     # As after a Redis restart: the cached SHA is unknown to the server (no SCRIPT FLUSH here,
     # the server may be shared).
-    store.scripts._shas["INGEST"] = "0" * 40
+    assert store.scripts._shas
+    store.scripts._shas = dict.fromkeys(store.scripts._shas, "0" * 40)
     assert store.ingest(events([("u", "b", "view", 0)], start_id=1), now=NOW).accepted == 1
 
 
-def test_the_sharded_path_for_redis_cluster_matches_the_script(
-    redis_client: redis.Redis, namespace: str
-) -> None:
-    from feature_repo.connection import clear_namespace
+def duplicated_events() -> pl.DataFrame:
+    """3,000 generated events ending at NOW, some of them twice (in a batch and across)."""
     from training.generate import generate
 
     generated = generate(150, 80, 3000, seed=4).events
     shift = int(NOW) - int(generated["timestamp"].max())
     frame = generated.with_columns(pl.col("timestamp") + shift)
-    # Some events come twice: within a batch and across batches.
-    frame = pl.concat([frame, frame.slice(100, 40), frame.slice(1000, 20)])
+    return pl.concat([frame, frame.slice(100, 40), frame.slice(1000, 20)])
+
+
+def assert_same_features(script: FeatureStore, sharded: FeatureStore, frame: pl.DataFrame) -> None:
+    """Ingest `frame` into both stores in batches of 500 and compare every feature, the request
+    read, the counters and the stream."""
+    for start in range(0, frame.height, 500):
+        part = frame.slice(start, 500)
+        a, b = script.ingest(part, now=NOW), sharded.ingest(part, now=NOW)
+        assert (a.accepted, a.duplicates, a.new_items) == (b.accepted, b.duplicates, b.new_items)
+        np.testing.assert_array_equal(a.duplicate_rows, b.duplicate_rows)
+    for user in frame["user_id"].unique().to_list():
+        left, right = script.recent_items(user), sharded.recent_items(user)
+        assert list(left.ids) == list(right.ids) and list(left.scores) == list(right.scores)
+        assert script.counters(user) == sharded.counters(user)
+    item_ids = frame["item_id"].unique().sort().to_list()
+    for left, right in zip(
+        coviewed(script, item_ids, 500), coviewed(sharded, item_ids, 500), strict=True
+    ):
+        assert dict(zip(*left, strict=True)) == dict(zip(*right, strict=True))
+    pop_a, pop_b = popular(script, 100, now=NOW), popular(sharded, 100, now=NOW)
+    assert dict(zip(pop_a.ids, pop_a.scores.round(9), strict=True)) == dict(
+        zip(pop_b.ids, pop_b.scores.round(9), strict=True)
+    )
+    assert stats(script) == stats(sharded)
+    # The request read falls back to per-slot commands and reads the same.
+    user = frame["user_id"][0]
+    request = FeatureRequest(user, "s", 100, 10, 5, ("coview",), 20)
+    read_a, read_b = script.read_request(request, now=NOW), sharded.read_request(request, now=NOW)
+    assert list(read_a.recent.ids) == list(read_b.recent.ids)
+    for left, right in zip(read_a.lists["coview"], read_b.lists["coview"], strict=True):
+        assert list(left.ids) == list(right.ids)
+    # The stream carries every accepted event once and no duplicate, in the same order.
+    streams = [EventStream(s.redis, s.namespace) for s in (script, sharded)]
+    for stream in streams:
+        stream.ensure_group()
+    read = [s.read("c", 10_000, None).events for s in streams]
+    assert read[0].height == stats(script)["accepted"]
+    assert read[0]["event_id"].to_list() == read[1]["event_id"].to_list()
+
+
+@pytest.mark.single_node
+def test_the_sharded_path_for_redis_cluster_matches_the_script(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    """The per-slot backends forced onto the one server, beside the Lua scripts."""
+    from feature_repo.connection import clear_namespace
+
     script = FeatureStore(redis_client, namespace)
     sharded = FeatureStore(redis_client, namespace + "-sharded", cluster=True)
     try:
-        for start in range(0, frame.height, 500):
-            part = frame.slice(start, 500)
-            a, b = script.ingest(part, now=NOW), sharded.ingest(part, now=NOW)
-            assert (a.accepted, a.duplicates, a.new_items) == (
-                b.accepted,
-                b.duplicates,
-                b.new_items,
-            )
-            np.testing.assert_array_equal(a.duplicate_rows, b.duplicate_rows)
-        for user in frame["user_id"].unique().to_list():
-            left, right = script.recent_items(user), sharded.recent_items(user)
-            assert list(left.ids) == list(right.ids) and list(left.scores) == list(right.scores)
-            assert script.counters(user) == sharded.counters(user)
-        item_ids = frame["item_id"].unique().sort().to_list()
-        for left, right in zip(
-            coviewed(script, item_ids, 500), coviewed(sharded, item_ids, 500), strict=True
-        ):
-            assert dict(zip(*left, strict=True)) == dict(zip(*right, strict=True))
-        pop_a, pop_b = (
-            popular(script, 100, now=NOW),
-            popular(sharded, 100, now=NOW),
-        )
-        assert dict(zip(pop_a.ids, pop_a.scores.round(9), strict=True)) == dict(
-            zip(pop_b.ids, pop_b.scores.round(9), strict=True)
-        )
-        assert stats(script) == stats(sharded)
-        # The request read falls back to per-slot commands and reads the same.
-        user = frame["user_id"][0]
-        read_a = script.read_request(
-            FeatureRequest(user, "s", 100, 10, 5, ("coview",), 20), now=NOW
-        )
-        read_b = sharded.read_request(
-            FeatureRequest(user, "s", 100, 10, 5, ("coview",), 20), now=NOW
-        )
-        assert list(read_a.recent.ids) == list(read_b.recent.ids)
-        for left, right in zip(read_a.lists["coview"], read_b.lists["coview"], strict=True):
-            assert list(left.ids) == list(right.ids)
-        # The stream carries every accepted event; the sharded path also the duplicates (it
-        # appends before deduplicating, and the event store drops them).
-        accepted = stats(script)["accepted"]
-        assert EventStream(redis_client, namespace).length() == accepted
-        assert EventStream(redis_client, namespace + "-sharded").length() == frame.height
+        assert_same_features(script, sharded, duplicated_events())
     finally:
         clear_namespace(redis_client, namespace + "-sharded")
 
 
-def test_the_kind_of_client_picks_the_backends(redis_client: redis.Redis, namespace: str) -> None:
-    # A RedisCluster that was never connected: FeatureStore only looks at its kind.
-    cluster = FeatureStore(RedisCluster.__new__(RedisCluster), namespace)
-    assert type(cluster._ingest) is ClusterIngest and type(cluster._reads) is ClusterReads
-    single = FeatureStore(redis_client, namespace)
-    assert type(single._ingest) is SingleNodeIngest and type(single._reads) is Reads
+def test_a_real_cluster_keeps_what_one_node_keeps(
+    single_node_client: redis.Redis, cluster_client: RedisCluster
+) -> None:
+    """The Lua scripts on one server beside the per-slot backends on the three-node cluster."""
+    from feature_repo.connection import clear_namespace
+
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    script = FeatureStore(single_node_client, namespace)
+    sharded = FeatureStore(cluster_client, namespace)
+    try:
+        assert_same_features(script, sharded, duplicated_events())
+        # The cluster's keys are spread over its masters, and SCAN finds them on all of them.
+        keys = list(cluster_client.scan_iter(match=sharded.keys.pattern(), count=1000))
+        per_node = {cluster_client.get_node_from_key(key).name for key in keys}
+        assert len(per_node) == 3
+        assert sorted(keys) == sorted(single_node_client.scan_iter(match=f"{namespace}:*"))
+    finally:
+        clear_namespace(single_node_client, namespace)
+        assert clear_namespace(cluster_client, namespace) > 0
+        assert not list(cluster_client.scan_iter(match=f"{namespace}:*"))
 
 
-def test_one_users_repeats_move_an_item_by_a_bounded_amount(either_store: FeatureStore) -> None:
-    store = either_store
+def test_the_kind_of_client_picks_the_backends(redis_client: Client, namespace: str) -> None:
+    store = FeatureStore(redis_client, namespace)
+    if isinstance(redis_client, RedisCluster):
+        assert type(store._ingest) is ClusterIngest and type(store._reads) is ClusterReads
+    else:
+        assert type(store._ingest) is SingleNodeIngest and type(store._reads) is Reads
+    # The per-slot backends can be forced onto one server (the comparison below runs them so).
+    forced = FeatureStore(redis_client, namespace, cluster=True)
+    assert type(forced._ingest) is ClusterIngest and type(forced._reads) is ClusterReads
+
+
+def test_one_users_repeats_move_an_item_by_a_bounded_amount(store: FeatureStore) -> None:
     spam = [("spammer", "spam", "purchase", 0)] * 200
     store.ingest(events([("spammer", "a", "view", 0), *spam]), now=NOW)
     store.ingest(events([("spammer", "spam", "purchase", 0)] * 50, start_id=1000), now=NOW)
@@ -430,11 +455,9 @@ def test_repeats_are_unbounded_when_the_window_is_off(redis_client, namespace: s
 
 
 def test_the_live_catalog_upserts_attributes_and_counts_new_items_users(
-    either_store: FeatureStore,
+    store: FeatureStore,
 ) -> None:
-    config = FeatureConfig(count_new_item_users=True)
-    cluster = isinstance(either_store._ingest, ClusterIngest)
-    store = FeatureStore(either_store.redis, either_store.namespace, config, cluster)
+    store = FeatureStore(store.redis, store.namespace, FeatureConfig(count_new_item_users=True))
     store.ingest(events([("u1", "new", "view", 0), ("u2", "new", "view", 0)]), now=NOW)
     assert store.global_lists(1, now=NOW).catalog_version is None
     frame = pl.DataFrame(

@@ -1,0 +1,63 @@
+"""The service and the stream consumer on a real three-master Redis Cluster (REDIS_URL a
+`redis+cluster://` URL): events in, the response cache, the consumer group, the event store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from redis.cluster import RedisCluster
+from starlette.testclient import TestClient
+
+from feature_repo.connection import connect
+from feature_repo.event_store import open_event_store
+from feature_repo.store import FeatureStore
+from feature_repo.stream import EVENT_FIELD, EventStream
+from serving.consumer import run_consumer
+from tests.serving.test_service_api import SHOP, post_events
+
+
+# This module's tests run the service on the session's cluster instead of the one server.
+@pytest.fixture(scope="session")
+def redis_url(redis_cluster_url: str) -> str:
+    return redis_cluster_url
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> RedisCluster:
+    return connect(redis_url, tmp_path_factory.mktemp("unused"))
+
+
+def test_events_cache_and_consumer_on_a_redis_cluster(
+    client: TestClient, store: FeatureStore, recsys_home: Path
+) -> None:
+    assert isinstance(store.redis, RedisCluster)
+    body = post_events(client, [*SHOP, ("u5", "hat", "view", "e1")])
+    # The last event reuses e1 (another user's): a duplicate, as on one server.
+    assert (body["accepted"], body["duplicates"], body["duplicate_indices"]) == (7, 1, [7])
+
+    first = client.post("/recommend", json={"user_id": "u1", "k": 3}).json()
+    second = client.post("/recommend", json={"user_id": "u1", "k": 3}).json()
+    assert first["cached"] is False and second["cached"] is True
+    assert second["items"] == first["items"] and first["items"]
+    post_events(client, [("u1", "laces", "view", "e100")])
+    assert client.post("/recommend", json={"user_id": "u1", "k": 3}).json()["cached"] is False
+    popular = client.post("/popular", json={"k": 2}).json()
+    assert [i["item_id"] for i in popular["items"]] == ["laces", "shoes"]
+    similar = client.post("/similar_items", json={"item_id": "shoes", "k": 5}).json()
+    assert [i["item_id"] for i in similar["items"]][0] == "laces"
+    activity = client.get("/users/u1/activity").json()
+    assert [r["item_id"] for r in activity["recent"]] == ["laces", "socks", "shoes"]
+    assert activity["counters"]["events"] == 3
+
+    # The stream holds the accepted events only (no duplicate); the consumer group moves them.
+    stream = EventStream(store.redis, store.namespace)
+    entries = store.redis.xrange(stream.key)
+    assert sum(EVENT_FIELD in fields for _, fields in entries) == 8
+    stats = run_consumer(idle_exit=True, batch_size=5)
+    assert stats.stored == 8
+    stored = open_event_store(None, recsys_home).read()
+    assert sorted(stored["event_id"].to_list()) == sorted([f"e{n}" for n in range(1, 8)] + ["e100"])
+    assert stored.filter(pl.col("event_id") == "e1")["user_id"].to_list() == ["u1"]
+    assert stream.pending() == 0 and stream.lag() == 0
