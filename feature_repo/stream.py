@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import polars as pl
 import redis
 
+from feature_repo.connection import Client
 from feature_repo.definitions import CONSUMER_GROUP, Keys
 from training.events import IMPRESSION_SCHEMA, RECORD_SCHEMA
 
@@ -98,7 +99,7 @@ def _impression_row(doc: dict) -> tuple:
 class EventStream:
     """The stream of one namespace and its consumer group."""
 
-    def __init__(self, client: redis.Redis, namespace: str, group: str = CONSUMER_GROUP) -> None:
+    def __init__(self, client: Client, namespace: str, group: str = CONSUMER_GROUP) -> None:
         self.redis = client
         self.key = Keys(namespace).stream
         self.group = group

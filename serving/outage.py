@@ -14,8 +14,17 @@ import redis
 log = logging.getLogger("recsys.serving")
 
 # What "Redis is unreachable" looks like; any other RedisError (a script error, a wrong type) is a
-# bug and must not be mistaken for an outage.
-REDIS_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+# bug and must not be mistaken for an outage. On Redis Cluster also: CLUSTERDOWN (a master lost
+# and not failed over; MasterDownError too), TRYAGAIN (a slot migrating), a slot no node serves,
+# and ClusterError (redirections or reconnections exhausted).
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
 
 
 class Outage:

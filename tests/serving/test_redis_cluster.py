@@ -61,3 +61,37 @@ def test_events_cache_and_consumer_on_a_redis_cluster(
     assert sorted(stored["event_id"].to_list()) == sorted([f"e{n}" for n in range(1, 8)] + ["e100"])
     assert stored.filter(pl.col("event_id") == "e1")["user_id"].to_list() == ["u1"]
     assert stream.pending() == 0 and stream.lag() == 0
+
+
+def test_a_cluster_that_lost_a_master_is_redis_down_to_the_service(tmp_path: Path) -> None:
+    """A dead master refuses connections; once the others fail it, they answer CLUSTERDOWN for
+    every slot. Both are an outage (a degraded answer, a 503), not a bug (a 500)."""
+    from feature_repo.definitions import Keys
+    from feature_repo.types import FeatureRequest
+    from serving.outage import REDIS_DOWN
+    from tests.redis_cluster import ask, binaries, local_cluster, ports, wait_for
+
+    found = binaries()
+    assert found is not None  # the session's cluster started
+    cli = found[1]
+    nodes = ports(1)
+    with local_cluster(tmp_path / "cluster", nodes, node_timeout_ms=500) as url:
+        client = connect(url, tmp_path)
+        store = FeatureStore(client, "outage")
+        keys = Keys("outage")
+        # A user whose keys live on each master.
+        users = {client.get_node_from_key(keys.recent(f"u{n}")).port: f"u{n}" for n in range(60)}
+        assert set(users) == set(nodes)
+        for user in users.values():
+            store.read_request(FeatureRequest(user, "sig", 5, 5))
+        victim, survivor = nodes[0], nodes[1]
+        ask(cli, victim, "SHUTDOWN", "NOSAVE")
+        wait_for(
+            lambda: "cluster_state:fail" in ask(cli, survivor, "CLUSTER", "INFO"),
+            30,
+            "the cluster to fail its lost master",
+        )
+        # The lost master's user (refused connections), a surviving master's (CLUSTERDOWN).
+        for user in (users[victim], users[survivor]):
+            with pytest.raises(REDIS_DOWN):
+                store.read_request(FeatureRequest(user, "sig", 5, 5))
