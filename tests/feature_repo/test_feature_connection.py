@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import redis
 from redis.cluster import RedisCluster
 
-from feature_repo.connection import clear_namespace, connect
+from feature_repo.connection import Client, clear_namespace, connect
 from tests.feature_repo.conftest import shutdown_embedded
 
 
@@ -56,14 +55,14 @@ def test_a_cluster_url_names_the_cluster_by_any_of_its_nodes(
     assert "secret" not in str(caught.value)
 
 
-def test_clear_namespace_deletes_only_that_namespace(
-    redis_client: redis.Redis, namespace: str
-) -> None:
+def test_clear_namespace_deletes_only_that_namespace(redis_client: Client, namespace: str) -> None:
     neighbour = namespace + "-other"
     try:
+        pipe = redis_client.pipeline(transaction=False)
         for i in range(2500):
-            redis_client.set(f"{namespace}:{{user:{i}}}:x", 1)
-        redis_client.set(f"{neighbour}:keep", 1)
+            pipe.set(f"{namespace}:{{user:{i}}}:x", 1)
+        pipe.set(f"{neighbour}:keep", 1)
+        pipe.execute()
         assert clear_namespace(redis_client, namespace) == 2500
         assert redis_client.get(f"{neighbour}:keep") == "1"
         assert list(redis_client.scan_iter(match=f"{namespace}:*")) == []
