@@ -163,9 +163,9 @@ class ClusterIngest(Ingest):
     Round trip 1 appends every event to the stream (so an event is durable before it is marked
     seen). Round trip 2 marks event ids seen (SET NX) and reads the users' recent items and
     repeat counts; the duplicates' stream entries are then deleted, so the stream holds what it
-    holds on one node. Round trip 3 writes the
-    user, repeat and co-view updates, worked out here exactly as the INGEST script does them;
-    the {global} updates are one script (INGEST_GLOBAL) in their slot.
+    holds on one node. Round trip 3 writes the user, repeat and co-view updates, worked out here
+    exactly as the INGEST script does them; the {global} updates are one script (INGEST_GLOBAL)
+    in their slot.
     """
 
     def _apply(self, batch: Batch) -> IngestResult:
@@ -195,8 +195,8 @@ class ClusterIngest(Ingest):
         accepted_rows = np.flatnonzero(new).tolist()
         duplicates = np.flatnonzero(~new)
         if len(duplicates):
-            # As on one node, a duplicate leaves no entry in the stream: its entry goes again
-            # (if this process dies first, the event store drops the duplicate by its id).
+            # As on one node, a duplicate leaves no entry in the stream (should this process die
+            # before this, the event store drops the duplicate by its event_id).
             self.redis.xdel(k.stream, *[entry_ids[r] for r in duplicates])
 
         weights, first = self._write_users_and_coview(
