@@ -310,6 +310,43 @@ def psycopg2_url(url: str) -> str:
     return "postgresql+psycopg2://" + url.split("://", 1)[1]
 
 
+# What the stack expects of its servers' durability (README, "Durability"): compose's Redis runs
+# with these options; `up` reads the machine's servers and says what a crash of theirs would lose.
+REDIS_DURABILITY = {"appendonly": "yes", "appendfsync": "everysec"}
+POSTGRES_DURABILITY = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+_REDIS_LOSS = {
+    ("appendonly", "no"): "a restart of Redis loses every accepted event the consumer has not "
+    "stored yet, and all real-time features",
+    ("appendfsync", "no"): "a crash of the Redis host loses up to about 30 s of accepted events "
+    "(the kernel's write-back)",
+    ("appendfsync", "always"): "nothing acknowledged is lost; every write waits for an fsync",
+}
+_POSTGRES_LOSS = {
+    "fsync": "a crash of the PostgreSQL host can corrupt the database",
+    "synchronous_commit": "a crash of the PostgreSQL host loses up to 3 x wal_writer_delay of "
+    "committed batches the consumer already acknowledged: lost events",
+    "full_page_writes": "a crash during a page write can leave torn pages",
+}
+
+
+def durability_warnings(redis_config: Mapping[str, str], pg_config: Mapping[str, str]) -> list[str]:
+    """What the servers' settings would lose on a crash, where they differ from the stack's."""
+    found = []
+    for name, wanted in REDIS_DURABILITY.items():
+        value = redis_config.get(name, "")
+        if value != wanted:
+            loss = _REDIS_LOSS.get((name, value), "see the README's Durability section")
+            found.append(f"Redis {name} is {value!r}, the stack expects {wanted!r}: {loss}")
+    for name, wanted in POSTGRES_DURABILITY.items():
+        value = pg_config.get(name, "")
+        if value != wanted:
+            found.append(
+                f"PostgreSQL {name} is {value!r}, the stack expects {wanted!r}: "
+                f"{_POSTGRES_LOSS[name]}"
+            )
+    return found
+
+
 # --- the local processes ------------------------------------------------------------------------
 
 
@@ -464,8 +501,9 @@ class Stack:
 
     # -- up --------------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Reach the servers, create the databases, write the Dagster instance files."""
+    def prepare(self) -> list[str]:
+        """Reach the servers, create the databases, write the Dagster instance files; returns
+        what the servers' durability settings would lose on a crash (durability_warnings)."""
         import psycopg
         import redis
 
@@ -477,12 +515,18 @@ class Stack:
                 for name in self.target.databases.values():
                     if name not in have:
                         conn.execute(f'CREATE DATABASE "{name}"')
+                pg_config = {
+                    name: str(conn.execute(f"SHOW {name}").fetchone()[0])
+                    for name in POSTGRES_DURABILITY
+                }
         except psycopg.Error as exc:
             raise StackError(
                 f"PostgreSQL at RECSYS_STACK_POSTGRES_URL ({_redact(admin)}) is unusable: {exc}"
             ) from exc
         try:
-            redis.Redis.from_url(self.target.redis_url, socket_timeout=5).ping()
+            client = redis.Redis.from_url(self.target.redis_url, socket_timeout=5)
+            client.ping()
+            redis_config = {k: str(client.config_get(k).get(k, "")) for k in REDIS_DURABILITY}
         except redis.RedisError as exc:
             raise StackError(
                 f"Redis at RECSYS_STACK_REDIS_URL ({_redact(self.target.redis_url)}) does not "
@@ -493,6 +537,7 @@ class Stack:
         (home / "dagster.yaml").write_text(yaml.safe_dump(self.dagster_instance(), sort_keys=False))
         (home / "workspace.yaml").write_text(yaml.safe_dump(self.workspace(), sort_keys=False))
         Path(self.target.mlflow_artifacts).mkdir(parents=True, exist_ok=True)
+        return durability_warnings(redis_config, pg_config)
 
     def dagster_instance(self) -> dict[str, Any]:
         """docker/dagster.yaml with the containers' paths moved to this stack's folders."""
@@ -519,7 +564,8 @@ class Stack:
         Each waits for the health of what it depends on, as compose's `service_healthy` does,
         within compose's budget for the check or `timeout` seconds, whichever is longer.
         """
-        self.prepare()
+        for warning in self.prepare():
+            say(f"warning: {warning}")
         started: list[str] = []
         for process in processes():
             for dependency in process.service.depends_on:

@@ -18,12 +18,15 @@ from orchestration.stack import (
     EXTERNAL,
     MARKER,
     PLATFORM_ENV,
+    POSTGRES_DURABILITY,
+    REDIS_DURABILITY,
     SERVICES,
     SETTINGS,
     Process,
     Stack,
     Target,
     by_name,
+    durability_warnings,
     platform_environment,
     processes,
     render,
@@ -33,6 +36,7 @@ from tests.test_docker_compose import (
     depends_on,
     environment,
     interpolate,
+    option,
     tokens,
     volume_mounts,
 )
@@ -225,3 +229,22 @@ def test_stack_commands_parse() -> None:
 
     for action in ("up", "down", "status", "env"):
         assert build_parser().parse_args(["stack", action]).action == action
+
+
+def test_compose_redis_has_the_durability_the_stack_expects(services: dict[str, Any]) -> None:
+    command = tokens(services["redis"]["command"])
+    assert {name: option(command, f"--{name}") for name in REDIS_DURABILITY} == REDIS_DURABILITY
+    # PostgreSQL runs with its defaults there, which are the ones the stack expects.
+    assert "command" not in services["postgres"]
+
+
+def test_durability_warnings_say_what_a_crash_loses() -> None:
+    assert durability_warnings(REDIS_DURABILITY, POSTGRES_DURABILITY) == []
+    (redis_off,) = durability_warnings(
+        {**REDIS_DURABILITY, "appendonly": "no"}, POSTGRES_DURABILITY
+    )
+    assert "restart of Redis loses every accepted event" in redis_off
+    (async_commit,) = durability_warnings(
+        REDIS_DURABILITY, {**POSTGRES_DURABILITY, "synchronous_commit": "off"}
+    )
+    assert "already acknowledged: lost events" in async_commit
