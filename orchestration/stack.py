@@ -559,30 +559,51 @@ class Stack:
         return config
 
     def up(self, wait: bool = True, say: Any = print, timeout: float = 0.0) -> list[str]:
-        """Start every process that is not running, in dependency order; returns those started.
+        """Start every process that is not running; returns those started.
 
-        Each waits for the health of what it depends on, as compose's `service_healthy` does,
-        within compose's budget for the check or `timeout` seconds, whichever is longer.
+        A process starts once everything it depends on is healthy, as compose's
+        `service_healthy` has it, so independent ones start side by side (the replicas and the
+        consumer beside the Dagster processes). Each has compose's budget for its check, or
+        `timeout` seconds if longer, from its start.
         """
         for warning in self.prepare():
             say(f"warning: {warning}")
         started: list[str] = []
-        for process in processes():
-            for dependency in process.service.depends_on:
-                if dependency in EXTERNAL:
+        pending = [p for p in processes() if self.running(p) is None]
+        healthy: set[str] = {p.name for p in processes() if p not in pending}
+        deadlines = {p.name: time.monotonic() + self._budget(p, timeout) for p in processes()}
+
+        def ready(service: str) -> bool:
+            return all(p.name in healthy for p in processes() if p.service.name == service)
+
+        while True:
+            for process in list(pending):
+                if all(d in EXTERNAL or ready(d) for d in process.service.depends_on):
+                    self.start(process)
+                    deadlines[process.name] = time.monotonic() + self._budget(process, timeout)
+                    pending.remove(process)
+                    started.append(process.name)
+                    say(f"started {process.name} (log: {self.log_file(process)})")
+            waiting = [p for p in processes() if p.name not in healthy and p not in pending]
+            for process in waiting:
+                if self.healthy(process):
+                    healthy.add(process.name)
                     continue
-                for other in processes():
-                    if other.service.name == dependency:
-                        self.wait_healthy(other, say, timeout)
-            if self.running(process) is not None:
-                continue
-            self.start(process)
-            started.append(process.name)
-            say(f"started {process.name} (log: {self.log_file(process)})")
-        if wait:
-            for process in processes():
-                self.wait_healthy(process, say, timeout)
-        return started
+                if self.running(process) is None:
+                    raise StackError(f"{process.name} exited:\n{self.log_tail(process)}")
+                if time.monotonic() > deadlines[process.name]:
+                    raise StackError(f"{process.name} is not healthy:\n{self.log_tail(process)}")
+            if not pending and (not wait or len(healthy) == len(processes())):
+                return started
+            time.sleep(1)
+
+    @staticmethod
+    def _budget(process: Process, timeout: float) -> float:
+        # Compose's budget: the start period, then `retries` failed checks `interval` apart.
+        check = process.service.health
+        if check is None:
+            return timeout
+        return max(check.start_period + check.retries * check.interval, timeout)
 
     def start(self, process: Process) -> None:
         import psutil
@@ -612,13 +633,11 @@ class Stack:
         if done.returncode != 0:
             raise StackError(f"`dagster instance migrate` failed: {done.stderr[-2000:]}")
 
-    def wait_healthy(self, process: Process, say: Any = print, timeout: float = 0.0) -> None:
-        check = process.service.health
-        if check is None:
+    def wait_healthy(self, process: Process, timeout: float = 0.0) -> None:
+        """Until the process passes its health check (StackError if it exits or runs late)."""
+        if process.service.health is None:
             return
-        # Compose's budget: the start period, then `retries` failed checks `interval` apart.
-        budget = max(check.start_period + check.retries * check.interval, timeout)
-        deadline = time.monotonic() + budget
+        deadline = time.monotonic() + self._budget(process, timeout)
         while not self.healthy(process):
             if self.running(process) is None:
                 raise StackError(f"{process.name} exited:\n{self.log_tail(process)}")
