@@ -427,7 +427,7 @@ class Stack:
             env["RECSYS_HOME"] = str(home)
             # `bentoml serve` empties its metrics folder on start: one per replica.
             env["BENTOML_HOME"] = str(home / "bentoml")
-        if process.service.name == "consumer" or process.service.private_home:
+        if process.service.name == "consumer":
             # One consumer name per process, stable across restarts (it resumes its pending
             # entries); a container's hostname plays this part in compose.
             env.setdefault("RECSYS_CONSUMER_NAME", f"consumer-{process.name}")

@@ -222,6 +222,7 @@ def test_stack_end_to_end(stack_env: dict[str, str], recsys_home: Path) -> None:
             # Recent, so the contract's bounds and the retention window keep them.
             "timestamp": now - EVENTS + i,
             "event_id": f"stack-{i}",
+            **({"value": row["value"]} if row["value"] is not None else {}),
         }
         for i, row in enumerate(data.iter_rows(named=True))
     ]
