@@ -4,8 +4,9 @@ the daemon's sensor launches training; the gate promotes; both replicas hot-load
 while a client loops over them; the answer's lineage names the Dagster and the MLflow run.
 
 It prints the figures the issue asks for (non-2xx during the swap, accepted events lost, seconds
-from the sensor's trigger to both replicas serving the new version); a few minutes on an idle
-machine, much longer on a loaded one.
+from the sensor's trigger to both replicas serving the new version). The training run dominates
+its time: each of its steps is a process of its own (Dagster's multiprocess executor), which on a
+starved two-core host takes about a minute to start.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 
 from tests.conftest import services_required
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(3600)]
 
 USERS, ITEMS, EVENTS = 150, 60, 2400
 BATCH = 100
