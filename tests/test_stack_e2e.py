@@ -276,7 +276,7 @@ def test_stack_end_to_end(stack_env: dict[str, str], recsys_home: Path) -> None:
             run = _wait(
                 lambda: (r := _run(stack, run_id))["status"] in ("SUCCESS", "FAILURE") and r,
                 "the training run",
-                1200,
+                2700,
                 every=3,
             )
             assert run["status"] == "SUCCESS", run
