@@ -7,7 +7,7 @@ export RECSYS_HOME ?= $(CURDIR)/.recsys
 # MLflow artifacts of the embedded default live in the repository's mlruns/ (git-ignored).
 export RECSYS_MLFLOW_ARTIFACTS ?= $(CURDIR)/mlruns
 
-.PHONY: install lock demo test lint format up serve consume bench clean
+.PHONY: install lock demo test lint format up serve consume stack-up stack-status stack-down bench clean
 
 # The versions the tests passed with: requirements.lock (what the image runs) and
 # requirements-dev.lock (the same plus the test tools), both hashed; `make lock` re-resolves them.
@@ -50,6 +50,17 @@ serve: install
 
 consume: install
 	$(BIN)/recsys consume
+
+# The production topology as local processes on this machine's PostgreSQL and Redis
+# (RECSYS_STACK_POSTGRES_URL, RECSYS_STACK_REDIS_URL, RECSYS_STACK_BASE_PORT; see README).
+stack-up: install
+	$(BIN)/recsys stack up
+
+stack-status: install
+	$(BIN)/recsys stack status
+
+stack-down: install
+	$(BIN)/recsys stack down
 
 bench: install
 	$(BIN)/python benchmarks/accuracy.py

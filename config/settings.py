@@ -185,6 +185,13 @@ class OrchestrationSettings(_Group):
         ge=1,
         description="New events since the last training that make the sensor retrain",
     )
+    retrain_sensor_seconds: int = Field(
+        300,
+        alias="RECSYS_RETRAIN_SENSOR_SECONDS",
+        ge=1,
+        description="How often the daemon evaluates the retraining sensor (read when the code "
+        "location loads)",
+    )
     retry_max_retries: int = Field(
         3,
         alias="RECSYS_RETRY_MAX_RETRIES",
@@ -394,6 +401,37 @@ class ConsumerSettings(_Group):
         return self.name or f"consumer-{socket.gethostname()}"
 
 
+class StackSettings(_Group):
+    """`recsys stack`: the production topology as local processes on this machine's servers."""
+
+    postgres_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        alias="RECSYS_STACK_POSTGRES_URL",
+        description="PostgreSQL server the stack's databases are created on (a role allowed to "
+        "create databases; the database in the URL is only where it connects to do so)",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        alias="RECSYS_STACK_REDIS_URL",
+        description="Redis server and database the stack's services share",
+    )
+    prefix: str = Field(
+        "recsys",
+        alias="RECSYS_STACK_PREFIX",
+        pattern=r"^[a-z_][a-z0-9_]{0,40}$",
+        description="The stack's databases are `<prefix>_mlflow`, `<prefix>_dagster`, "
+        "`<prefix>_events`",
+    )
+    base_port: int = Field(
+        5100,
+        alias="RECSYS_STACK_BASE_PORT",
+        ge=1024,
+        le=65530,
+        description="First of the stack's five ports: MLflow, code location, Dagster UI, "
+        "replica a, replica b",
+    )
+
+
 class Settings(BaseModel):
     """The platform's configuration: one group per part."""
 
@@ -406,6 +444,7 @@ class Settings(BaseModel):
     orchestration: OrchestrationSettings
     serving: ServingSettingsEnv
     consumer: ConsumerSettings
+    stack: StackSettings
     # Whether RECSYS_HOME was given (the embedded MLflow artifacts then live under it).
     home_is_set: bool = False
 
@@ -443,6 +482,7 @@ GROUPS: dict[str, type[_Group]] = {
     "orchestration": OrchestrationSettings,
     "serving": ServingSettingsEnv,
     "consumer": ConsumerSettings,
+    "stack": StackSettings,
 }
 VARIABLES: tuple[str, ...] = tuple(
     field.alias for group in GROUPS.values() for field in group.model_fields.values() if field.alias

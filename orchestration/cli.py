@@ -387,6 +387,36 @@ def cmd_up(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    """The production topology as local processes (orchestration/stack.py)."""
+    from orchestration.stack import Stack, StackError
+
+    stack = Stack.from_settings()
+    if args.action == "up":
+        try:
+            started = stack.up(say=_print, timeout=args.timeout)
+        except StackError as exc:
+            _error(f"{exc}\n`recsys stack down` stops what did start")
+            return FAILED
+        _print(f"stack healthy ({len(started)} started): {stack.folder}")
+        for row in stack.status():
+            _print(f"  {row['process']:<20} {row['url'] or ''}")
+        return OK
+    if args.action == "down":
+        swept = stack.down(grace=args.grace)
+        _print("stack stopped" + (f" ({swept} leftover processes killed)" if swept else ""))
+        return OK
+    if args.action == "env":
+        for line in stack.env_lines():
+            _print(line)
+        return OK
+    rows = stack.status()
+    for row in rows:
+        pid = row["pid"] or "-"
+        _print(f"{row['process']:<20} {row['state']:<10} {pid!s:<8} {row['url'] or ''}")
+    return OK if all(row["state"] == "healthy" for row in rows) else FAILED
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a sample shop, train, analyse, then show the live service reacting to events."""
     home = get_settings().home_dir()
@@ -682,6 +712,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dagster-port", type=int, default=3000, help="port of the Dagster UI")
     p.add_argument("--mlflow-port", type=int, default=5000, help="port of the MLflow UI")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser(
+        "stack",
+        help="the production topology (MLflow server, Dagster webserver, daemon and code "
+        "location, two service replicas, the consumer) as local processes",
+        description="Run docker-compose.yml's platform services as local processes against "
+        "this machine's PostgreSQL and Redis (RECSYS_STACK_*). up: start what is not running and "
+        "wait until healthy; status: each process and its health (exit 1 unless all healthy); "
+        "down: stop all, also what a crash left; env: export lines for other recsys commands. "
+        "Pid files and logs: $RECSYS_HOME/stack/.",
+    )
+    p.add_argument("action", choices=("up", "down", "status", "env"), help="what to do")
+    p.add_argument(
+        "--grace", type=float, default=30.0, help="down: seconds before SIGTERM becomes SIGKILL"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="up: seconds each service may take to turn healthy, when longer than its compose "
+        "health check's budget (start period + retries x interval)",
+    )
+    p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser(
         "config",

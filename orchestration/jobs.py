@@ -92,7 +92,10 @@ def _last_training_start(context: dg.SensorEvaluationContext) -> float | None:
 
 
 @dg.sensor(
-    job=training_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING
+    job=training_job,
+    # Read when the code location loads: the daemon evaluates the sensor at this interval.
+    minimum_interval_seconds=get_settings().orchestration.retrain_sensor_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def new_events_sensor(
     context: dg.SensorEvaluationContext, event_store: EventStoreResource
