@@ -305,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[bold]{label}[/bold] on {backend}: starting the service")
                 client = connect(backend_url, home) if backend_url else None
                 try:
-                    with running(command, env, f"{url}/readyz", log):
-                        wait_for_workers(log, args.workers)
+                    # Two workers take minutes to start on a loaded machine.
+                    with running(command, env, f"{url}/readyz", log, timeout=900):
+                        wait_for_workers(log, args.workers, timeout=900)
                         run_wrk("warm-up", f"{url}/events", script, 3, args.connections, 2)
                         result = run_wrk(
                             f"{label}, {backend}",
@@ -321,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                             users = events["user_id"].unique().sort().head(200).to_list()
                             latencies = event_to_recommendation(url, users, args.trials)
                     rows.append((label, backend, result))
+                    console.print(
+                        f"  {result.requests_per_s * args.batch:,.0f} events/s "
+                        f"({result.requests_per_s:.1f} req/s, p50 {result.p50_ms:.1f} ms, "
+                        f"p99 {result.p99_ms:.1f} ms, non-2xx {result.non_2xx}), "
+                        f"load average {os.getloadavg()[0]:.1f}"
+                    )
                     if label == "this checkout":
                         backlog, stored, rate = consumer_rate(
                             backend_url, home, namespace, args.postgres_url
