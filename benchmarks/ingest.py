@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.serve import free_port, run_wrk, running  # noqa: E402
 from config import redact_url  # noqa: E402
 
-console = Console()
+console = Console(width=140)  # tables on one line each, also when piped to a file
 
 # Each wrk request posts the next of a set of prepared bodies, with event ids made unique per
 # request, so no event is a duplicate.

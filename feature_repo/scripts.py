@@ -137,8 +137,8 @@ local catalog_key = KEYS[7]
 local accepted = 0
 local out = {0, 0}
 local users, user_order = {}, {}
--- The batch's co-view pairs, counted here and written once each after the loop (as commands per
--- pair they were most of the script: a ZINCRBY, EXPIRE and ZCARD each).
+-- The batch's co-view pairs, counted here and written once each after the loop, with one TTL and
+-- cap check per list (per event they were three commands a new pair: ZINCRBY, EXPIRE, ZCARD).
 local coview, coview_order = {}, {}
 local function add_coview(earlier, later)
   local counts = coview[earlier]
