@@ -105,13 +105,15 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180.0) -> N
 
 
 @contextlib.contextmanager
-def running(command: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
+def running(
+    command: list[str], env: dict[str, str], ready_url: str, log: Path, timeout: float = 180.0
+) -> Iterator[None]:
     with open(log, "w") as out:
         process = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            wait_ready(ready_url, process)
+            wait_ready(ready_url, process, timeout)
             yield
         finally:
             with contextlib.suppress(ProcessLookupError):

@@ -102,9 +102,10 @@ end
 
 # Ingest one batch atomically. Per event: dedupe on its event_id (SET NX with a TTL on its global
 # seen_event key, which the client builds from Keys and sends in column k), XADD the
-# event to the stream, update the user's recent items and co-view of the items the user touched
-# in the co-view window; per user once: counters, TTLs and the response cache; per item once:
-# decayed popularity, trending, first-seen and the TTL of its co-view list.
+# event to the stream, update the user's recent items and count the co-view pairs with the items
+# the user touched in the co-view window; per co-view pair once: its increment (and per list the
+# TTL and cap); per user once: counters, TTLs and the response cache; per item once: decayed
+# popularity, trending, first-seen and the TTL of its co-view list.
 #
 # Repeats (abuse resistance): the n-th event of a user on an item within the repeat window
 # (the user's `repeats` hash, whose TTL is the window) weighs weight / n, and 0 after
@@ -136,6 +137,23 @@ local catalog_key = KEYS[7]
 local accepted = 0
 local out = {0, 0}
 local users, user_order = {}, {}
+-- The batch's co-view pairs, counted here and written once each after the loop, with one TTL and
+-- cap check per list (per event they were three commands a new pair: ZINCRBY, EXPIRE, ZCARD).
+local coview, coview_order = {}, {}
+local function add_coview(earlier, later)
+  local counts = coview[earlier]
+  if not counts then
+    counts = {n = {}, order = {}}
+    coview[earlier] = counts
+    coview_order[#coview_order + 1] = earlier
+  end
+  local c = counts.n[later]
+  if not c then
+    c = 0
+    counts.order[#counts.order + 1] = later
+  end
+  counts.n[later] = c + 1
+end
 
 for idx = 1, n do
   local uid, iid, ts, w = b.u[idx], b.i[idx], b.ts[idx], b.w[idx]
@@ -147,6 +165,12 @@ for idx = 1, n do
       local prior = redis.call('HINCRBY', key_of('repeats', uid), iid, 1) - 1
       first = prior == 0
       if prior >= cfg.repeat_cap then w = 0 else w = w / (1 + prior) end
+    end
+    local u = users[uid]
+    if not u then
+      u = {counts = {}}
+      users[uid] = u
+      user_order[#user_order + 1] = uid
     end
     local recent = key_of('recent', uid)
     if redis.call('ZADD', recent, 'NX', ts, iid) == 1 then
@@ -161,26 +185,18 @@ for idx = 1, n do
       for _, j in ipairs(prev) do
         if j ~= iid and done < cfg.coview_items then
           done = done + 1
-          local ck = key_of('coview', j)
-          if tonumber(redis.call('ZINCRBY', ck, 1, iid)) == 1 then
-            -- A new member: the key may be new (give it a TTL) and may be over its cap.
-            redis.call('EXPIRE', ck, cfg.coview_ttl)
-            local size = redis.call('ZCARD', ck)
-            if size > cfg.coview_cap then
-              redis.call('ZREMRANGEBYRANK', ck, 0, size - cfg.coview_cap - 1)
-            end
-          end
+          add_coview(j, iid)
         end
       end
-      redis.call('ZREMRANGEBYRANK', recent, 0, -cfg.recent_cap - 1)
+      -- The size is read once per user and then counted here (only this script's adds and
+      -- trims change it), so the trim is a command only when the recent items are over the cap.
+      if u.size then u.size = u.size + 1 else u.size = redis.call('ZCARD', recent) end
+      if u.size > cfg.recent_cap then
+        redis.call('ZREMRANGEBYRANK', recent, 0, -cfg.recent_cap - 1)
+        u.size = cfg.recent_cap
+      end
     else
       redis.call('ZADD', recent, 'GT', ts, iid)
-    end
-    local u = users[uid]
-    if not u then
-      u = {counts = {}}
-      users[uid] = u
-      user_order[#user_order + 1] = uid
     end
     local et = b.t[idx]
     u.counts[et] = (u.counts[et] or 0) + 1
@@ -203,6 +219,22 @@ for _, uid in ipairs(user_order) do
   if cfg.repeat_window > 0 then
     local rk = key_of('repeats', uid)
     if redis.call('TTL', rk) < 0 then redis.call('EXPIRE', rk, cfg.repeat_window) end
+  end
+end
+for _, j in ipairs(coview_order) do
+  local counts, ck, grew = coview[j], key_of('coview', j), false
+  for _, later in ipairs(counts.order) do
+    local c = counts.n[later]
+    -- The new score equals the increment only for a new member.
+    if tonumber(redis.call('ZINCRBY', ck, c, later)) == c then grew = true end
+  end
+  if grew then
+    -- New members: the key may be new (give it a TTL) and may be over its cap.
+    redis.call('EXPIRE', ck, cfg.coview_ttl)
+    local size = redis.call('ZCARD', ck)
+    if size > cfg.coview_cap then
+      redis.call('ZREMRANGEBYRANK', ck, 0, size - cfg.coview_cap - 1)
+    end
   end
 end
 for _, iid in ipairs(item_order) do
@@ -334,6 +366,18 @@ else
   categories = {ARGV[2], redis.call('HGET', KEYS[3], ARGV[2])}
 end
 return {top, info, categories, redis.call('HGETALL', KEYS[4])}
+"""
+
+# How many entries of a stream come after an id, counted in pages inside Redis (for a server
+# without XINFO's `lag`, before 7.0). KEYS: the stream. ARGV: the id (exclusive).
+STREAM_COUNT_AFTER = r"""
+local n, start = 0, '(' .. ARGV[1]
+while true do
+  local page = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1000)
+  n = n + #page
+  if #page < 1000 then return n end
+  start = '(' .. page[#page][1]
+end
 """
 
 # Top entries of several sorted sets at once, flat. KEYS: the sets. ARGV: n.

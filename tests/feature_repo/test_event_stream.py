@@ -81,3 +81,17 @@ def test_blocking_read_returns_empty_after_timeout(store: FeatureStore) -> None:
     stream = EventStream(store.redis, store.namespace)
     stream.ensure_group()
     assert len(stream.read("c", count=10, block_ms=50)) == 0
+
+
+def test_undelivered_entries_are_counted_past_a_page(store: FeatureStore) -> None:
+    stream = EventStream(store.redis, store.namespace)
+    stream.ensure_group()
+    for start in range(0, 2500, 500):
+        store.ingest(batch(500, start=start), now=NOW)
+    assert stream.undelivered() == 2500  # nothing delivered yet
+    got = stream.read("c", count=700, block_ms=None)
+    assert stream.undelivered() == 1800
+    # Counted inside Redis (for a server without XINFO's lag), in pages of 1,000 entries.
+    last = got.ids[-1]
+    assert store.scripts.run("STREAM_COUNT_AFTER", [stream.key], [last]) == 1800
+    assert store.scripts.run("STREAM_COUNT_AFTER", [stream.key], [got.ids[0]]) == 2499

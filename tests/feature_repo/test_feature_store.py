@@ -209,6 +209,29 @@ def test_coview_window_and_cap(redis_client, namespace) -> None:
     assert list(hub.ids) == ["p", "r"] and list(hub.scores) == [2.0, 1.0]
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["script", "cluster path"])
+def test_a_batch_sums_its_coview_pairs_and_caps_each_list(
+    redis_client: redis.Redis, namespace: str, cluster: bool
+) -> None:
+    config = FeatureConfig(coview_window_items=5, coview_window_seconds=1000, coview_cap=2)
+    store = FeatureStore(redis_client, namespace, config, cluster)
+    # One batch: three users view hub then p; two of them then q, the third r.
+    rows = [
+        row for n in range(3) for row in ((f"v{n}", "hub", "view", 50), (f"v{n}", "p", "view", 49))
+    ]
+    rows += [("v0", "q", "view", 48), ("v1", "q", "view", 48), ("v2", "r", "view", 48)]
+    store.ingest(events(rows), now=NOW)
+    hub, after_p = coviewed(store, ["hub", "p"], 10)
+    # hub had p 3, q 2, r 1: the cap of 2 keeps the strongest.
+    assert dict(zip(hub.ids, hub.scores, strict=True)) == {"p": 3.0, "q": 2.0}
+    assert dict(zip(after_p.ids, after_p.scores, strict=True)) == {"q": 2.0, "r": 1.0}
+    assert 0 < redis_client.ttl(store.keys.coview("hub")) <= config.coview_ttl
+    # A later batch adds to the members it finds.
+    store.ingest(events([("v3", "hub", "view", 40), ("v3", "q", "view", 39)], start_id=50), now=NOW)
+    hub = coviewed(store, ["hub"], 10)[0]
+    assert dict(zip(hub.ids, hub.scores, strict=True)) == {"p": 3.0, "q": 3.0}
+
+
 def test_popularity_decays_with_half_life(redis_client, namespace) -> None:
     config = FeatureConfig(popularity_half_life=100.0, trending_half_life=10.0)
     store = FeatureStore(redis_client, namespace, config)
