@@ -14,7 +14,7 @@ the server's processes from /proc, before and after the run, over the requests s
 Run: .venv/bin/python benchmarks/serve.py [--data ml-100k | generated]
      [--users 5000 --items 2000 --events 200000] (generated only)
      [--duration 10 --connections 32 --threads 2 --workers 2] [--redis-url redis://...]
-     [--rounds N] [--impressions-off-baseline]
+     [--rounds N] [--impressions-off-baseline] [--baseline ../other-checkout] [--ports 3200-3299]
 
 `--impressions-off-baseline` measures the same service with impression logging off
 (RECSYS_LOG_IMPRESSIONS=false) in alternating rounds and prints the throughput ratio.
@@ -99,7 +99,16 @@ class BareDot:
 # -- setup ---------------------------------------------------------------------------------------
 
 
+# Ports to take servers' ports from (--ports, e.g. a share of a machine); empty: any free one.
+PORTS: list[int] = []
+
+
 def free_port() -> int:
+    for port in PORTS:
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            PORTS.remove(port)  # a server may take a moment to free it after stopping
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -414,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure this checkout with impression logging off, alternating round by "
         "round, and print the throughput ratio (logging on / off)",
     )
+    parser.add_argument("--ports", default="", help="take the servers' ports from FIRST-LAST")
     args = parser.parse_args(argv)
+    if args.ports:
+        first, last = (int(p) for p in args.ports.split("-"))
+        PORTS[:] = range(first, last + 1)
     if shutil.which("wrk") is None:
         console.print("[red]wrk is not installed: apt-get install -y wrk[/red]")
         return 2

@@ -96,6 +96,9 @@ class FeatureReader:
         self.metrics = metrics
         self._global: tuple[float, GlobalLists] | None = None
         self._refreshing = threading.Lock()
+        self._refresher: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closed = False
         self._trends: tuple[float, ScoredItems, np.ndarray] | None = None
 
     def store(self) -> FeatureStore:
@@ -153,17 +156,35 @@ class FeatureReader:
         return found
 
     def _refresh_in_background(self) -> None:
-        """Start one thread reading the lists, unless one already does."""
-        if not self._refreshing.acquire(blocking=False):
-            return
+        """Wake the thread that reads the lists (started on first use; a thread per refresh
+        cost the request more than the read, waiting for it to start)."""
+        if self._refresher is None:
+            with self._refreshing:
+                if self._refresher is None:
+                    self._refresher = threading.Thread(
+                        target=self._refresh_loop, name="global-lists", daemon=True
+                    )
+                    self._refresher.start()
+        self._wake.set()
 
-        def refresh() -> None:
-            try:
-                self._read_global(time.time())
-            finally:
-                self._refreshing.release()
+    def _refresh_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._closed:
+                return
+            self._wake.clear()
+            cached = self._global
+            now = time.time()
+            # Woken by several requests at once: one read serves them.
+            if cached is None or now - cached[0] >= self.settings.global_lists_ttl:
+                self._read_global(now)
 
-        threading.Thread(target=refresh, name="global-lists", daemon=True).start()
+    def close(self) -> None:
+        """Stop the background thread (the worker's shutdown)."""
+        self._closed = True
+        self._wake.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
 
     def _gated_lists(self, found: GlobalLists) -> GlobalLists:
         """The global lists without the items the catalog gate refuses, before any list is cut
