@@ -114,7 +114,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
+# A loaded machine (shared by other jobs) has taken over three minutes to start two workers.
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -257,6 +258,15 @@ def tree_cpu_seconds(root: int) -> float:
         if node == root:
             total += own
     return total / _TICK
+
+
+def print_progress(r: WrkResult) -> None:
+    """One finished run, at once (the table comes at the end)."""
+    cpu = f"{r.cpu_ms_per_request:.2f}" if r.cpu_ms_per_request is not None else "-"
+    console.print(
+        f"  {r.name}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.1f} p95 {r.p95_ms:.1f} "
+        f"p99 {r.p99_ms:.1f} max {r.max_ms:.1f} ms, CPU {cpu} ms/req, {r.non_2xx} non-2xx, {r.note}"
+    )
 
 
 def cache_counts(url: str) -> tuple[float, float]:
@@ -547,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(0.3)
                         result.note += f", {impressions_logged(url) - logged:,.0f} impressions"
                     results.append(result)
+                    print_progress(result)
         if not args.skip_references:
             port = free_port()
             command = [
