@@ -2,7 +2,9 @@
 acknowledged per batch (`FeatureStore.ingest` is the writing side of events,
 `EventStream.add_impressions` of impressions).
 
-An entry carries one event (field `e`) or one impression (field `i`), each a JSON document."""
+An entry carries one event (field `e`, a JSON document) or impressions (field `i`): the JSON
+documents of one flush of a serving worker, one per line (entries written before batching hold
+one document, which reads the same)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def decode_payloads(payloads: list[str]) -> pl.DataFrame:
 
 
 def decode_impressions(payloads: list[str]) -> pl.DataFrame:
-    """The impressions (IMPRESSION_SCHEMA) of stream payloads, one JSON document each.
+    """The impressions (IMPRESSION_SCHEMA) of stream payloads, each one JSON document per line
+    (a batched entry holds a worker's whole flush; an older entry one document).
 
     A document is an impression row, or (from /recommend) the request's fields with the whole
     answer as `answer`, whose items, scores, sources, variant and model version are read here:
@@ -68,10 +71,11 @@ def decode_impressions(payloads: list[str]) -> pl.DataFrame:
     """
     rows = []
     for payload in payloads:
-        try:
-            rows.append(_impression_row(json.loads(payload)))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error("an impression in the stream does not parse (left out): %r", exc)
+        for document in payload.split("\n"):
+            try:
+                rows.append(_impression_row(json.loads(document)))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.error("an impression in the stream does not parse (left out): %r", exc)
     try:
         return pl.DataFrame(rows, schema=IMPRESSION_SCHEMA, orient="row")
     except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError):
@@ -145,13 +149,12 @@ class EventStream:
         return StreamBatch(ids, decode_payloads(events), decode_impressions(impressions))
 
     def add_impressions(self, payloads: Sequence[str]) -> None:
-        """Append impressions (one JSON document each) in one pipelined round trip."""
+        """Append impressions (JSON documents without a raw newline, as json.dumps writes them)
+        as one entry, one document per line: one XADD of a flush costs Redis and the worker a
+        fraction of one entry per impression."""
         if not payloads:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for payload in payloads:
-            pipe.xadd(self.key, {IMPRESSION_FIELD: payload})
-        pipe.execute()
+        self.redis.xadd(self.key, {IMPRESSION_FIELD: "\n".join(payloads)})
 
     def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> StreamBatch:
         """Take over entries other (dead) consumers left unacknowledged for min_idle_ms."""

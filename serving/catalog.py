@@ -119,10 +119,18 @@ class CatalogCache:
     counts (new items allowed) change with events, not writes, and are never kept."""
 
     def __init__(self) -> None:
-        self.version: str | None = None
-        self.size = 0
-        self.ids = np.empty(0, dtype=str)
-        self.values: dict[str, np.ndarray] = {}
+        # (version, sorted ids, values per field, catalog size), replaced as a whole: the
+        # requests and the global lists' background refresh read it from two threads.
+        self._state: tuple[str | None, np.ndarray, dict[str, np.ndarray], int] = (
+            None,
+            np.empty(0, dtype=str),
+            {},
+            0,
+        )
+
+    @property
+    def version(self) -> str | None:
+        return self._state[0]
 
     def read(
         self,
@@ -132,25 +140,29 @@ class CatalogCache:
     ) -> CatalogRead | None:
         """The values of `ids` (a str array) for `version`, fetching the ones not held (all of
         CATALOG_FIELDS at once); None when the fetch found Redis down."""
-        if version != self.version or not self.values:
-            self.version, self.ids, self.values = version, np.empty(0, dtype=str), {}
+        held_version, held_ids, held_values, size = self._state
+        if version != held_version or not held_values:
+            held_ids, held_values = np.empty(0, dtype=str), {}
         ids = np.asarray(ids, dtype=str)
-        pos = lookup(self.ids, ids)
+        pos = lookup(held_ids, ids)
         if (pos < 0).any():
             missing = np.unique(ids[pos < 0])
             found = fetch(missing.tolist())
             if found is None:
                 return None
-            merged = np.concatenate([self.ids, missing])
+            merged = np.concatenate([held_ids, missing])
             order = np.argsort(merged, kind="stable")
-            self.ids = merged[order]
-            self.values = {
+            held_ids = merged[order]
+            held_values = {
                 name: np.concatenate(
-                    [self.values.get(name, np.empty(0, dtype=object)), np.asarray(v, dtype=object)]
+                    [held_values.get(name, np.empty(0, dtype=object)), np.asarray(v, dtype=object)]
                 )[order]
                 for name, v in found.values.items()
             }
-            self.size = found.size
-            pos = lookup(self.ids, ids)
-        values = {name: column[pos] for name, column in self.values.items()}
-        return CatalogRead(self.size, values, [None] * len(ids))
+            size = found.size
+            # Two threads that both fetched: the last one's copy stays (the other's items are
+            # read again when next asked for).
+            self._state = (version, held_ids, held_values, size)
+            pos = lookup(held_ids, ids)
+        values = {name: column[pos] for name, column in held_values.items()}
+        return CatalogRead(size, values, [None] * len(ids))

@@ -1,7 +1,7 @@
 """Impression logging: every answer of the read routes, appended as a tuple to a bounded
-in-process buffer and written by a background thread onto the event stream (field `i`) in one
-pipelined batch, so a request never waits on Redis for it. The consumer stores them in
-`recommendation_logs` (IMPRESSION_SCHEMA, training/events.py)."""
+in-process buffer and written by a background thread onto the event stream, a flush as one
+entry (field `i`, a document per line), so a request never waits on Redis for it. The consumer
+stores them in `recommendation_logs` (IMPRESSION_SCHEMA, training/events.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ FLUSH_SECONDS = 0.05
 FLUSH_RECORDS = 500
 # About a minute of a busy worker's answers; beyond it (Redis down longer) the oldest go.
 CAPACITY = 50_000
-# Entries per pipelined XADD batch when a backlog is written after an outage.
-_WRITE_CHUNK = 2_000
+# Impressions per stream entry at most (a backlog after an outage is written in entries of this
+# many), so that an entry, and a consumer's batch of entries, stays a few hundred kB.
+_WRITE_CHUNK = FLUSH_RECORDS
 
 # The kinds of record the hot path appends (the first field of each tuple).
 _RECOMMEND = 0  # (kind, ts, request_id, user_id, payload JSON, latency, cached, degraded,
@@ -41,8 +42,9 @@ def recommend_document(record: tuple) -> str:
         :10
     ]
     teams = record[10]
-    if not (payload.startswith("{") and payload.endswith("}")):
-        raise ValueError("the answer is not a JSON object")
+    if not (payload.startswith("{") and payload.endswith("}")) or "\n" in payload:
+        # A raw newline would split the entry's line-per-document batch (json.dumps writes none).
+        raise ValueError("the answer is not a one-line JSON object")
     head = json.dumps(
         {
             "request_id": request_id,
@@ -89,10 +91,10 @@ def items_impression(record: tuple) -> dict[str, Any]:
 class ImpressionLog:
     """The worker's impression buffer and the thread that empties it onto the stream.
 
-    `write(payloads)` appends JSON documents to the stream (one round trip); `ready()` says
-    whether to try (False while Redis is known to be down: the records wait). Records that
-    could not be written wait for the next flush; past `capacity` waiting, the oldest are dropped
-    and counted. `on_written(counts)` and `on_dropped(n)` feed the metrics.
+    `write(payloads)` appends JSON documents to the stream (one entry, one round trip);
+    `ready()` says whether to try (False while Redis is known to be down: the records wait).
+    Records that could not be written wait for the next flush; past `capacity` waiting, the
+    oldest are dropped and counted. `on_written(counts)` and `on_dropped(n)` feed the metrics.
     """
 
     def __init__(

@@ -196,6 +196,7 @@ class RecommendationService:
         # Before Redis' outage probe stops: the last impressions are written on the way out.
         self.impressions.stop()
         self.monitor.stop()
+        self.features.close()
         self.redis_outage.stop()
 
     def _ensure_group(self) -> None:

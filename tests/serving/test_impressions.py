@@ -48,7 +48,8 @@ def test_records_reach_the_stream_as_impressions(store: FeatureStore) -> None:
     assert log.pending() == 3 and store.redis.xlen(stream.key) == 0, "nothing written yet"
     assert log.flush() == 3 and log.pending() == 0
     batch = stream.read("c", 100, None)
-    assert len(batch) == 3 and batch.events.is_empty()
+    assert len(batch) == 1, "a flush is one stream entry"
+    assert batch.events.is_empty()
     got = batch.impressions
     assert dict(got.schema) == IMPRESSION_SCHEMA
     assert got["request_id"].to_list() == ["r1", "r2", "r3"]
@@ -94,6 +95,48 @@ def test_events_and_impressions_share_the_stream(store: FeatureStore) -> None:
     assert len(batch) == 2
     assert batch.impressions["request_id"].to_list() == ["r1"]
     assert batch.events.select("event_id", "request_id", "position").rows() == [("e1", "r1", 0)]
+
+
+def test_batched_and_one_per_entry_impressions_decode_alike(store: FeatureStore) -> None:
+    stream = _stream(store)
+    log = ImpressionLog(stream.add_impressions)
+    log.recommend("r1", "u1", PAYLOAD, 1.0, False, False, None, None, "champion")
+    log.recommend("r2", "u2", PAYLOAD, 1.0, True, False, None, None, "champion")
+    assert log.flush() == 2
+    # An entry of before batching (one document) still in the stream, and a batched one after.
+    old = {
+        "request_id": "r3",
+        "user_id": None,
+        "timestamp": time.time(),
+        "route": "/popular",
+        "items": ["i9"],
+        "scores": [3.0],
+        "sources": ["popular right now"],
+        "variant": "popularity",
+        "experiment": None,
+        "model_version": None,
+        "latency_ms": 0.1,
+        "status": "ok",
+        "cached": False,
+        "context": None,
+        "teams": None,
+    }
+    store.redis.xadd(stream.key, {"i": json.dumps(old)})
+    log.recommend("r4", "u4", PAYLOAD, 1.0, False, False, None, None, "champion")
+    assert log.flush() == 1
+    batch = stream.read("c", 100, None)
+    assert len(batch) == 3
+    assert batch.impressions["request_id"].to_list() == ["r1", "r2", "r3", "r4"]
+    assert batch.impressions["items"].to_list()[3] == ["i3", "i1"]
+
+
+def test_an_answer_with_a_raw_newline_is_dropped_not_its_batch() -> None:
+    sent: list[str] = []
+    log = ImpressionLog(sent.extend)
+    log.recommend("bad", "u1", '{"items":[],\n"x":1}', 1.0, False, False, None, None, "c")
+    log.recommend("good", "u1", PAYLOAD, 1.0, False, False, None, None, "champion")
+    assert log.flush() == 1 and log.dropped == 1
+    assert json.loads(sent[0])["request_id"] == "good"
 
 
 def test_a_failed_write_keeps_the_records_and_the_buffer_is_bounded() -> None:

@@ -56,6 +56,7 @@ def test_impressions_coverage_age_and_stream_gauges_by_version(
         service.impressions.flush()  # each answer is an impression entry on the stream too
         service.monitor.refresh()
         after = scrape(client)
+        entries = [fields for _, fields in service.stream.redis.xrange(service.stream.key)]
 
     labels = {"variant": "champion", "version": "1"}
     grew = value(after, "recsys_answers_served_total", **labels) - value(
@@ -66,9 +67,12 @@ def test_impressions_coverage_age_and_stream_gauges_by_version(
     assert value(after, "recsys_catalog_coverage_ratio", **labels) == len(served) / n_items
     age = value(after, "recsys_model_age_seconds", **labels)
     assert 0 < age < 600
-    # No consumer runs here: the three events and the 13 impressions wait, undelivered.
-    assert value(after, "recsys_stream_length") == 3 + len(users) + 1
-    assert value(after, "recsys_stream_consumer_lag") == 3 + len(users) + 1
+    # No consumer runs here: the three events and the 13 impressions (an entry per flush of the
+    # buffer, a document per line) wait, undelivered.
+    flushes = [f["i"] for f in entries if "i" in f]
+    assert sum(len(f.split("\n")) for f in flushes) == len(users) + 1
+    assert value(after, "recsys_stream_length") == 3 + len(flushes) == len(entries)
+    assert value(after, "recsys_stream_consumer_lag") == 3 + len(flushes)
 
 
 def test_request_ids_name_variant_and_version_and_events_are_attributed_by_them(

@@ -140,3 +140,14 @@ def test_a_new_visitor_gets_popular_items_when_the_model_left_popularity_out(
         now=time.time(),
     )
     assert list(ranked.item_ids) == ["i3", "i1", "i2"]
+
+
+def test_a_forked_worker_issues_other_request_ids_than_its_parent() -> None:
+    import multiprocessing
+
+    from serving.request_ids import new_request_id
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        child = pool.apply(new_request_id, ("champion", "1"))
+    assert child != new_request_id("champion", "1")
