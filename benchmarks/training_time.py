@@ -1,16 +1,27 @@
-"""Training time of the platform's ALS and Item2Vec against calling implicit / gensim directly.
+"""Training time: the platform's ALS and Item2Vec against implicit / gensim, and whole runs.
 
-Same data, same parameters, interleaved runs; prints the median seconds and the ratio
-(target: the platform within 1.3x of the library).
+Library mode (default): same data, same parameters, interleaved runs; prints the median seconds
+and the ratio (target: the platform within 1.3x of the library).
+
+Batch mode (--batch): `recsys batch-recommend` on ML-100k (target <= 30 s) and on
+`recsys generate --users 600 --items 10000 --events 100000` (target <= 60 s), each in a fresh
+RECSYS_HOME under `/usr/bin/time -v`: wall and CPU seconds, peak RSS and the seconds of each
+training asset. With --before CHECKOUT the same runs use that checkout's `.venv/bin/recsys` too
+(e.g. /work/main before a change), interleaved, so both sides see the same machine load.
 
     .venv/bin/python benchmarks/training_time.py [--repeats 5] [--data ml-100k | generated]
+    .venv/bin/python benchmarks/training_time.py --batch [--before ../main] [--sets ml-100k gen-10k]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +32,9 @@ from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scale import measure, step_times  # noqa: E402
 
 from training.data import read_movielens  # noqa: E402
 from training.evaluation import to_markdown  # noqa: E402
@@ -29,6 +43,11 @@ from training.models.item2vec import Item2VecModel, session_sequences  # noqa: E
 from training.train import interactions_from  # noqa: E402
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
+RECSYS = str(Path(sys.executable).parent / "recsys")
+# The generated set of issue 12: few users, a catalog near EASE's limit (the costly shape).
+GENERATED_10K = {"users": 600, "items": 10_000, "events": 100_000}
+BATCH_TARGETS = {"ml-100k": 30.0, "gen-10k": 60.0}
+ASSETS = ("als_model", "item2vec_model", "item_item_model", "hybrid_ranker")
 ALS_PARAMS = {"factors": 64, "regularization": 20.0, "alpha": 1.0, "iterations": 15}
 I2V_PARAMS = {"vector_size": 64, "window": 5, "negative": 5, "epochs": 10, "min_count": 1}
 
@@ -49,11 +68,77 @@ def timed(fn) -> float:  # noqa: ANN001
     return time.perf_counter() - started
 
 
+def batch_inputs(name: str, work: Path) -> list[str] | None:
+    """The `--events/--catalog` arguments of one data set (None when it is absent)."""
+    if name == "ml-100k":
+        return ["--events", str(ML100K)] if (ML100K / "u.data").exists() else None
+    data = work / name
+    gen = [RECSYS, "generate", "--seed", "0", "--out", str(data)]
+    gen += [f"--{key}={value}" for key, value in GENERATED_10K.items()]
+    subprocess.check_call(gen, stdout=subprocess.DEVNULL)
+    return ["--events", str(data / "events.csv"), "--catalog", str(data / "catalog.csv")]
+
+
+def cpu_seconds(log: Path) -> float:
+    """User + system seconds that `/usr/bin/time -v` wrote to the log (nan without it)."""
+    text = log.read_text(errors="replace")
+    found = re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)
+    return sum(float(v) for v in found) if found else float("nan")
+
+
+def run_batch(sets: list[str], before: Path | None) -> int:
+    """batch-recommend per data set with this checkout (and `before`'s), one table row each."""
+    sides = {"now": RECSYS} | (
+        {"before": str(before / ".venv" / "bin" / "recsys")} if before else {}
+    )
+    work = Path(tempfile.mkdtemp(prefix="recsys-bench-training-"))
+    rows, failed = [], 0
+    try:
+        for name in sets:
+            inputs = batch_inputs(name, work)
+            if inputs is None:
+                print(f"skipped {name}: MovieLens 100k not found at {ML100K}")
+                continue
+            for side, recsys in sides.items():
+                run = work / f"{name}-{side}"
+                log = run.with_suffix(".log")
+                cmd = [recsys, "batch-recommend", *inputs, "--k", "10", "--out", str(run / "r.csv")]
+                seconds, peak, code = measure(cmd, run / "home", log)
+                failed += code != 0
+                steps = dict(step_times(log))
+                rows.append(
+                    {
+                        "data set": name,
+                        "code": side,
+                        "exit": code,
+                        "wall_s": seconds,
+                        "target_s": BATCH_TARGETS[name],
+                        "cpu_s": cpu_seconds(log),
+                        "peak_rss_gb": peak,
+                        **{f"{asset}_s": steps.get(asset, float("nan")) for asset in ASSETS},
+                        "other_steps_s": sum(v for k, v in steps.items() if k not in ASSETS),
+                    }
+                )
+                print(f"{name} {side}: {seconds:.1f} s (log: {log})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n## recsys batch-recommend (k = 10), fresh RECSYS_HOME per run\n")
+    print(to_markdown(pl.DataFrame(rows), digits=2))
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data", choices=["ml-100k", "generated"], default="ml-100k")
+    parser.add_argument("--batch", action="store_true", help="time whole batch-recommend runs")
+    parser.add_argument(
+        "--sets", nargs="+", choices=list(BATCH_TARGETS), default=list(BATCH_TARGETS)
+    )
+    parser.add_argument("--before", type=Path, help="a checkout whose .venv to compare against")
     args = parser.parse_args()
+    if args.batch:
+        return run_batch(args.sets, args.before)
     events = load(args.data)
     matrix = interactions_from(events)
     csr = matrix.matrix

@@ -7,10 +7,17 @@ import pytest
 import scipy.sparse as sp
 
 from training.hybrid import MODEL_CLASSES
+from training.models import itemknn
 from training.models.als import ALSModel
 from training.models.base import Recommender, top_k
 from training.models.item2vec import Item2VecModel
-from training.models.itemknn import EASEModel, ItemKNNModel
+from training.models.itemknn import (
+    EASEModel,
+    GramCholesky,
+    GramEigen,
+    ItemKNNModel,
+    gram_inverse,
+)
 from training.models.popularity import PopularityModel
 
 
@@ -86,3 +93,60 @@ def test_top_k_orders_and_handles_k_larger_than_items() -> None:
     idx, vals = top_k(np.array([[0.1, 0.9, 0.5]]), 5)
     assert idx.tolist() == [[1, 2, 0]]
     assert vals.tolist() == [[0.9, 0.5, 0.1]]
+
+
+def _direct_ease(x: sp.csr_matrix, l2: float) -> np.ndarray:
+    """Steck's closed form with a float64 inverse: the reference the fast paths must match."""
+    gram = (x.T @ x).toarray().astype(np.float64) + l2 * np.eye(x.shape[1])
+    p = np.linalg.inv(gram)
+    b = p / -np.diag(p)
+    b[np.diag_indices(x.shape[1])] = 0.0
+    return b
+
+
+def _random_interactions(n_users: int, n_items: int, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    # Popular items (a skewed column distribution) make the Gram matrix ill-conditioned.
+    popularity = rng.pareto(1.5, n_items) + 0.05
+    p = np.minimum(0.05 * popularity / popularity.mean(), 0.9)
+    dense = (rng.random((n_users, n_items)) < p).astype(np.float32)
+    return sp.csr_matrix(dense)
+
+
+@pytest.mark.parametrize(
+    ("n_users", "n_items", "solver"),
+    [(40, 200, GramEigen), (400, 150, GramCholesky)],
+    ids=["eigen (fewer users than items)", "cholesky (more users)"],
+)
+def test_ease_gram_factorisation_matches_the_direct_inverse(
+    n_users: int, n_items: int, solver: type
+) -> None:
+    x = _random_interactions(n_users, n_items)
+    assert isinstance(gram_inverse(x), solver)
+    fit = EASEModel.fitter(x)
+    for l2 in (1.0, 10.0, 100.0, 1000.0):
+        expected = _direct_ease(x, l2)
+        np.testing.assert_allclose(fit({"l2": l2}).weights, expected, atol=1e-4)
+        # The one-off fit takes the same route.
+        np.testing.assert_allclose(EASEModel(l2=l2).fit(x).weights, expected, atol=1e-4)
+
+
+def test_ease_eigen_inverse_is_the_inverse() -> None:
+    x = _random_interactions(30, 120, seed=1)
+    gram = (x.T @ x).toarray().astype(np.float64)
+    eigen = GramEigen(x)
+    assert eigen.vectors.shape[1] <= 30, "at most one eigenpair per user"
+    for l2 in (5.0, 500.0):
+        product = eigen.inverse(l2).astype(np.float64) @ (gram + l2 * np.eye(120))
+        np.testing.assert_allclose(product, np.eye(120), atol=1e-4)
+
+
+def test_ease_fitter_factorises_once_for_every_l2(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _random_interactions(40, 200)
+    made = []
+    original = itemknn.gram_inverse
+    monkeypatch.setattr(itemknn, "gram_inverse", lambda m: made.append(m) or original(m))
+    fit = EASEModel.fitter(x)
+    for l2 in (10.0, 100.0, 1000.0):
+        fit({"l2": l2})
+    assert len(made) == 1

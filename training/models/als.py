@@ -100,7 +100,9 @@ class ALSModel(Recommender):
             self._avg_len = 1.0
         weighted = self._weight(user_items)
         self._model = self._new_model()
-        self._model.fit(weighted, show_progress=show_progress)
+        # implicit warns that a multi-threaded BLAS slows ALS; one BLAS thread is its advice.
+        with threadpool_limits(1, "blas"):
+            self._model.fit(weighted, show_progress=show_progress)
         return self
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -117,6 +118,15 @@ class Recommender(ABC):
     def params(self) -> dict[str, Any]:
         """Hyperparameters, as logged to MLflow and written beside the arrays."""
         return {}
+
+    @classmethod
+    def fitter(cls, user_items: sp.csr_matrix) -> Callable[[dict[str, Any]], Recommender]:
+        """A function that fits one model per params on `user_items`, as a tuning grid calls it.
+
+        A model that can share work across params overrides it (EASE factorises once for every
+        l2); by default each call is an independent fit.
+        """
+        return lambda params: cls(**params).fit(user_items)
 
     def recommend(
         self,
