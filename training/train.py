@@ -64,10 +64,20 @@ def grid(
     ]
 
 
+# The constructor argument of each model's own thread pool: set from a step's thread share, not
+# a hyperparameter (it is neither tuned nor part of the chosen params).
+_THREAD_PARAMS = {"als": "num_threads", "itemknn": "num_threads", "item2vec": "workers"}
+
+
 def _fit(
-    name: str, params: dict[str, Any], matrix: sp.csr_matrix, sequences: list[list[int]] | None
+    name: str,
+    params: dict[str, Any],
+    matrix: sp.csr_matrix,
+    sequences: list[list[int]] | None,
+    threads: int = 0,
 ) -> Recommender:
-    model = MODEL_CLASSES[name](**params)
+    knob = _THREAD_PARAMS.get(name)
+    model = MODEL_CLASSES[name](**({**params, knob: threads} if threads and knob else params))
     # implicit warns that a multi-threaded BLAS slows ALS; one BLAS thread is its advice.
     with threadpool_limits(1, "blas"):
         if isinstance(model, Item2VecModel) and sequences is not None:
@@ -109,12 +119,42 @@ def fit_component(
     grid_spec: dict[str, Iterable[Any]] | None = None,
     train_sequences: list[list[int]] | None = None,
     full_sequences: list[list[int]] | None = None,
+    threads: int = 0,
 ) -> ComponentResult:
-    """Pick params on (train, validation) from the grid, then refit the winner on `full`."""
+    """Pick params on (train, validation) from the grid, then refit the winner on `full`.
+
+    `threads` (0: no limit) caps the native thread pools (BLAS, OpenMP) of the whole step and
+    sets the model's own thread count (ALS, item-kNN, Item2Vec workers).
+    """
+    with threadpool_limits(threads or None):
+        return _fit_component(
+            name,
+            params,
+            train,
+            validation,
+            full,
+            grid_spec,
+            train_sequences,
+            full_sequences,
+            threads,
+        )
+
+
+def _fit_component(
+    name: str,
+    params: dict[str, Any],
+    train: sp.csr_matrix,
+    validation: sp.csr_matrix,
+    full: sp.csr_matrix,
+    grid_spec: dict[str, Iterable[Any]] | None,
+    train_sequences: list[list[int]] | None,
+    full_sequences: list[list[int]] | None,
+    threads: int,
+) -> ComponentResult:
     trials = []
     best: tuple[float, dict[str, Any], Recommender] | None = None
     for candidate in grid(params, grid_spec):
-        model = _fit(name, candidate, train, train_sequences)
+        model = _fit(name, candidate, train, train_sequences, threads)
         score = validation_ndcg(model, train, validation)
         trials.append({**candidate, "validation_ndcg@10": score})
         log.info("%s %s: validation nDCG@10 %.4f", name, candidate, score)
@@ -122,7 +162,7 @@ def fit_component(
             best = (score, candidate, model)
     assert best is not None
     started = time.perf_counter()
-    final = _fit(name, best[1], full, full_sequences)
+    final = _fit(name, best[1], full, full_sequences, threads)
     return ComponentResult(
         name=name,
         model=final,
