@@ -128,9 +128,10 @@ def executor_for(name: str | None = None) -> dg.ExecutorDefinition:
         return dg.multiprocess_executor.configured(
             {
                 "max_concurrent": concurrent_steps(),
-                # Each step process is forked from a server that imported the definitions once:
-                # a spawned process imports them (dagster, mlflow, sklearn: seconds of CPU) anew.
-                "start_method": {"forkserver": {"preload_modules": [DEFINITIONS_MODULE]}},
+                # Each step process is forked from a server that imported the definitions once
+                # (orchestration/step_server.py): a spawned process would import them (dagster,
+                # mlflow, sklearn: over ten seconds of CPU) anew for every step.
+                "start_method": {"forkserver": {"preload_modules": ["orchestration.step_server"]}},
             },
             name="multiprocess",
         )

@@ -106,11 +106,14 @@ def run_job(
 
 
 def outputs(result: RunResult, nodes: Sequence[str]) -> list[Any]:
-    """The outputs of `nodes`: from memory after an in-process run, else loaded through the IO
-    manager that stored them (which `execute_job`'s result opens as a context)."""
+    """The values of the assets `nodes` a successful run materialized: from memory after an
+    in-process run, else loaded by their IO manager from the persistent instance's storage
+    (where a step process stored them, under the asset's key)."""
     if isinstance(result, dg.JobExecutionResult):
-        with result:
-            return [result.output_for_node(node) for node in nodes]
+        from orchestration.definitions import defs
+
+        instance = dg.DagsterInstance.get()
+        return [defs.load_asset_value(node, instance=instance) for node in nodes]
     return [result.output_for_node(node) for node in nodes]
 
 
