@@ -62,7 +62,7 @@ def test_a_split_that_holds_out_nothing_raises() -> None:
 def test_a_steps_thread_share_sets_each_models_own_pool_but_is_no_hyperparameter() -> None:
     from training.train import fit_component
 
-    events = _events([6] * 30)
+    events = _events([14] * 30)
     data = split_training_data(events, interactions_from(events), 0.2, seed=0)
     full = data.interactions.matrix
     als = fit_component(
