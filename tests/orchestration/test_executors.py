@@ -158,8 +158,11 @@ def test_celery_executor_runs_steps_on_a_dagster_celery_worker(
             start_new_session=True,
         )
     try:
-        ops = _config(events_csv, catalog_csv)
-        result = run_job("ingest_job", ops, show_progress=False)
+        ops = {
+            "raw_events": {"config": {"events_path": str(events_csv)}},
+            "item_catalog": {"config": {"catalog_path": str(catalog_csv)}},
+        }
+        result = run_job("ingest_job", {"ops": ops}, show_progress=False)
         assert result.success, log.read_text()[-3000:]
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
