@@ -86,6 +86,8 @@ defs = build_definitions()
 
 
 def job_named(name: str) -> dg.JobDefinition:
-    """A job of `defs`: what each step process of an out-of-process executor rebuilds the job
-    from (`dg.build_reconstructable_job("orchestration.definitions", "job_named", (name,))`)."""
-    return defs.resolve_job_def(name)
+    """A job of the Definitions of this process's environment now: what the process that starts
+    an out-of-process run and each of its step processes build the job from
+    (`dg.build_reconstructable_job("orchestration.definitions", "job_named", (name,))`). Built
+    afresh rather than taken from `defs`, which keeps the environment of its import."""
+    return build_definitions().resolve_job_def(name)

@@ -110,8 +110,7 @@ def outputs(result: RunResult, nodes: Sequence[str]) -> list[Any]:
     in-process run, else loaded by their IO manager from the persistent instance's storage
     (where a step process stored them, under the asset's key)."""
     if isinstance(result, dg.JobExecutionResult):
-        from orchestration.definitions import defs
-
+        defs = build_definitions()
         instance = dg.DagsterInstance.get()
         return [defs.load_asset_value(node, instance=instance) for node in nodes]
     return [result.output_for_node(node) for node in nodes]
