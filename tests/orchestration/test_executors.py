@@ -182,9 +182,9 @@ def test_celery_executor_runs_steps_on_a_dagster_celery_worker(
     assert worker_log.count("] succeeded") >= len(pids)
     store = resources_for("local")["redis"].store()
     assert store.namespace == redis_env
-    # The worker's steps pushed the live catalog and the decayed counts to Redis.
+    # The worker's steps pushed the live catalog and the popularity snapshot to Redis.
     lists = store.global_lists(5)
-    assert lists.catalog_version is not None and len(lists.trending) > 0
+    assert lists.catalog_version is not None and len(lists.batch_popularity) > 0
 
 
 def test_kubernetes_instance_template_runs_on_dagster_k8s_with_postgres_storage() -> None:
