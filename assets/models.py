@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
+from assets.resources import ComputeResource
 from training.evaluation import to_markdown
 from training.hybrid import HybridRecommender
 from training.matrix import DEFAULT_EVENT_WEIGHTS, InteractionMatrix
@@ -196,7 +197,9 @@ def training_split(
 
 
 @dg.asset(group_name=GROUP, compute_kind="implicit")
-def als_model(config: ALSConfig, training_split: SplitData) -> dg.Output[ComponentResult]:
+def als_model(
+    config: ALSConfig, training_split: SplitData, compute: ComputeResource
+) -> dg.Output[ComponentResult]:
     """Implicit ALS factors, tuned on validation and refit on all training data."""
     params = {
         "factors": config.factors,
@@ -212,7 +215,13 @@ def als_model(config: ALSConfig, training_split: SplitData) -> dg.Output[Compone
     )
     data = training_split
     result = fit_component(
-        "als", params, data.train, data.validation, data.interactions.matrix, grid_spec
+        "als",
+        params,
+        data.train,
+        data.validation,
+        data.interactions.matrix,
+        grid_spec,
+        threads=compute.threads,
     )
     return _component_output(result)
 
@@ -226,7 +235,9 @@ def als_factors_finite(als_model: ComponentResult) -> dg.AssetCheckResult:
 
 
 @dg.asset(group_name=GROUP, compute_kind="gensim")
-def item2vec_model(config: Item2VecConfig, training_split: SplitData) -> dg.Output[ComponentResult]:
+def item2vec_model(
+    config: Item2VecConfig, training_split: SplitData, compute: ComputeResource
+) -> dg.Output[ComponentResult]:
     """Item2Vec skip-gram embeddings over each user's time-ordered sessions."""
     data = training_split
     item_ids = data.interactions.item_ids
@@ -239,6 +250,7 @@ def item2vec_model(config: Item2VecConfig, training_split: SplitData) -> dg.Outp
         data.interactions.matrix,
         train_sequences=sequences_for(data.train_events, item_ids, config.session_gap_minutes),
         full_sequences=sequences_for(data.events, item_ids, config.session_gap_minutes),
+        threads=compute.threads,
     )
     return _component_output(result)
 
@@ -251,7 +263,7 @@ def item2vec_vectors_finite(item2vec_model: ComponentResult) -> dg.AssetCheckRes
 
 @dg.asset(group_name=GROUP, compute_kind="numpy")
 def item_item_model(
-    config: ItemItemConfig, training_split: SplitData
+    config: ItemItemConfig, training_split: SplitData, compute: ComputeResource
 ) -> dg.Output[ComponentResult]:
     """EASE on catalogs that fit in memory, sparse cosine item-kNN above that."""
     data = training_split
@@ -267,7 +279,13 @@ def item_item_model(
     else:
         raise dg.Failure(f"item_item_model kind must be auto, ease or itemknn, not {kind!r}")
     result = fit_component(
-        kind, params, data.train, data.validation, data.interactions.matrix, grid_spec
+        kind,
+        params,
+        data.train,
+        data.validation,
+        data.interactions.matrix,
+        grid_spec,
+        threads=compute.threads,
     )
     return _component_output(result, {"kind": kind})
 

@@ -43,6 +43,13 @@ def external_retry_policy() -> dg.RetryPolicy:
 EXTERNAL_RETRY = external_retry_policy()
 
 
+class ComputeResource(dg.ConfigurableResource):
+    """The CPU share of one step: with several steps executing at once (the multiprocess
+    executor), each heavy step gets its part of the cores instead of all of them."""
+
+    threads: int = Field(default=0, description="Threads one training step may use; 0: every core.")
+
+
 class LocalStateResource(dg.ConfigurableResource):
     """RECSYS_HOME: the folder of local state (stored catalog, exports, model cache)."""
 

@@ -179,6 +179,45 @@ class OrchestrationSettings(_Group):
         alias="RECSYS_DAGSTER_POSTGRES_URL",
         description="Dagster's run storage in PostgreSQL (default: SQLite in DAGSTER_HOME)",
     )
+    dagster_executor: Literal["multiprocess", "in_process", "celery", "k8s"] = Field(
+        "multiprocess",
+        alias="RECSYS_DAGSTER_EXECUTOR",
+        description="How a run's steps execute: `multiprocess` (independent steps in parallel "
+        "processes), `in_process`, `celery` (dagster-celery workers) or `k8s` (a Kubernetes job "
+        "per step, dagster-k8s)",
+    )
+    dagster_max_concurrent: int = Field(
+        0,
+        alias="RECSYS_DAGSTER_MAX_CONCURRENT",
+        ge=0,
+        description="Steps of one run executing at once (multiprocess, celery, k8s); 0: the "
+        "cores this process may use",
+    )
+    step_threads: int = Field(
+        0,
+        alias="RECSYS_STEP_THREADS",
+        ge=0,
+        description="Threads of one training step (ALS, Item2Vec, item-kNN, BLAS); 0: the cores "
+        "divided among the steps executing at once",
+    )
+    celery_broker_url: str | None = Field(
+        None,
+        alias="RECSYS_CELERY_BROKER_URL",
+        description="Broker of the celery executor, amqp://... (RabbitMQ) or redis://... "
+        "(needed with RECSYS_DAGSTER_EXECUTOR=celery)",
+    )
+    celery_backend_url: str | None = Field(
+        None,
+        alias="RECSYS_CELERY_BACKEND_URL",
+        description="Result backend of the celery executor (default: the broker for redis://, "
+        "`rpc://` for amqp://)",
+    )
+    celery_queue: str = Field(
+        "dagster",
+        alias="RECSYS_CELERY_QUEUE",
+        min_length=1,
+        description="Queue the celery executor sends steps to (its workers start with `-q` it)",
+    )
     retrain_min_events: int = Field(
         10_000,
         alias="RECSYS_RETRAIN_MIN_EVENTS",

@@ -106,6 +106,12 @@ def _run(job: str, run_config: dict[str, Any], **kwargs: Any) -> Any:
     return result
 
 
+def _outputs(result: Any, *nodes: str) -> list[Any]:
+    from orchestration.runner import outputs
+
+    return outputs(result, nodes)
+
+
 def _report_skipped(result: Any) -> None:
     """Say how many malformed rows `--skip-invalid` dropped (never silently)."""
     for node in ("raw_events", "item_catalog"):
@@ -206,8 +212,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         _materialise_movielens(args, Path(tmp))
         _print(f"running the training job (RECSYS_HOME={get_settings().home_dir()})")
         result = _run("training_job", {"ops": _import_config(args)})
-    evaluation = result.output_for_node("model_evaluation")
-    registered = result.output_for_node("registered_model")
+        evaluation, registered = _outputs(result, "model_evaluation", "registered_model")
     _print("\nvalidation metrics @10:")
     _print_evaluation(evaluation)
     verdict = "promoted to champion" if registered["promoted"] else "kept as challenger"
@@ -228,7 +233,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             resources=_scratch_resources(Path(tmp)),
             persistent=False,
         )
-        evaluation = result.output_for_node("model_evaluation")
+        (evaluation,) = _outputs(result, "model_evaluation")
     _print_evaluation(evaluation)
     return OK
 
@@ -242,7 +247,7 @@ def cmd_batch_recommend(args: argparse.Namespace) -> int:
         result = _run(
             "offline_job", {"ops": ops}, resources=_scratch_resources(Path(tmp)), persistent=False
         )
-        recs = result.output_for_node("batch_recommendations")
+        (recs,) = _outputs(result, "batch_recommendations")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recs.select("user_id", "item_id", "rank", "score").sort("user_id", "rank").write_csv(out)

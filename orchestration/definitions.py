@@ -15,7 +15,7 @@ from assets import (
     online_analytics,
     publishing,
 )
-from orchestration.environment import resources_for
+from orchestration.environment import executor_for, resources_for
 from orchestration.jobs import (
     alert_on_findings,
     daily_retention,
@@ -35,6 +35,7 @@ from orchestration.jobs import (
     training_job,
     trends_job,
 )
+from orchestration.progress import progress_logger
 
 ASSET_MODULES = (
     ingestion,
@@ -49,8 +50,10 @@ ASSET_MODULES = (
 )
 
 
-def build_definitions(resources: dict | None = None) -> dg.Definitions:
-    """Definitions with the given resources (the environment's when None)."""
+def build_definitions(
+    resources: dict | None = None, executor: dg.ExecutorDefinition | None = None
+) -> dg.Definitions:
+    """Definitions with the given resources and executor (the environment's when None)."""
     return dg.Definitions(
         assets=dg.load_assets_from_modules(list(ASSET_MODULES)),
         asset_checks=dg.load_asset_checks_from_modules(list(ASSET_MODULES)),
@@ -73,7 +76,18 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
         ],
         sensors=[new_events_sensor, record_run_failure, alert_on_findings, experiment_decisions],
         resources=resources if resources is not None else resources_for(),
+        executor=executor or executor_for(),
+        # The console logger stays the default; `recsys` selects `progress` in its run config.
+        loggers={**dg.default_loggers(), "progress": progress_logger},
     )
 
 
 defs = build_definitions()
+
+
+def job_named(name: str) -> dg.JobDefinition:
+    """A job of the Definitions of this process's environment now: what the process that starts
+    an out-of-process run and each of its step processes build the job from
+    (`dg.build_reconstructable_job("orchestration.definitions", "job_named", (name,))`). Built
+    afresh rather than taken from `defs`, which keeps the environment of its import."""
+    return build_definitions().resolve_job_def(name)

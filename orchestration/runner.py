@@ -1,9 +1,9 @@
-"""Runs the asset graph in-process for the CLI, with the Dagster instance under RECSYS_HOME."""
+"""Runs the asset graph for the CLI on the environment's executor, with the Dagster instance
+under RECSYS_HOME."""
 
 import logging
 import os
-import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import dagster as dg
 from config import get_settings
 from orchestration.alerts import alert_run, error_text, innermost_error
 from orchestration.definitions import build_definitions
+from orchestration.environment import DEFINITIONS_MODULE
 
 _PG_DAGSTER_YAML = """\
 # Written by recsys: Dagster run, event-log and schedule storage in PostgreSQL.
@@ -55,42 +56,7 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-class _ProgressHandler(logging.Handler):
-    """Prints one line per finished step, so a person sees the graph advance."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(logging.DEBUG)
-        self.stream = stream
-        self.started: dict[str, float] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        event = getattr(record, "dagster_event", None)
-        if event is None:
-            # The assets' own progress and decisions (context.log.info and above).
-            if record.levelno >= logging.INFO:
-                meta = getattr(record, "dagster_meta", None) or {}
-                message = meta.get("orig_message") or record.getMessage()
-                print(f"      {message}", file=self.stream, flush=True)
-            return
-        step = event.step_key or ""
-        kind = event.event_type_value
-        if kind == "STEP_START":
-            self.started[step] = time.perf_counter()
-            print(f"  ... {step}", file=self.stream, flush=True)
-        elif kind == "STEP_SUCCESS":
-            took = time.perf_counter() - self.started.get(step, time.perf_counter())
-            print(f"  ok  {step} ({took:.1f}s)", file=self.stream, flush=True)
-        elif kind == "STEP_FAILURE":
-            print(f"  FAILED {step}", file=self.stream, flush=True)
-
-
-@dg.logger(description="One line per step for the CLI.")
-def progress_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
-    logger = logging.getLogger("recsys.progress")
-    logger.handlers = [_ProgressHandler(sys.stderr)]
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    return logger
+RunResult = dg.ExecuteInProcessResult | dg.JobExecutionResult
 
 
 def run_job(
@@ -99,17 +65,18 @@ def run_job(
     resources: dict[str, Any] | None = None,
     persistent: bool = True,
     show_progress: bool = True,
-) -> dg.ExecuteInProcessResult:
-    """Execute a job of the platform's Definitions in this process and return its result.
+) -> RunResult:
+    """Execute a job of the platform's Definitions and return its result.
 
-    `persistent` records the run in the Dagster instance under RECSYS_HOME (visible in the UI);
-    otherwise an ephemeral instance is used and nothing is kept.
+    `persistent` records the run in the Dagster instance under RECSYS_HOME (visible in the UI).
+    A persistent run on the environment's resources executes on the environment's executor
+    (RECSYS_DAGSTER_EXECUTOR: by default independent steps in parallel processes, their outputs
+    in the instance's storage folder); read its outputs with `outputs`. Given `resources` (which
+    step processes could not rebuild) or not persistent (an ephemeral instance, nothing kept),
+    it executes in this process.
     """
-    defs = build_definitions(resources)
-    job = defs.resolve_job_def(job_name)
     config = dict(run_config or {})
     if show_progress:
-        job = job.with_logger_defs({**job.loggers, "progress": progress_logger})
         config.setdefault("loggers", {"progress": {}})
     else:
         config.setdefault("loggers", {"console": {"config": {"log_level": "WARNING"}}})
@@ -118,9 +85,16 @@ def run_job(
         instance = dg.DagsterInstance.get()
     else:
         instance = dg.DagsterInstance.ephemeral()
-    result = job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
-    # No daemon sees an in-process run (its sensors watch the runs their code location launched),
-    # so the runner alerts on it itself, through the same function.
+    executor = get_settings().orchestration.dagster_executor
+    result: RunResult
+    if resources is not None or not persistent or executor == "in_process":
+        job = build_definitions(resources, dg.in_process_executor).resolve_job_def(job_name)
+        result = job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
+    else:
+        job = dg.build_reconstructable_job(DEFINITIONS_MODULE, "job_named", (job_name,))
+        result = dg.execute_job(job, instance, run_config=config, raise_on_error=False)
+    # No daemon sees a run started here (its sensors watch the runs their code location
+    # launched), so the runner alerts on it itself, through the same function.
     try:
         settings = get_settings()
         alert_run(instance, result.run_id, settings.home_dir(), settings.orchestration)
@@ -131,7 +105,18 @@ def run_job(
     return result
 
 
-def failure_message(result: dg.ExecuteInProcessResult) -> str:
+def outputs(result: RunResult, nodes: Sequence[str]) -> list[Any]:
+    """The values of the assets `nodes` a successful run materialized: from memory after an
+    in-process run, else loaded by their IO manager from the persistent instance's storage
+    (where a step process stored them, under the asset's key)."""
+    if isinstance(result, dg.JobExecutionResult):
+        defs = build_definitions()
+        instance = dg.DagsterInstance.get()
+        return [defs.load_asset_value(node, instance=instance) for node in nodes]
+    return [result.output_for_node(node) for node in nodes]
+
+
+def failure_message(result: RunResult) -> str:
     """The first failed step's error, for a message a user can act on."""
     failure = first_failure(result)
     if failure is None:
@@ -146,7 +131,7 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return message
 
 
-def first_failure(result: dg.ExecuteInProcessResult) -> tuple[str, Any] | None:
+def first_failure(result: RunResult) -> tuple[str, Any] | None:
     """(step key, innermost error) of the first failed step, if any."""
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":

@@ -42,6 +42,9 @@ def recsys_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("RECSYS_HOME", str(home))
     for name in _ISOLATED_VARS:
         monkeypatch.delenv(name, raising=False)
+    # Steps run in the test's process: the suite runs jobs by the dozen, and a process per step
+    # would cost each of them seconds. tests/orchestration/test_executors.py runs the others.
+    monkeypatch.setenv("RECSYS_DAGSTER_EXECUTOR", "in_process")
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return home
 

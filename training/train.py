@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from training.data import DataValidationError
 from training.evaluation import evaluate_all, metrics_table, ndcg_at_k
@@ -99,14 +100,28 @@ def search_grid(
         current = best
 
 
+# The constructor argument of each model's own thread pool: set from a step's thread share, not
+# a hyperparameter (it is neither tuned nor part of the chosen params).
+_THREAD_PARAMS = {"als": "num_threads", "itemknn": "num_threads", "item2vec": "workers"}
+
+
 def _fitter(
-    name: str, matrix: sp.csr_matrix, sequences: list[list[int]] | None
+    name: str, matrix: sp.csr_matrix, sequences: list[list[int]] | None, threads: int = 0
 ) -> Callable[[dict[str, Any]], Recommender]:
-    """Fits `name` on `matrix` (Item2Vec on the time-ordered `sequences` when given)."""
+    """Fits `name` on `matrix` (Item2Vec on the time-ordered `sequences` when given), with the
+    model's own thread pool set to `threads` (0: its default)."""
     cls = MODEL_CLASSES[name]
+    knob = _THREAD_PARAMS.get(name)
+
+    def threaded(params: dict[str, Any]) -> dict[str, Any]:
+        return {**params, knob: threads} if threads and knob else params
+
     if issubclass(cls, Item2VecModel) and sequences is not None:
-        return lambda params: Item2VecModel(**params).fit_sequences(sequences, matrix.shape[1])
-    return cls.fitter(matrix)
+        return lambda params: Item2VecModel(**threaded(params)).fit_sequences(
+            sequences, matrix.shape[1]
+        )
+    fit = cls.fitter(matrix)
+    return lambda params: fit(threaded(params))
 
 
 def evaluation_users(held_out: sp.csr_matrix, max_users: int | None, seed: int = 0) -> np.ndarray:
@@ -143,9 +158,39 @@ def fit_component(
     grid_spec: dict[str, Iterable[Any]] | None = None,
     train_sequences: list[list[int]] | None = None,
     full_sequences: list[list[int]] | None = None,
+    threads: int = 0,
 ) -> ComponentResult:
-    """Pick params on (train, validation) from the grid (`search_grid`), refit them on `full`."""
-    fit = _fitter(name, train, train_sequences)
+    """Pick params on (train, validation) from the grid (`search_grid`), refit them on `full`.
+
+    `threads` (0: no limit) caps the native thread pools (BLAS, OpenMP) of the whole step and
+    sets the model's own thread count (ALS, item-kNN, Item2Vec workers).
+    """
+    with threadpool_limits(threads or None):
+        return _fit_component(
+            name,
+            params,
+            train,
+            validation,
+            full,
+            grid_spec,
+            train_sequences,
+            full_sequences,
+            threads,
+        )
+
+
+def _fit_component(
+    name: str,
+    params: dict[str, Any],
+    train: sp.csr_matrix,
+    validation: sp.csr_matrix,
+    full: sp.csr_matrix,
+    grid_spec: dict[str, Iterable[Any]] | None,
+    train_sequences: list[list[int]] | None,
+    full_sequences: list[list[int]] | None,
+    threads: int,
+) -> ComponentResult:
+    fit = _fitter(name, train, train_sequences, threads)
     best: tuple[float, dict[str, Any], Recommender] | None = None
 
     def evaluate(candidate: dict[str, Any]) -> float:
@@ -160,7 +205,7 @@ def fit_component(
     trials = search_grid(params, grid_spec, evaluate)
     assert best is not None
     started = time.perf_counter()
-    final = _fitter(name, full, full_sequences)(best[1])
+    final = _fitter(name, full, full_sequences, threads)(best[1])
     return ComponentResult(
         name=name,
         model=final,

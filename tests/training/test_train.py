@@ -115,3 +115,27 @@ def test_fit_component_keeps_the_best_validation_model_and_refits_it() -> None:
     assert result.validation_ndcg == max(scores.values())
     assert result.validation_model.l2 == result.model.l2 == result.params["l2"]
     assert result.model.n_items == data.interactions.shape[1]
+
+
+def test_a_steps_thread_share_sets_each_models_own_pool_but_is_no_hyperparameter() -> None:
+    from training.train import fit_component
+
+    events = _events([14] * 30)
+    data = split_training_data(events, interactions_from(events), 0.2, seed=0)
+    full = data.interactions.matrix
+    als = fit_component(
+        "als", {"factors": 4, "iterations": 2}, data.train, data.validation, full, threads=1
+    )
+    assert als.model.num_threads == 1 and als.validation_model.num_threads == 1
+    assert "num_threads" not in als.params
+    item2vec = fit_component(
+        "item2vec", {"vector_size": 4, "epochs": 1}, data.train, data.validation, full, threads=1
+    )
+    assert item2vec.model.workers == 1 and "workers" not in item2vec.params
+    # Without a share, the models keep their own defaults (ALS: every core).
+    assert (
+        fit_component(
+            "als", {"factors": 4, "iterations": 2}, data.train, data.validation, full
+        ).model.num_threads
+        == 0
+    )
