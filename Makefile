@@ -33,8 +33,11 @@ lock:
 demo: install
 	$(BIN)/recsys demo
 
+# The suite runs its files on both cores; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
