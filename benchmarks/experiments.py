@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--aa-seeds", type=int, default=20)
     parser.add_argument("--aa-users", type=int, default=1500)
+    parser.add_argument(
+        "--aa-first-seed", type=int, default=0, help="the first A/A seed (to split the seeds)"
+    )
     parser.add_argument("--chunk", type=int, default=500)
     parser.add_argument("--max-users", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
@@ -309,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--il-chunk", type=int, default=None, help="its interleaving look size (default chunk/5)"
+    )
+    parser.add_argument(
+        "--ab-cap-ratio",
+        type=float,
+        default=None,
+        help="stop that comparison's A/B split at this many times the users interleaving needed "
+        "on the seed: undecided there, the ratio is at least this (saves the longest runs)",
     )
     parser.add_argument("--port", type=int, default=None, help="the service's port (default: free)")
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -352,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         with running(command, serve_env(dict(os.environ)), f"{url}/readyz", work / "service.log"):
             loop = Loop(url, work / "shop", admin_key, args.requests_per_user)
             if "aa" not in skip:
-                for seed in range(args.aa_seeds):
+                for seed in range(args.aa_first_seed, args.aa_first_seed + args.aa_seeds):
                     name = f"aa-{seed}"
                     loop.start(name, "champion", "champion", min_users=args.chunk // 2)
                     outcomes.append(
@@ -388,16 +398,22 @@ def main(argv: list[str] | None = None) -> int:
                 looks = {"interleave": args.il_chunk or max(args.chunk // 5, 1), "ab": args.chunk}
                 # The same seeds, hence the same shoppers in the same order, for both methods.
                 for seed in range(300, 300 + args.il_seeds):
+                    seed_cap = cap
                     for kind in ("interleave", "ab"):
                         name = f"{args.rival}-{kind}-{seed}"
                         loop.start(name, "champion", rival, kind=kind)
-                        outcomes.append(
-                            run_until_decided(
-                                loop, f"champion vs {args.rival} ({kind})", name, seed,
-                                looks[kind], cap, act=False,
-                            )
+                        outcome = run_until_decided(
+                            loop, f"champion vs {args.rival} ({kind})", name, seed,
+                            looks[kind], seed_cap, act=False,
                         )  # fmt: skip
+                        outcomes.append(outcome)
                         loop.stop(name)
+                        if (
+                            kind == "interleave"
+                            and args.ab_cap_ratio
+                            and outcome.decision != "continue"
+                        ):
+                            seed_cap = min(cap, int(np.ceil(args.ab_cap_ratio * outcome.users)))
     _print(outcomes, args)
     return 0
 
