@@ -8,11 +8,17 @@ Prints, on one generated shop and one served champion:
   how many seeds declare a difference (alpha 0.05) and how many flag a sample ratio mismatch.
 - The champion against the popularity policy at 50/50: users until the sensor decides.
 - A deliberately bad challenger (trained on shuffled item ids) at 50%: users until rolled back.
-- Team-draft interleaving against an A/B split for the champion against ALS alone, same seeds:
-  users each needs to decide.
+- Team-draft interleaving against an A/B split for the champion against a rival (ALS alone,
+  the hybrid trained on half the events, or popularity) over --il-seeds seeds, the same shoppers
+  for both methods: users each needs to decide (the same alpha and the same mixture-SPRT family),
+  and per seed the ratio (a lower bound when the A/B split has not decided by --il-max-users).
+
+Each shopper asks for --requests-per-user answers (the simulator's default, three: one visit's
+pages), posting its events after each.
 
 Run: .venv/bin/python benchmarks/experiments.py [--redis-url redis://127.0.0.1:6379/0]
      [--users 3000 --items 800 --events 150000] [--aa-seeds 20] [--chunk 500] [--max-users 5000]
+     [--rival als|half|popularity --il-seeds 3 --il-max-users 5000] [--skip aa,popularity,...]
 """
 
 from __future__ import annotations
@@ -52,11 +58,16 @@ class Outcome:
     reason: str
     champion_after: str | None = None
     seconds: float = 0.0
+    p_value: float | None = None
 
 
-def train_versions(home: Path, events: pl.DataFrame, catalog: pl.DataFrame) -> dict[str, str]:
-    """Register the champion (the tuned hybrid), `als` (ALS alone) and `bad` (the hybrid trained
-    on events whose item ids were shuffled: it recommends what nobody wanted)."""
+def train_versions(
+    home: Path, events: pl.DataFrame, catalog: pl.DataFrame, half: bool = False
+) -> dict[str, str]:
+    """Register the champion (the tuned hybrid), `als` (ALS alone), `bad` (the hybrid trained
+    on events whose item ids were shuffled: it recommends what nobody wanted) and, with `half`,
+    `half` (the hybrid trained on a random half of the users' events: the same model with less
+    data, worse by a real but small margin that breaks no guardrail)."""
     import mlflow
 
     from training.registry import GATE_METRIC, ModelRegistry
@@ -98,6 +109,11 @@ def train_versions(home: Path, events: pl.DataFrame, catalog: pl.DataFrame) -> d
     shuffled = dict(zip(ids.to_list(), rng.permutation(ids.to_numpy()).tolist(), strict=True))
     bad_events = events.with_columns(pl.col("item_id").replace_strict(shuffled))
     versions["bad"] = register(fit(bad_events, None)[0], 0.0, promote=False)
+    if half:
+        # Half of the sessions (whole sessions, so funnels stay whole), seeded.
+        sessions = events["session_id"].unique().sort().sample(fraction=0.5, seed=0)
+        half_events = events.filter(pl.col("session_id").is_in(sessions.implode()))
+        versions["half"] = register(fit(half_events, None)[0], 0.0, promote=False)
     console.print(f"registered {versions} (champion weights {hybrid.weights})")
     return versions
 
@@ -106,7 +122,7 @@ class Loop:
     """One service, the consumer, the report asset and the decisions sensor over one Dagster
     instance: what the platform runs, stepped by the benchmark."""
 
-    def __init__(self, url: str, truth: Path, api_key: str, requests_per_user: int = 1) -> None:
+    def __init__(self, url: str, truth: Path, api_key: str, requests_per_user: int) -> None:
         import dagster as dg
 
         from orchestration.environment import resources_for
@@ -133,6 +149,20 @@ class Loop:
         response = httpx.post(f"{self.url}/experiments", json=body, headers=self.admin, timeout=60)
         response.raise_for_status()
         time.sleep(6)  # every worker reloads the experiments within 5 s
+
+    @staticmethod
+    def champion() -> str | None:
+        """The registered version the `champion` alias names now."""
+        import mlflow
+
+        from training.registry import CHAMPION
+
+        try:
+            return (
+                mlflow.MlflowClient().get_model_version_by_alias("recsys-hybrid", CHAMPION).version
+            )
+        except mlflow.exceptions.MlflowException:
+            return None
 
     def stop(self, name: str) -> None:
         httpx.post(f"{self.url}/experiments/{name}/stop", headers=self.admin, timeout=60)
@@ -179,12 +209,12 @@ class Loop:
         self.cursor = context.cursor
         return entry.metadata["decisions"].value
 
-    def report_only(self, name: str) -> tuple[str, str]:
+    def report_only(self, name: str) -> tuple[str, str, float | None]:
         """The analysis's decision without acting (the A/A peeks)."""
         from config import get_settings
         from feature_repo.event_store import open_event_store
         from feature_repo.experiment_store import open_experiment_store, read_inputs
-        from training.experiment_report import report
+        from training.experiment_report import p_values, report
 
         config = get_settings()
         with open_experiment_store(config.store.postgres_url, config.home_dir()) as store:
@@ -192,7 +222,8 @@ class Loop:
         with open_event_store(config.store.postgres_url, config.home_dir()) as events:
             logs, frame = read_inputs(events, experiment)
         analysis = report(experiment, logs, frame)
-        return analysis.decision, analysis.reason
+        ps = p_values(analysis)
+        return analysis.decision, analysis.reason, min(ps.values()) if ps else None
 
 
 def run_until_decided(
@@ -200,22 +231,36 @@ def run_until_decided(
 ) -> Outcome:
     started = time.perf_counter()
     users = 0
-    decision, reason = "continue", ""
+    decision, reason, p = "continue", "", None
     while users < max_users:
-        loop.shoppers(chunk, seed * 1000 + users // chunk)
+        # Shopper seeds follow the users so far, not the chunk size: runs of one seed with
+        # different chunks see the same shoppers in the same order.
+        loop.shoppers(chunk, seed * 1_000_000 + users)
         users += chunk
         loop.consume()
         if act:
             found = loop.decide().get(name, {})
             decision, reason = found.get("decision", "continue"), found.get("reason", "")
+            p = _p_from(reason)
         else:
-            decision, reason = loop.report_only(name)
-        console.print(f"  {scenario} seed {seed}: {users} users -> {decision}")
+            decision, reason, p = loop.report_only(name)
+        console.print(f"  {scenario} seed {seed}: {users} users -> {decision} (p {p})")
         if decision != "continue":
             break
     if decision == "continue":
         loop.stop(name)
-    return Outcome(scenario, seed, users, decision, reason, seconds=time.perf_counter() - started)
+    champion = loop.champion() if act else None
+    return Outcome(
+        scenario, seed, users, decision, reason, champion, time.perf_counter() - started, p
+    )
+
+
+def _p_from(reason: str) -> float | None:
+    """The always-valid p-value a decision's reason names, if any."""
+    import re
+
+    found = re.findall(r"p = ([0-9.eE+-]+)", reason)
+    return float(found[0]) if found else None
 
 
 @contextlib.contextmanager
@@ -233,6 +278,8 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestration.simulator import SimulationConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--items", type=int, default=800)
@@ -240,18 +287,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--aa-seeds", type=int, default=20)
     parser.add_argument("--aa-users", type=int, default=1500)
+    parser.add_argument(
+        "--aa-first-seed", type=int, default=0, help="the first A/A seed (to split the seeds)"
+    )
     parser.add_argument("--chunk", type=int, default=500)
     parser.add_argument("--max-users", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--requests-per-user", type=int, default=1, help="answers each simulated shopper asks for"
+        "--requests-per-user",
+        type=int,
+        default=SimulationConfig.requests_per_user,
+        help="answers each simulated shopper asks for",
     )
     parser.add_argument(
         "--rival",
-        choices=("als", "popularity"),
+        choices=("als", "half", "popularity"),
         default="als",
-        help="what the champion meets in the interleaving-against-A/B comparison",
+        help="what the champion meets in the interleaving-against-A/B comparison: ALS alone, "
+        "the hybrid trained on half the events, or the popularity policy",
     )
+    parser.add_argument("--il-seeds", type=int, default=3, help="seeds of that comparison")
+    parser.add_argument(
+        "--il-max-users", type=int, default=None, help="its cap on users (default --max-users)"
+    )
+    parser.add_argument(
+        "--il-chunk", type=int, default=None, help="its interleaving look size (default chunk/5)"
+    )
+    parser.add_argument(
+        "--ab-cap-ratio",
+        type=float,
+        default=None,
+        help="stop that comparison's A/B split at this many times the users interleaving needed "
+        "on the seed: undecided there, the ratio is at least this (saves the longest runs)",
+    )
+    parser.add_argument("--port", type=int, default=None, help="the service's port (default: free)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--skip", default="", help="comma-separated scenarios to skip")
     args = parser.parse_args(argv)
@@ -285,14 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     data.catalog.write_parquet(home / "catalog.parquet")
     outcomes: list[Outcome] = []
     with environment(env):
-        versions = train_versions(home, data.events, data.catalog)
-        port = free_port()
+        wants_half = "interleave" not in skip and args.rival == "half"
+        versions = train_versions(home, data.events, data.catalog, half=wants_half)
+        port = args.port or free_port()
         url = f"http://127.0.0.1:{port}"
         command = serve_command(port, "127.0.0.1")
         with running(command, serve_env(dict(os.environ)), f"{url}/readyz", work / "service.log"):
             loop = Loop(url, work / "shop", admin_key, args.requests_per_user)
             if "aa" not in skip:
-                for seed in range(args.aa_seeds):
+                for seed in range(args.aa_first_seed, args.aa_first_seed + args.aa_seeds):
                     name = f"aa-{seed}"
                     loop.start(name, "champion", "champion", min_users=args.chunk // 2)
                     outcomes.append(
@@ -302,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     loop.stop(name)
             if "popularity" not in skip:
+                console.print(f"champion before: version {loop.champion()}")
                 loop.start("champion-vs-popularity", "popularity", "champion")
                 outcomes.append(
                     run_until_decided(
@@ -318,28 +389,49 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )  # fmt: skip
             if "interleave" not in skip:
-                rival = f"version:{versions['als']}" if args.rival == "als" else "popularity"
-                for kind in ("interleave", "ab"):
-                    name = f"{args.rival}-{kind}"
-                    loop.start(name, "champion", rival, kind=kind)
-                    outcomes.append(
-                        run_until_decided(
-                            loop, f"champion vs {args.rival} ({kind})", name, 300, args.chunk // 5
-                            if kind == "interleave" else args.chunk, args.max_users, act=False,
-                        )
-                    )  # fmt: skip
-                    loop.stop(name)
+                rival = (
+                    "popularity"
+                    if args.rival == "popularity"
+                    else f"version:{versions[args.rival]}"
+                )
+                cap = args.il_max_users or args.max_users
+                looks = {"interleave": args.il_chunk or max(args.chunk // 5, 1), "ab": args.chunk}
+                # The same seeds, hence the same shoppers in the same order, for both methods.
+                for seed in range(300, 300 + args.il_seeds):
+                    seed_cap = cap
+                    for kind in ("interleave", "ab"):
+                        name = f"{args.rival}-{kind}-{seed}"
+                        loop.start(name, "champion", rival, kind=kind)
+                        outcome = run_until_decided(
+                            loop, f"champion vs {args.rival} ({kind})", name, seed,
+                            looks[kind], seed_cap, act=False,
+                        )  # fmt: skip
+                        outcomes.append(outcome)
+                        loop.stop(name)
+                        if (
+                            kind == "interleave"
+                            and args.ab_cap_ratio
+                            and outcome.decision != "continue"
+                        ):
+                            seed_cap = min(cap, int(np.ceil(args.ab_cap_ratio * outcome.users)))
     _print(outcomes, args)
     return 0
 
 
 def _print(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     table = Table(title="online experiments (simulated shoppers against the real service)")
-    for column in ("scenario", "seed", "users", "decision", "reason", "s"):
+    for column in ("scenario", "seed", "users", "decision", "p", "champion after", "reason", "s"):
         table.add_column(column)
     for o in outcomes:
         table.add_row(
-            o.scenario, str(o.seed), str(o.users), o.decision, o.reason[:70], f"{o.seconds:.0f}"
+            o.scenario,
+            str(o.seed),
+            str(o.users),
+            o.decision,
+            "-" if o.p_value is None else f"{o.p_value:.2g}",
+            o.champion_after or "-",
+            o.reason[:60],
+            f"{o.seconds:.0f}",
         )
     console.print(table)
     aa = [o for o in outcomes if o.scenario == "A/A"]
@@ -350,14 +442,28 @@ def _print(outcomes: list[Outcome], args: argparse.Namespace) -> None:
             f"A/A: {declared} of {len(aa)} seeds declared a difference (target <= 2 at alpha "
             f"0.05), SRM in {srm} (target 0)"
         )
-    by = {o.scenario: o for o in outcomes}
     rival = args.rival
-    il, ab = by.get(f"champion vs {rival} (interleave)"), by.get(f"champion vs {rival} (ab)")
-    if il and ab:
-        bound = "" if ab.decision != "continue" else " (A/B undecided: a lower bound)"
+    il = {o.seed: o for o in outcomes if o.scenario == f"champion vs {rival} (interleave)"}
+    ab = {o.seed: o for o in outcomes if o.scenario == f"champion vs {rival} (ab)"}
+    ratios = []
+    for seed in sorted(set(il) & set(ab)):
+        i, a = il[seed], ab[seed]
+        if i.decision == "continue":
+            console.print(f"seed {seed}: interleaving undecided at {i.users} users: no ratio")
+            continue
+        ratio = a.users / max(i.users, 1)
+        ratios.append((ratio, a.decision == "continue"))
+        bound = " (A/B undecided at its cap: a lower bound)" if a.decision == "continue" else ""
         console.print(
-            f"interleaving decided after {il.users} users ({il.decision}), A/B after {ab.users} "
-            f"({ab.decision}): {ab.users / max(il.users, 1):.1f}x fewer users{bound}"
+            f"seed {seed}: interleaving decided after {i.users} users ({i.decision}), A/B "
+            f"after {a.users} ({a.decision}): {ratio:.1f}x fewer users{bound}"
+        )
+    if ratios:
+        values = [r for r, _ in ratios]
+        lower = any(b for _, b in ratios)
+        console.print(
+            f"champion vs {rival}: median ratio {float(np.median(values)):.1f}x over "
+            f"{len(values)} seeds (target >= 5x){' (includes lower bounds)' if lower else ''}"
         )
 
 

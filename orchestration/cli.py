@@ -621,7 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="one seed, the same shoppers and draws")
     p.add_argument("--api-key", default=None, help="key with the read and ingest scopes")
     p.add_argument("--concurrency", type=int, default=8, help="shoppers at once")
-    p.add_argument("--requests-per-user", type=int, default=1, help="recommendations per shopper")
+    from training.simulate import REQUESTS_PER_VISIT
+
+    p.add_argument(
+        "--requests-per-user",
+        type=int,
+        default=REQUESTS_PER_VISIT,
+        help=f"recommendations per shopper's visit (default {REQUESTS_PER_VISIT}: several pages)",
+    )
     p.add_argument("--k", type=int, default=10, help="items per recommendation")
     p.add_argument(
         "--keep-seen",

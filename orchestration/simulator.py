@@ -18,6 +18,7 @@ import polars as pl
 from training.generate import Truth
 from training.simulate import (
     ANSWER_SCHEMA,
+    REQUESTS_PER_VISIT,
     ShopperModel,
     Shoppers,
     decide,
@@ -41,7 +42,7 @@ class SimulationConfig:
     users: int = 100
     seed: int = 0
     new_users: int = 0
-    requests_per_user: int = 1
+    requests_per_user: int = REQUESTS_PER_VISIT
     k: int = 10
     # False asks for items the shopper has seen too: the generator's shoppers re-view items as
     # readily as new ones, so leaving them out costs a ranker clicks under this truth.

@@ -47,6 +47,15 @@ _POP_NOISE = 0.2
 _RAMP = (0.8, 0.97)
 _VOLATILE_BASE = 0.15
 N_PRICE_TIERS = 5
+# Styles: a latent taste that cuts across categories (say minimalist, sporty, classic, kids...).
+# Each item has one; each user a Dirichlet weight over them that multiplies an item's popularity
+# within its (category, tier), so who likes which items is personal beyond the category and
+# learnable from co-occurrence, while the global popularity ranking cannot see it.
+N_STYLES = 8
+# Dirichlet concentration of a user's style weights: about 0.35 on the favourite style (2.8x the
+# even 1/8) and under 0.05 on the three least liked; a floor keeps every style reachable.
+STYLE_CONCENTRATION = 0.6
+STYLE_FLOOR = 0.01
 
 # Per archetype, in SEGMENTS order. Views per session are 1 + Poisson(extra_views).
 _ARCH_SHARE = np.array([0.22, 0.16, 0.15, 0.15, 0.14, 0.18])
@@ -97,10 +106,13 @@ class Truth:
 
     users: user_id, archetype, taste (list: the share of the user's browsing per category, in
     `categories` order, summing to 1), tier_pref (list: weights of the N_PRICE_TIERS price tiers),
-    favourites (list of N_FAVOURITES item ids: reopened by loyal customers).
+    style (list: weights of the N_STYLES styles, summing to 1; a truth written before styles has
+    none and counts as one style), favourites (list of N_FAVOURITES item ids: reopened by loyal
+    customers).
     items: item_id, category, category_index, tier (price fifth within the category, 0 =
-    cheapest), price, in_stock, popularity (the base power-law weight), trend, weight
-    (popularity times the trend multiplier of the window's last day: the shop "now").
+    cheapest), style (index into the users' style weights), price, in_stock, popularity (the
+    base power-law weight), trend, weight (popularity times the trend multiplier of the window's
+    last day: the shop "now").
     """
 
     users: pl.DataFrame
@@ -113,7 +125,11 @@ class Truth:
         folder.mkdir(parents=True, exist_ok=True)
         self.users.write_parquet(folder / "users.parquet")
         self.items.write_parquet(folder / "items.parquet")
-        meta = {"categories": list(self.categories), "price_tiers": N_PRICE_TIERS}
+        meta = {
+            "categories": list(self.categories),
+            "price_tiers": N_PRICE_TIERS,
+            "styles": N_STYLES,
+        }
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         return folder
 
@@ -168,6 +184,7 @@ class _Catalog:
     pop: np.ndarray  # base popularity weight, power law
     trend: np.ndarray  # index into TREND_TYPES
     multiplier: np.ndarray  # items x days popularity multiplier
+    style: np.ndarray  # int, per item, < N_STYLES
 
 
 @dataclass
@@ -179,6 +196,7 @@ class _Users:
     span_start: np.ndarray  # hour bins
     span_end: np.ndarray
     favourites: np.ndarray  # users x N_FAVOURITES item indices (used by loyal customers)
+    style: np.ndarray  # users x N_STYLES weights, rows sum to 1
 
 
 def _categorical(rng: np.random.Generator, cum: np.ndarray) -> np.ndarray:
@@ -187,7 +205,9 @@ def _categorical(rng: np.random.Generator, cum: np.ndarray) -> np.ndarray:
     return np.minimum((cum < u[:, None]).sum(axis=1), cum.shape[1] - 1)
 
 
-def _make_catalog(rng: np.random.Generator, n_items: int, days: int) -> _Catalog:
+def _make_catalog(
+    rng: np.random.Generator, n_items: int, days: int, style_rng: np.random.Generator
+) -> _Catalog:
     n_cat = min(len(CATEGORIES), n_items)
     cat_weight = rng.dirichlet(np.full(n_cat, 4.0))
     category = np.concatenate(
@@ -238,7 +258,8 @@ def _make_catalog(rng: np.random.Generator, n_items: int, days: int) -> _Catalog
     # Stable items still wobble a little from day to day.
     stable = trend == TREND_TYPES.index("stable")
     multiplier[stable] *= rng.lognormal(0.0, 0.05, size=(int(stable.sum()), days))
-    return _Catalog(category, tier, price, brand, n_brands_per_cat, pop, trend, multiplier)
+    style = style_rng.integers(0, N_STYLES, n_items)
+    return _Catalog(category, tier, price, brand, n_brands_per_cat, pop, trend, multiplier, style)
 
 
 def draw_tastes(
@@ -258,6 +279,12 @@ def draw_tastes(
     tier_pref[ps] = _PRICE_SENSITIVE_TIERS
     tier_pref = tier_pref / tier_pref.sum(axis=1, keepdims=True) + 1e-4
     return archetype, taste, tier_pref
+
+
+def draw_styles(rng: np.random.Generator, n_users: int) -> np.ndarray:
+    """The generator's prior of a user's style weights: users x N_STYLES, rows summing to 1."""
+    style = rng.dirichlet(np.full(N_STYLES, STYLE_CONCENTRATION), size=n_users) + STYLE_FLOOR
+    return style / style.sum(axis=1, keepdims=True)
 
 
 def draw_favourites(
@@ -286,7 +313,13 @@ def draw_favourites(
     return order[pos]
 
 
-def _make_users(rng: np.random.Generator, n_users: int, days: int, catalog: _Catalog) -> _Users:
+def _make_users(
+    rng: np.random.Generator,
+    n_users: int,
+    days: int,
+    catalog: _Catalog,
+    style_rng: np.random.Generator,
+) -> _Users:
     n_cat = int(catalog.category.max()) + 1
     archetype, taste, tier_pref = draw_tastes(rng, n_users, n_cat)
     taste_cum = np.cumsum(taste, axis=1)
@@ -306,7 +339,8 @@ def _make_users(rng: np.random.Generator, n_users: int, days: int, catalog: _Cat
 
     stable = catalog.trend == TREND_TYPES.index("stable")
     favourites = draw_favourites(rng, taste, catalog.category, catalog.pop, stable)
-    return _Users(archetype, taste_cum, tier_pref, activity, start, end, favourites)
+    style = draw_styles(style_rng, n_users)
+    return _Users(archetype, taste_cum, tier_pref, activity, start, end, favourites, style)
 
 
 def _hour_weights(days: int, end: datetime) -> np.ndarray:
@@ -319,20 +353,25 @@ def _hour_weights(days: int, end: datetime) -> np.ndarray:
 
 
 def _item_sampler(catalog: _Catalog, days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative weights laid out day by day, then by (category, tier) group.
+    """Cumulative weights laid out day by day, then by (category, tier, style) group.
 
     Returns (order, cum, group_total) with cum of length days * n_items; group g of day d
     occupies positions d * n_items + group_start[g] .. and has total weight group_total[d, g].
     """
-    group = catalog.category * N_PRICE_TIERS + catalog.tier
+    group = _item_group(catalog)
     order = np.argsort(group, kind="stable")
     weight = (catalog.pop[:, None] * catalog.multiplier)[order].T  # days x items
     cum = np.cumsum(weight.ravel())
-    n_groups = (int(catalog.category.max()) + 1) * N_PRICE_TIERS
+    n_groups = (int(catalog.category.max()) + 1) * N_PRICE_TIERS * N_STYLES
     group_total = np.zeros((days, n_groups))
     for d in range(days):
         group_total[d] = np.bincount(group[order], weights=weight[d], minlength=n_groups)
     return order, cum, group_total
+
+
+def _item_group(catalog: _Catalog) -> np.ndarray:
+    """Each item's (category, tier, style) group index."""
+    return (catalog.category * N_PRICE_TIERS + catalog.tier) * N_STYLES + catalog.style
 
 
 def _sample_items(
@@ -404,14 +443,17 @@ def _simulate(
     detour = rng.random(n_v) < 0.15
     v_cat[detour] = _categorical(rng, users.taste_cum[v_user[detour]])
 
-    # Price tier, weighted by how much popularity each tier holds in that category on that day.
+    # Price tier and style together, each (tier, style) weighted by the user's weights of both
+    # times the popularity it holds in that category on that day; then an item by popularity
+    # within it. So an item's chance is taste(category) * tier_pref(tier) * style(style) *
+    # popularity, normalised within the category (training/simulate.py's affinity).
     order, cum, group_total = sampler
-    tier_mass = group_total.reshape(group_total.shape[0], -1, N_PRICE_TIERS)[v_day, v_cat]
-    tier_cum = np.cumsum(users.tier_pref[v_user] * tier_mass, axis=1)
-    v_tier = _categorical(rng, tier_cum)
-    group = v_cat * N_PRICE_TIERS + v_tier
+    mass = group_total.reshape(group_total.shape[0], -1, N_PRICE_TIERS, N_STYLES)[v_day, v_cat]
+    weight = users.tier_pref[v_user][:, :, None] * users.style[v_user][:, None, :] * mass
+    v_ts = _categorical(rng, np.cumsum(weight.reshape(n_v, N_PRICE_TIERS * N_STYLES), axis=1))
+    group = v_cat * (N_PRICE_TIERS * N_STYLES) + v_ts
     n_groups = group_total.shape[1]
-    item_group = (catalog.category * N_PRICE_TIERS + catalog.tier)[order]
+    item_group = _item_group(catalog)[order]
     group_count = np.bincount(item_group, minlength=n_groups)
     group_start = np.concatenate([[0], np.cumsum(group_count)[:-1]])
     v_item = _sample_items(rng, v_day, group, order, cum, group_total, group_start, group_count)
@@ -522,8 +564,11 @@ def generate(
     if end.tzinfo is None:
         end = end.replace(tzinfo=UTC)
     rng = np.random.default_rng(seed)
-    catalog = _make_catalog(rng, n_items, days)
-    users = _make_users(rng, n_users, days, catalog)
+    # Styles come from their own stream, so the catalog and users of a seed are what they were
+    # before styles existed; only which item a view lands on changed.
+    style_rng = np.random.default_rng([seed, N_STYLES])
+    catalog = _make_catalog(rng, n_items, days, style_rng)
+    users = _make_users(rng, n_users, days, catalog, style_rng)
     hour_cum = np.cumsum(_hour_weights(days, end))
     sampler = _item_sampler(catalog, days)
 
@@ -606,6 +651,9 @@ def _truth(users: _Users, catalog: _Catalog, catalog_frame: pl.DataFrame) -> Tru
             "tier_pref": pl.Series(
                 list(users.tier_pref), dtype=pl.Array(pl.Float64, N_PRICE_TIERS)
             ).cast(pl.List(pl.Float64)),
+            "style": pl.Series(list(users.style), dtype=pl.Array(pl.Float64, N_STYLES)).cast(
+                pl.List(pl.Float64)
+            ),
             "favourites": pl.Series(
                 list(item_names.to_numpy()[users.favourites]),
                 dtype=pl.Array(pl.String, N_FAVOURITES),
@@ -619,6 +667,7 @@ def _truth(users: _Users, catalog: _Catalog, catalog_frame: pl.DataFrame) -> Tru
             "category": cat_names.gather(catalog.category),
             "category_index": pl.Series(catalog.category, dtype=pl.Int32),
             "tier": pl.Series(catalog.tier, dtype=pl.Int32),
+            "style": pl.Series(catalog.style, dtype=pl.Int32),
             "price": catalog_frame["price"],
             "in_stock": catalog_frame["in_stock"],
             "popularity": catalog.pop,

@@ -4,9 +4,11 @@ Pure numpy/polars; the HTTP driver that shows them a live service is orchestrati
 
 The model (a position-based click model on the generator's own browsing model):
 - affinity(u, i): the chance that one browse of user u lands on item i, exactly as
-  training/generate.py draws a view: a category by the user's taste, a price tier by the user's
-  tier weights times the tier's popularity in that category, an item by its popularity (times its
-  trend on the window's last day) within the tier.
+  training/generate.py draws a view: a category by the user's taste, then a (price tier, style)
+  by the user's tier and style weights times the popularity that (tier, style) holds in that
+  category, then an item by its popularity (times its trend on the window's last day) within it.
+  So within a category, affinity is proportional to tier_pref(tier) * style(style) * weight: the
+  style weights are the personal part a model can learn from co-occurrence and popularity cannot.
 - interest(u, i) = 1 - (1 - affinity)^V, V the archetype's mean views per session: the chance the
   item would have come up in one of the user's own sessions. A loyal customer's favourite also
   comes up when a repeat session reopens it (LOYAL_REPEAT_SESSION / N_FAVOURITES).
@@ -34,6 +36,7 @@ from training.generate import (
     LOYAL_REPEAT_SESSION,
     N_FAVOURITES,
     N_PRICE_TIERS,
+    N_STYLES,
     P_BUY,
     P_CART,
     P_CLICK,
@@ -42,8 +45,16 @@ from training.generate import (
     Truth,
     draw_favourites,
     draw_quantity,
+    draw_styles,
     draw_tastes,
 )
+
+# Answers a shopper asks for per visit: a visit shows recommendations on several pages (home,
+# a category or product page, the basket), and the generator's sessions hold six views on average
+# (1 + the archetypes' mean extra views of 5.0); three answers, each followed by the clicks it
+# drew, is a modest visit. One answer per user throws away most of what a visit would show an
+# experiment: the unit is the user, so the answers are more of the same user's evidence.
+REQUESTS_PER_VISIT = 3
 
 # The event types a shopper sends, in funnel order.
 FUNNEL_EVENTS = ("click", "add_to_cart", "purchase")
@@ -88,18 +99,31 @@ class ShopperModel:
         )
         self.taste = _matrix(users["taste"], n_cat)
         self.tier_pref = _matrix(users["tier_pref"], N_PRICE_TIERS)
+        # A truth written before styles existed has one style that everyone likes equally.
+        styled = "style" in users.columns and "style" in items.columns
+        self.n_styles = N_STYLES if styled else 1
+        self.style_pref = (
+            _matrix(users["style"], N_STYLES) if styled else np.ones((users.height, 1))
+        )
         fav = self.item_index(users["favourites"].explode().to_numpy().astype(str))
         self.favourites = fav.reshape(users.height, -1)
         self.category = items["category_index"].to_numpy().astype(np.int64)
         self.tier = items["tier"].to_numpy().astype(np.int64)
+        self.style = (
+            items["style"].to_numpy().astype(np.int64) if styled else np.zeros(items.height, int)
+        )
         self.weight = items["weight"].to_numpy().astype(np.float64)
         self.price = items["price"].to_numpy().astype(np.float64)
-        group = self.category * N_PRICE_TIERS + self.tier
-        self.group_weight = np.bincount(
-            group, weights=self.weight, minlength=n_cat * N_PRICE_TIERS
-        ).reshape(n_cat, N_PRICE_TIERS)
-        # Per user and category: the tier-weighted popularity mass a browse normalises by.
-        self._norm = self.tier_pref @ self.group_weight.T
+        n_ts = N_PRICE_TIERS * self.n_styles
+        group = (self.category * N_PRICE_TIERS + self.tier) * self.n_styles + self.style
+        self.group_weight = np.bincount(group, weights=self.weight, minlength=n_cat * n_ts).reshape(
+            n_cat, N_PRICE_TIERS, self.n_styles
+        )
+        # Per user and category: the tier- and style-weighted popularity mass a browse
+        # normalises by.
+        self._norm = np.einsum(
+            "ut,us,cts->uc", self.tier_pref, self.style_pref, self.group_weight, optimize=True
+        )
 
     @property
     def n_users(self) -> int:
@@ -123,9 +147,11 @@ class ShopperModel:
         items = np.asarray(items, dtype=np.int64)
         known = items >= 0
         i = np.where(known, items, 0)
-        c, t = self.category[i], self.tier[i]
+        c, t, s = self.category[i], self.tier[i], self.style[i]
         norm = self._norm[users, c]
-        value = self.taste[users, c] * self.tier_pref[users, t] * self.weight[i]
+        value = (
+            self.taste[users, c] * self.tier_pref[users, t] * self.style_pref[users, s]
+        ) * self.weight[i]
         value = np.divide(value, norm, out=np.zeros_like(value), where=norm > 0)
         return np.where(known, value, 0.0)
 
@@ -160,6 +186,12 @@ class ShopperModel:
         stable = (self.truth.items["trend"] == "stable").to_numpy()
         pop = self.truth.items["popularity"].to_numpy()
         favourites = draw_favourites(rng, taste, self.category, pop, stable)
+        columns = {}
+        if self.n_styles > 1:
+            style = draw_styles(rng, n)
+            columns["style"] = pl.Series(list(style), dtype=pl.Array(pl.Float64, N_STYLES)).cast(
+                pl.List(pl.Float64)
+            )
         new = pl.DataFrame(
             {
                 "user_id": [f"{prefix}{j}" for j in range(n)],
@@ -173,6 +205,7 @@ class ShopperModel:
                 "favourites": pl.Series(
                     list(self.item_ids[favourites]), dtype=pl.Array(pl.String, N_FAVOURITES)
                 ).cast(pl.List(pl.String)),
+                **columns,
             }
         )
         users = pl.concat([self.truth.users.select(new.columns), new])

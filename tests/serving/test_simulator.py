@@ -17,7 +17,7 @@ from serving.keys import add_key
 from tests.serving.conftest import free_port, register_champion, train_hybrid
 from tests.serving.test_service_e2e import bentoml_serve
 from training.generate import GeneratedData, generate, write_generated
-from training.simulate import ShopperModel
+from training.simulate import REQUESTS_PER_VISIT, ShopperModel
 
 pytestmark = pytest.mark.slow
 
@@ -84,9 +84,9 @@ def test_simulated_shoppers_against_the_served_model(
     kinds = {e["event_type"] for e in simulated}
     assert "click" in kinds and kinds <= {"click", "add_to_cart", "purchase"}
     assert sum(e["event_type"] == "click" for e in simulated) == answers["clicks"].sum()
-    # The CLI run: 20 shoppers, its events accepted too.
+    # The CLI run: 20 shoppers of a visit's answers each (the default), its events accepted too.
     total = next(v for v in report["variants"] if v["variant"] == "all")
-    assert total["users"] == 20 and total["requests"] == 20
+    assert total["users"] == 20 and total["requests"] == 20 * REQUESTS_PER_VISIT == 60
     assert report["events"]["accepted"] == report["events"]["sent"]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from training.analytics_common import SEGMENTS, TREND_TYPES
 from training.data import CATALOG_SCHEMA, EVENT_SCHEMA, validate_catalog, validate_events
-from training.generate import GeneratedData, Truth, generate, write_generated
+from training.generate import N_STYLES, GeneratedData, Truth, generate, write_generated
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,16 @@ def test_truth_is_what_drew_the_events(data: GeneratedData) -> None:
     top = pl.DataFrame({"user_id": users["user_id"], "top": taste.argmax(axis=1)})
     share = views.join(top, on="user_id").select((pl.col("category_index") == pl.col("top")).mean())
     assert share.item() > 5 / len(data.truth.categories)
+    # Within the categories, users view the styles they like: the user's weight of the viewed
+    # item's style averages about E[sum w^2] (0.28), where styles the user were blind to would
+    # give the even 1 / N_STYLES (0.125).
+    style = np.vstack(users["style"].to_numpy())
+    assert style.shape == (1500, N_STYLES) and np.allclose(style.sum(axis=1), 1.0)
+    styled = views.join(items.select("item_id", "style"), on="item_id").join(
+        users.with_row_index("row").select("user_id", "row"), on="user_id"
+    )
+    weight = style[styled["row"].to_numpy(), styled["style"].to_numpy()]
+    assert weight.mean() > 1.8 / N_STYLES
     # Loyal customers rebuy their favourites.
     favourites = users.filter(pl.col("archetype") == "loyal_customer").explode("favourites")
     bought = data.events.filter(pl.col("event_type") == "purchase").join(

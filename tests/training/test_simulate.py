@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from training.generate import GeneratedData, generate
+from training.generate import GeneratedData, Truth, generate
 from training.simulate import (
     Decisions,
     ShopperModel,
@@ -43,6 +43,44 @@ def test_affinity_is_the_generators_browse_distribution(model: ShopperModel) -> 
         [affinity[:, model.category == c].sum(axis=1) for c in range(model.taste.shape[1])], 1
     )
     assert np.allclose(per_category, model.taste)
+
+
+def test_style_weights_rank_items_within_a_category(model: ShopperModel) -> None:
+    # Two items of one category and price tier: their affinities stand in the ratio of the
+    # user's weights of their styles times their popularity weights.
+    group = model.category * 10 + model.tier
+    values, counts = np.unique(group, return_counts=True)
+    same = np.flatnonzero(group == values[counts.argmax()])
+    a, b = same[0], next(i for i in same[1:] if model.style[i] != model.style[same[0]])
+    users = np.arange(model.n_users)
+    ratio = model.affinity(users, np.full(users.size, a)) / model.affinity(
+        users, np.full(users.size, b)
+    )
+    expected = (model.style_pref[users, model.style[a]] * model.weight[a]) / (
+        model.style_pref[users, model.style[b]] * model.weight[b]
+    )
+    assert np.allclose(ratio, expected)
+    # So users whose favourite style is a's click a more often than those whose least liked it is.
+    fav = model.style_pref.argmax(axis=1) == model.style[a]
+    least = model.style_pref.argmin(axis=1) == model.style[a]
+    clicks = model.odds(users, np.full(users.size, a), 0).click
+    assert clicks[fav].mean() > 3 * clicks[least].mean()
+
+
+def test_a_truth_without_styles_is_style_free(data: GeneratedData) -> None:
+    truth = data.truth
+    old = ShopperModel(
+        Truth(truth.users.drop("style"), truth.items.drop("style"), truth.categories)
+    )
+    assert old.n_styles == 1
+    users, items = _all_pairs(old)
+    affinity = old.affinity(users, items).reshape(old.n_users, -1)
+    assert np.allclose(affinity.sum(axis=1), 1.0)
+    # Within a category it is the tier weight times popularity, as before styles.
+    u, i = 3, np.flatnonzero(old.category == old.category[0])
+    expected = old.tier_pref[u, old.tier[i]] * old.weight[i]
+    assert np.allclose(affinity[u, i] / affinity[u, i].sum(), expected / expected.sum())
+    assert old.with_new_users(2, np.random.default_rng(0), "n").n_users == old.n_users + 2
 
 
 def test_affinity_predicts_what_users_viewed(data: GeneratedData, model: ShopperModel) -> None:
@@ -107,7 +145,8 @@ def test_shoppers_are_seeded(model: ShopperModel) -> None:
     assert len(set(a.user_ids)) == 50
     assert sum(u.startswith("sim3-new") for u in a.user_ids) == 10
     assert a.model.truth.users.tail(10).equals(b.model.truth.users.tail(10))
-    # New users have tastes like the generator's, and odds like anyone's.
+    # New users have tastes (and style weights) like the generator's, and odds like anyone's.
+    assert np.allclose(a.model.style_pref[-10:].sum(axis=1), 1.0)
     odds = a.model.odds(a.rows, np.zeros(50, dtype=np.int64), 0)
     assert np.all(np.isfinite(odds.click))
     with pytest.raises(ValueError, match="--new-users"):
