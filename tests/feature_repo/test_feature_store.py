@@ -209,12 +209,12 @@ def test_coview_window_and_cap(redis_client, namespace) -> None:
     assert list(hub.ids) == ["p", "r"] and list(hub.scores) == [2.0, 1.0]
 
 
-@pytest.mark.parametrize("cluster", [False, True], ids=["script", "cluster path"])
 def test_a_batch_sums_its_coview_pairs_and_caps_each_list(
-    redis_client: redis.Redis, namespace: str, cluster: bool
+    redis_client: redis.Redis, namespace: str
 ) -> None:
+    # The Lua script on one server, the per-slot path on the cluster (the client's backend).
     config = FeatureConfig(coview_window_items=5, coview_window_seconds=1000, coview_cap=2)
-    store = FeatureStore(redis_client, namespace, config, cluster)
+    store = FeatureStore(redis_client, namespace, config)
     # One batch: three users view hub then p; two of them then q, the third r.
     rows = [
         row for n in range(3) for row in ((f"v{n}", "hub", "view", 50), (f"v{n}", "p", "view", 49))

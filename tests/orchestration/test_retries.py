@@ -192,12 +192,13 @@ def test_multiprocess_executor_of_daemon_runs_retries_too(
     proxy = flaky_store(1)
     # The step processes read the environment as a run worker does.
     monkeypatch.setenv("RECSYS_POSTGRES_URL", proxy.url())
+    monkeypatch.setenv("RECSYS_DAGSTER_EXECUTOR", "multiprocess")
     job = dg.reconstructable(ingest_job_of_this_environment)
     with dg.instance_for_test() as instance:
         with dg.execute_job(
             job,
             instance=instance,
-            run_config={**_import(events_csv), "execution": {"config": {"multiprocess": {}}}},
+            run_config=_import(events_csv),
             asset_selection=[dg.AssetKey("raw_events")],
         ) as result:
             assert result.success
