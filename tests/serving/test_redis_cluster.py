@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import polars as pl
@@ -53,6 +54,9 @@ def test_events_cache_and_consumer_on_a_redis_cluster(
 
     # The stream holds the accepted events only (no duplicate); the consumer group moves them.
     stream = EventStream(store.redis, store.namespace)
+    # The answers' impressions reach the stream from a thread that flushes every 50 ms: let the
+    # last flush land before the consumer runs, or it is left behind as lag.
+    time.sleep(0.5)
     entries = store.redis.xrange(stream.key)
     assert sum(EVENT_FIELD in fields for _, fields in entries) == 8
     stats = run_consumer(idle_exit=True, batch_size=5)
