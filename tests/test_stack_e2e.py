@@ -290,7 +290,10 @@ def test_stack_end_to_end(stack_env: dict[str, str], recsys_home: Path) -> None:
                 every=3,
             )
             assert run["status"] == "SUCCESS", run
-            client = mlflow.MlflowClient(stack.environment(consumer)["MLFLOW_TRACKING_URI"])
+            # Both URIs given: a registry URI another test of this worker process set globally
+            # (mlflow.set_registry_uri) must not stand in for the stack's server.
+            uri = stack.environment(consumer)["MLFLOW_TRACKING_URI"]
+            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
             model = stack_env.get("RECSYS_MODEL_NAME", "recsys-hybrid")
             champion = client.get_model_version_by_alias(model, "champion")
             swapped = _swapped(prober, (url_a, url_b), champion.version, 300)
